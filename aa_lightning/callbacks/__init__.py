@@ -1,0 +1,6 @@
+"""Callbacks: Hugging Face export and sample generation."""
+
+from aa_lightning.callbacks.hf_export import HFExportCallback
+from aa_lightning.callbacks.samples import SampleGenerationCallback
+
+__all__ = ["HFExportCallback", "SampleGenerationCallback"]

@@ -1,0 +1,17 @@
+"""Model layer: registry, loading, score model, aliases and the tiny-model factory."""
+
+from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.loading import load_pretrained_models, load_tokenizer_and_processor
+from aa_lightning.models.registry import MODEL_REGISTRY, register_model, resolve_model_class
+from aa_lightning.models.score_model import ScoreModel, ScoreModelOutput
+
+__all__ = [
+    "MODEL_REGISTRY",
+    "ScoreModel",
+    "ScoreModelOutput",
+    "load_pretrained_models",
+    "load_tokenizer_and_processor",
+    "register_model",
+    "resolve_model_class",
+    "resolve_model_path",
+]

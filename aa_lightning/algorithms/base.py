@@ -1,0 +1,200 @@
+"""What every algorithm module shares: model building in ``configure_model``, optimizer, export, RNG.
+
+Subclasses set ``data_kind`` (the sample kind they train on) and implement the steps. They never look at
+what modality a batch holds: every top-level tensor of a batch except ``labels`` is a model input.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import nn
+
+from aa_lightning.algorithms.config import LoraConfig, OptimConfig
+from aa_lightning.algorithms.optim import build_optimizer, param_groups
+from aa_lightning.models.loading import DTypeName, load_pretrained_models
+
+NON_MODEL_KEYS = frozenset({"labels"})
+
+
+def model_inputs(batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The model's forward inputs from a batch: every top-level tensor except the labels.
+
+    A registered model class can map a batch itself by defining ``infer_batch(batch)`` (align-anything's
+    hook for models without a processor).
+    """
+    target = getattr(model, "module", model)
+    infer = getattr(target, "infer_batch", None)
+    if callable(infer):
+        return infer(batch)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in NON_MODEL_KEYS}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under DeepSpeed/DDP/peft wrappers."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Frozen models (reference, reward) stay in eval mode with no gradients."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class AlignModule(pl.LightningModule):
+    """Base of every algorithm module.
+
+    Args:
+        model_name_or_path: the model to train: a local folder, a hub name or an alias
+            (``smollm2-135m-instruct``, ``tiny-llama``, ``tiny-qwen2``, ...).
+        dtype: parameter dtype when loading (``auto`` keeps the checkpoint's).
+        trust_remote_code: run code shipped with a checkpoint (off unless you turn it on).
+        optim: optimizer and learning-rate schedule.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        lora: train LoRA adapters (peft) instead of all weights.
+        attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``.
+    """
+
+    data_kind: str = "supervised"
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny-qwen2",
+        dtype: DTypeName = "auto",
+        trust_remote_code: bool = False,
+        optim: OptimConfig | None = None,
+        gradient_checkpointing: bool = False,
+        lora: LoraConfig | None = None,
+        attn_implementation: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # collects the init args of the whole subclass chain
+        self.model_name_or_path = model_name_or_path
+        self.optim = optim or OptimConfig()
+        self.model: nn.Module | None = None
+        self.tokenizer: Any = None
+        self.processor: Any = None
+
+    # -- models ----------------------------------------------------------------------------------------
+    def load_model(self, name_or_path: str | None = None, **kwargs: Any) -> tuple[nn.Module, Any, Any]:
+        """``load_pretrained_models`` with this module's dtype/remote-code/attention settings."""
+        hp = self.hparams
+        return load_pretrained_models(
+            name_or_path or self.model_name_or_path,
+            dtype=hp.get("dtype", "auto"),
+            trust_remote_code=hp.get("trust_remote_code", False),
+            attn_implementation=hp.get("attn_implementation"),
+            **kwargs,
+        )
+
+    def prepare_trainable(self, model: nn.Module) -> nn.Module:
+        """Train mode, gradient checkpointing and LoRA, applied to a model that will be trained."""
+        model.train()
+        if self.hparams.get("gradient_checkpointing"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "config"):
+                model.config.use_cache = False
+        lora: LoraConfig | None = self.hparams.get("lora")
+        if lora is not None:
+            from peft import LoraConfig as PeftLoraConfig
+            from peft import get_peft_model
+
+            if isinstance(lora, dict):
+                lora = LoraConfig(**lora)
+            model = get_peft_model(
+                model,
+                PeftLoraConfig(
+                    r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+                ),
+            )
+        return model
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    # -- optimization ----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        groups = param_groups(self.trained_modules(), self.optim.weight_decay)
+        optimizer, scheduler = build_optimizer(groups, self.optim, self.total_optimizer_steps())
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def total_optimizer_steps(self) -> int:
+        try:
+            return int(self.trainer.estimated_stepping_batches)
+        except Exception:  # no trainer (notebooks) or an infinite loader
+            return 1000
+
+    # -- export ----------------------------------------------------------------------------------------
+    def export_model(self) -> nn.Module:
+        """The model written by :meth:`export_pretrained` (the trained policy by default)."""
+        return self.model
+
+    def export_pretrained(self, save_directory: str) -> None:
+        """Write the trained model, tokenizer and processor in Hugging Face format (``save_pretrained``).
+
+        Under ZeRO-3 the sharded parameters are gathered first; only global rank 0 writes.
+        """
+        model = unwrap(self.export_model())
+        state_dict = None
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        engine = getattr(strategy, "deepspeed_engine", None) if strategy is not None else None
+        if engine is not None and engine.zero_optimization_stage() == 3:
+            state_dict = gathered_state_dict(self.export_model())
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return
+        lora: LoraConfig | None = self.hparams.get("lora")
+        if lora is not None and getattr(lora, "merge_on_export", True) and hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+            state_dict = None
+        os.makedirs(save_directory, exist_ok=True)
+        if state_dict is not None:
+            model.save_pretrained(save_directory, state_dict=state_dict)
+        else:
+            model.save_pretrained(save_directory)
+        for part in (self.processor, self.tokenizer):
+            if part is not None:
+                part.save_pretrained(save_directory)
+                break
+        if self.processor is None and self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+
+    # -- exact resume: RNG states travel with the checkpoint -----------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["aa_rng"] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("aa_rng")
+        if not state:
+            return
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full state dict of a ZeRO-3 partitioned module, gathered one submodule at a time (CPU copies)."""
+    import deepspeed
+
+    module = unwrap(module)
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        params = list(sub.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            for name, tensor in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+                out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+    return out

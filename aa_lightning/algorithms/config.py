@@ -1,0 +1,61 @@
+"""Small config dataclasses shared by the algorithm modules (they appear as YAML sections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then a cosine, linear or constant schedule (per optimizer step).
+
+    Args:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norm weights).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_ratio: share of the total optimizer steps spent warming up (used when warmup_steps is None).
+        warmup_steps: warm-up steps; overrides warmup_ratio.
+        scheduler: shape of the decay after warm-up.
+        min_lr_ratio: the decay ends at lr * min_lr_ratio.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    warmup_steps: int | None = None
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (only the adapters train; export merges them unless merge_on_export=False).
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator (scale = alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: module names, or "all-linear".
+        merge_on_export: write merged full weights (True) or the adapter only (False).
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    merge_on_export: bool = True
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings for rollouts and sample logging (KV-cached ``generate``)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True

@@ -1,0 +1,236 @@
+"""Memory-aware log-probability helpers and masked reductions.
+
+Everything here is a pure tensor function: tensors in, tensors out. The functions never materialise a
+full-vocabulary float32 ``log_softmax`` for the whole batch at once; they work on chunks of rows
+(one row = one position, i.e. one vector of ``V`` vocabulary logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "SequenceLogProbs",
+    "entropy_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "selective_log_softmax",
+    "sequence_log_probs",
+]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _apply_rowwise(
+    fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    logits: torch.Tensor,
+    index: torch.Tensor | None,
+    chunk_size: int,
+) -> torch.Tensor:
+    """Apply ``fn(rows (N, V), index (N,) | None) -> (N,)`` over chunks of rows of ``logits`` (..., V).
+
+    Chunks are made with ``Tensor.split`` / ``Tensor.unbind`` (one autograd node each, whose backward
+    concatenates/stacks the chunk gradients) so the backward pass does not allocate a full-size gradient
+    per chunk. Non-contiguous inputs such as ``logits[:, :-1]`` are walked along dim 0 without copying.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead_shape = logits.shape[:-1]
+    if index is not None and index.shape != lead_shape:
+        raise ValueError(
+            f"index shape {tuple(index.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
+    if logits.dim() == 1:
+        return _apply_rowwise(
+            fn, logits.unsqueeze(0), None if index is None else index.unsqueeze(0), chunk_size
+        )[0]
+    if logits.dim() > 2:
+        try:
+            flat = logits.view(-1, logits.shape[-1])
+        except RuntimeError:  # not viewable as rows (e.g. a causal-shift slice): recurse over dim 0
+            idx_rows = [None] * logits.shape[0] if index is None else list(index.unbind(0))
+            parts = [_apply_rowwise(fn, row, i, chunk_size) for row, i in zip(logits.unbind(0), idx_rows)]
+            return torch.stack(parts, dim=0)
+        flat_index = None if index is None else index.reshape(-1)
+        return _apply_rowwise(fn, flat, flat_index, chunk_size).view(lead_shape)
+    # 2-D: (N, V)
+    if logits.shape[0] <= chunk_size:
+        return fn(logits, index)
+    logit_chunks = logits.split(chunk_size, dim=0)
+    index_chunks = [None] * len(logit_chunks) if index is None else list(index.split(chunk_size, dim=0))
+    return torch.cat([fn(lc, ic) for lc, ic in zip(logit_chunks, index_chunks)], dim=0)
+
+
+def _selective_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    assert index is not None
+    if rows.dtype in _LOW_PRECISION:
+        # logsumexp in half precision is inaccurate: use log_softmax on this chunk only.
+        return rows.log_softmax(dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    taken = rows.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return taken - torch.logsumexp(rows, dim=-1)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+    """Log-probabilities of the selected tokens: ``log_softmax(logits, -1).gather(-1, index)``.
+
+    ``log p(index) = logits[index] - logsumexp(logits)``, evaluated on chunks of ``chunk_size`` rows so
+    that no full-vocabulary log-softmax of the whole batch exists at once. float32/float64 logits use
+    ``gather - logsumexp``; bf16/fp16 logits use ``log_softmax`` per row chunk (more accurate in half
+    precision). Differentiable with respect to ``logits``.
+
+    Args:
+        logits: ``(..., V)`` unnormalised scores; may be non-contiguous (e.g. ``logits[:, :-1]``).
+        index: ``(...)`` int64 token ids in ``[0, V)`` (no ignore-index values).
+        chunk_size: number of rows (positions) processed at a time.
+
+    Returns:
+        ``(...)`` log-probabilities, same dtype as ``logits``.
+    """
+    return _apply_rowwise(_selective_rows, logits, index, chunk_size)
+
+
+def _entropy_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    del index
+    x = rows.float() if rows.dtype in _LOW_PRECISION else rows
+    return torch.logsumexp(x, dim=-1) - (torch.softmax(x, dim=-1) * x).sum(dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+    """Entropy of the categorical distribution ``softmax(logits)`` at every position.
+
+    ``H = -sum_v p_v log p_v = logsumexp(z) - sum_v softmax(z)_v z_v``, computed on chunks of
+    ``chunk_size`` rows (half-precision chunks are upcast to float32 one chunk at a time).
+
+    Args:
+        logits: ``(..., V)``.
+        chunk_size: number of rows processed at a time.
+
+    Returns:
+        ``(...)`` entropies in nats (float32 for bf16/fp16 inputs, else the input dtype).
+    """
+    return _apply_rowwise(_entropy_rows, logits, None, chunk_size)
+
+
+class SequenceLogProbs(NamedTuple):
+    """Per-sequence log-probabilities over response tokens (see :func:`sequence_log_probs`)."""
+
+    sum: torch.Tensor  # (B,) sum of token log-probs over response tokens
+    mean: torch.Tensor  # (B,) sum / max(token_count, 1)
+    token_count: torch.Tensor  # (B,) int64 number of response tokens
+    token_log_probs: torch.Tensor  # (B, T-1) log-probs of labels[:, 1:], 0 where masked
+    mask: torch.Tensor  # (B, T-1) bool, labels[:, 1:] != ignore_index
+
+
+def sequence_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, chunk_size: int = 512
+) -> SequenceLogProbs:
+    """Causal-LM log-probabilities of ``labels`` under ``logits``, summed/averaged per sequence.
+
+    Position ``t`` of ``logits`` predicts token ``t + 1``: ``logp_t = log_softmax(logits[:, t])[labels[:, t+1]]``
+    for ``t = 0..T-2``. Only positions whose shifted label differs from ``ignore_index`` count.
+    ``sum_b = sum_t mask_bt * logp_bt`` and ``mean_b = sum_b / max(count_b, 1)`` (0 for rows without
+    response tokens). Token log-probs are returned in float32 (float64 for float64 logits).
+
+    Args:
+        logits: ``(B, T, V)``.
+        labels: ``(B, T)`` token ids, ``ignore_index`` for prompt/padding positions.
+        ignore_index: label value excluded from the sums.
+        chunk_size: rows per chunk passed to :func:`selective_log_softmax`.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
+    shifted_labels = labels[:, 1:]
+    mask = shifted_labels != ignore_index
+    safe_labels = torch.where(mask, shifted_labels, torch.zeros_like(shifted_labels))
+    token_lp = selective_log_softmax(logits[:, :-1], safe_labels, chunk_size=chunk_size)
+    if token_lp.dtype in _LOW_PRECISION:
+        token_lp = token_lp.float()
+    token_lp = torch.where(mask, token_lp, torch.zeros_like(token_lp))
+    count = mask.sum(dim=-1)
+    total = token_lp.sum(dim=-1)
+    mean = total / count.clamp(min=1).to(total.dtype)
+    return SequenceLogProbs(sum=total, mean=mean, token_count=count, token_log_probs=token_lp, mask=mask)
+
+
+def _prepare_mask(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if mask.shape != values.shape:
+        mask = mask.expand_as(values)
+    return mask.bool()
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(values * mask)`` over ``dim`` (all elements if ``None``); masked entries (even NaN/inf) are ignored.
+
+    Args:
+        values: any shape ``S``.
+        mask: bool or {0, 1} tensor broadcastable to ``S``.
+        dim: reduction dimension or ``None``.
+    """
+    m = _prepare_mask(values, mask)
+    zeroed = torch.where(m, values, torch.zeros_like(values))
+    return zeroed.sum() if dim is None else zeroed.sum(dim=dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """``sum(values * mask) / max(sum(mask), 1)`` over ``dim`` (all elements if ``None``).
+
+    Returns 0 where the mask has no true entries.
+
+    Args:
+        values: any shape ``S``.
+        mask: bool or {0, 1} tensor broadcastable to ``S``.
+        dim: reduction dimension or ``None``.
+    """
+    m = _prepare_mask(values, mask)
+    total = masked_sum(values, m, dim)
+    count = m.sum() if dim is None else m.sum(dim=dim)
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (global reduction, scalar result).
+
+    ``var = sum(mask * (x - mu)^2) / n`` with ``mu = masked_mean(x)`` and ``n = sum(mask)``; with
+    ``unbiased=True`` multiplied by ``n / (n - 1)`` (Bessel), skipped when ``n <= 1``.
+
+    Args:
+        values: any shape ``S``.
+        mask: bool or {0, 1} tensor broadcastable to ``S``.
+        unbiased: apply Bessel's correction.
+    """
+    m = _prepare_mask(values, mask)
+    mean = masked_mean(values, m)
+    var = masked_mean((values - mean) ** 2, m)
+    if unbiased:
+        n = m.sum().to(var.dtype)
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), var)
+    return var
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Whiten with masked statistics: ``(x - mu) / sqrt(var + eps)`` (``+ mu`` back if ``shift_mean=False``).
+
+    ``mu`` and ``var`` (unbiased) come from the masked entries only; entries outside the mask are set to 0.
+
+    Args:
+        values: any shape ``S``.
+        mask: bool or {0, 1} tensor broadcastable to ``S``.
+        shift_mean: if False, keep the original mean (only rescale).
+        eps: numerical floor inside the square root.
+    """
+    m = _prepare_mask(values, mask)
+    mean = masked_mean(values, m)
+    var = masked_var(values, m, unbiased=True)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(m, whitened, torch.zeros_like(whitened))

@@ -1,0 +1,261 @@
+"""The modality-agnostic DataModule: specs -> formatter -> chat template -> tokens -> batches.
+
+Modality DataModules subclass :class:`ConversationDataModule` and change only what differs: how media
+is loaded and handed to the processor (``build_collator``). Which kind of sample to build (supervised,
+preference or prompt-only) is read from the LightningModule's ``data_kind`` attribute unless set here,
+so the datamodule never names an algorithm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+import datasets
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from aa_lightning.data.collators import TextCollator
+from aa_lightning.data.encoding import EMPTY_SAMPLES, SAMPLE_KINDS, ResponseTruncatedError, SampleEncoder
+from aa_lightning.data.errors import DataFormatError
+from aa_lightning.data.formatters import get_formatter
+from aa_lightning.data.loader import ResumableDataLoader, ResumableSampler
+from aa_lightning.data.sources import DataSpec, as_specs, load_rows
+from aa_lightning.data.templating import ChatRenderer
+from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.loading import load_tokenizer_and_processor
+from aa_lightning.models.registry import MODEL_REGISTRY, load_config
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["auto", "supervised", "preference", "prompt_only"]
+SPLITS = ("train", "val", "test", "predict")
+
+
+class DataReport:
+    """Counts of rows dropped while encoding one data set, for the log (nothing is dropped silently)."""
+
+    def __init__(self, source: str, total: int) -> None:
+        self.source, self.total = source, total
+        self.bad: list[tuple[int, str]] = []
+        self.truncated: list[int] = []
+
+    def summary(self, kept: int) -> str:
+        parts = [f"{self.source}: {kept} of {self.total} rows kept"]
+        if self.bad:
+            rows = ", ".join(str(r) for r, _ in self.bad[:10])
+            parts.append(f"{len(self.bad)} bad rows skipped (rows {rows}{' ...' if len(self.bad) > 10 else ''}; "
+                         f"first: {self.bad[0][1]})")
+        if self.truncated:
+            rows = ", ".join(str(r) for r in self.truncated[:10])
+            parts.append(f"{len(self.truncated)} rows dropped because max_length leaves no response token "
+                         f"(rows {rows}{' ...' if len(self.truncated) > 10 else ''})")
+        return "; ".join(parts)
+
+
+class ConversationDataModule(pl.LightningDataModule):
+    """Formatter-driven data for any algorithm.
+
+    Args:
+        model_name_or_path: the model whose tokenizer/processor and chat template encode the data
+            (linked to the model's path by the ``aa`` CLI).
+        train, val, test, predict: data specs (``path`` + ``template`` + optional split/size/seed).
+        kind: ``auto`` asks the LightningModule (its ``data_kind``); or force one kind.
+        max_length: tokens per sequence; longer rows are cut from the right. Rows whose response would
+            be cut away entirely are dropped and reported (``on_truncated: error`` raises instead).
+        train_on: ``all_assistant`` turns or only the ``last_assistant`` turn get labels.
+        batch_size / eval_batch_size: per device. Preference batches hold 2 x batch_size sequences.
+        on_bad_row: ``error`` raises naming file, row and field; ``skip`` drops the row and counts it.
+        seed: shuffling seed (the order depends only on seed and epoch, so resume is exact).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "",
+        train: DataSpec | list[DataSpec] | None = None,
+        val: DataSpec | list[DataSpec] | None = None,
+        test: DataSpec | list[DataSpec] | None = None,
+        predict: DataSpec | list[DataSpec] | None = None,
+        kind: Kind = "auto",
+        max_length: int = 512,
+        train_on: Literal["all_assistant", "last_assistant"] = "all_assistant",
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        seed: int = 42,
+        on_bad_row: Literal["error", "skip"] = "error",
+        on_truncated: Literal["drop", "error"] = "drop",
+        pad_to_multiple_of: int | None = None,
+        trust_remote_code: bool = False,
+        num_proc: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.specs = {split: as_specs(v) for split, v in zip(SPLITS, (train, val, test, predict))}
+        self.datasets: dict[str, datasets.Dataset] = {}
+        self.reports: dict[str, list[DataReport]] = {}
+        self.tokenizer: Any = None
+        self.processor: Any = None
+
+    # -- what kind of samples ------------------------------------------------------------------------
+    def resolve_kind(self) -> str:
+        kind = self.hparams.kind
+        if kind == "auto":
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            kind = getattr(module, "data_kind", None)
+            if kind is None:
+                raise ValueError(
+                    "data.kind is 'auto' but no LightningModule with a `data_kind` is attached; "
+                    f"set data.kind to one of {SAMPLE_KINDS}"
+                )
+        if kind not in SAMPLE_KINDS:
+            raise ValueError(f"unknown data kind {kind!r}; use one of {SAMPLE_KINDS}")
+        return kind
+
+    # -- tokenizer, processor, template ----------------------------------------------------------------
+    def load_processing(self) -> None:
+        if self.tokenizer is not None:
+            return
+        if not self.hparams.model_name_or_path:
+            raise ValueError("data.model_name_or_path is empty: set it (the aa CLI links it to the model's)")
+        path = resolve_model_path(self.hparams.model_name_or_path)
+        self.tokenizer, self.processor = load_tokenizer_and_processor(
+            path, trust_remote_code=self.hparams.trust_remote_code
+        )
+        config = load_config(path, trust_remote_code=self.hparams.trust_remote_code)
+        self.renderer = ChatRenderer(self.tokenizer, self.processor, MODEL_REGISTRY.get(config.model_type))
+        log.info("chat template from the %s", self.renderer.source)
+
+    def build_encoder(self) -> SampleEncoder:
+        return SampleEncoder(self.tokenizer, self.renderer, self.hparams.max_length, self.hparams.train_on)
+
+    def build_collator(self, kind: str) -> Callable[[list[dict]], dict]:
+        return TextCollator(self.tokenizer.pad_token_id, kind, self.hparams.pad_to_multiple_of)
+
+    # -- encoding --------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.load_processing()
+        self.kind = self.resolve_kind()
+        for split, specs in self.specs.items():
+            if specs and split not in self.datasets:
+                parts, reports = zip(*(self.encode_spec(spec, self.kind) for spec in specs))
+                self.datasets[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
+                self.reports[split] = list(reports)
+
+    def encode_spec(self, spec: DataSpec, kind: str) -> tuple[datasets.Dataset, DataReport]:
+        loaded = load_rows(spec)
+        formatter = get_formatter(spec.template)
+        encoder = self.build_encoder()
+        report = DataReport(loaded.source, len(loaded.rows))
+        skip_bad = self.hparams.on_bad_row == "skip"
+        drop_truncated = self.hparams.on_truncated == "drop"
+
+        def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+            row_number = loaded.row_numbers[index]
+            try:
+                if kind == "supervised":
+                    out = encoder.supervised(*formatter.format_supervised_sample(row))
+                elif kind == "preference":
+                    out = encoder.preference(*formatter.format_preference_sample(row))
+                else:
+                    out = encoder.prompt_only(*formatter.format_prompt_only_sample(row))
+                return {**out, "_row": row_number, "_drop": ""}
+            except DataFormatError as err:
+                err.with_location(source=loaded.source, row=row_number)
+                if not skip_bad:
+                    raise
+                return {**EMPTY_SAMPLES[kind], "_row": row_number, "_drop": "bad:" + str(err)}
+            except ResponseTruncatedError as err:
+                if not drop_truncated:
+                    raise ValueError(f"{loaded.source}, row {row_number}: {err}") from None
+                return {**EMPTY_SAMPLES[kind], "_row": row_number, "_drop": "truncated"}
+
+        fingerprint = self._fingerprint(loaded.rows, spec, kind, formatter)
+        encoded = loaded.rows.map(
+            encode,
+            with_indices=True,
+            remove_columns=loaded.rows.column_names,
+            new_fingerprint=fingerprint,
+            num_proc=self.hparams.num_proc,
+            desc=f"Encoding {loaded.source} ({kind})",
+        )
+        drops = encoded["_drop"]
+        if any(drops):
+            rows = encoded["_row"]
+            for row, why in zip(rows, drops):
+                if why == "truncated":
+                    report.truncated.append(row)
+                elif why:
+                    report.bad.append((row, why[4:]))
+            encoded = encoded.filter(lambda d: not d, input_columns="_drop", desc="Dropping reported rows")
+        log.warning(report.summary(len(encoded))) if any(drops) else log.info(report.summary(len(encoded)))
+        return encoded.remove_columns(["_drop"]), report
+
+    def _fingerprint(self, rows: datasets.Dataset, spec: DataSpec, kind: str, formatter: Any) -> str:
+        try:
+            formatter_source = inspect.getsource(type(formatter))
+        except (OSError, TypeError):
+            formatter_source = type(formatter).__qualname__
+        parts = {
+            "rows": rows._fingerprint,
+            "spec": spec.__dict__,
+            "kind": kind,
+            "formatter": formatter_source,
+            "system_prompt": getattr(formatter, "system_prompt", ""),
+            "max_length": self.hparams.max_length,
+            "train_on": self.hparams.train_on,
+            "tokenizer": [self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template],
+            "template_source": self.renderer.source,
+            "encoder": inspect.getsource(SampleEncoder),
+            "version": 1,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    # -- loaders ---------------------------------------------------------------------------------------
+    def _progress(self) -> tuple[int, int]:
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def train_dataloader(self) -> DataLoader:
+        data = self._split("train")
+        sampler = ResumableSampler(data, shuffle=self.hparams.shuffle, seed=self.hparams.seed)
+        return ResumableDataLoader(
+            data,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=self.build_collator(self.kind),
+            num_workers=self.hparams.num_workers,
+            progress_fn=self._progress if self.trainer is not None else None,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self._split(split),
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            shuffle=False,
+            collate_fn=self.build_collator(self.kind),
+            num_workers=self.hparams.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val") if "val" in self.datasets else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+    def _split(self, split: str) -> datasets.Dataset:
+        if split not in self.datasets:
+            raise ValueError(f"no `{split}` data: set data.{split} (a path and a template)")
+        return self.datasets[split]
+
+
+class TextToTextDataModule(ConversationDataModule):
+    """Text in, text out (t2t): the tokenizer and its chat template are all it needs."""

@@ -1,0 +1,101 @@
+"""Step 1 of the four (model initialisation): load model, tokenizer and processor from one path."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
+
+from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.registry import MODEL_REGISTRY, load_config, resolve_model_class
+from aa_lightning.models.score_model import ScoreModel
+
+log = logging.getLogger(__name__)
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def to_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
+
+
+def load_tokenizer_and_processor(
+    name_or_path: str,
+    padding_side: Literal["left", "right"] = "right",
+    model_max_length: int | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
+    """The tokenizer, and the processor when the checkpoint has one (multimodal models).
+
+    A missing pad token falls back to the EOS token, since batching needs one.
+    """
+    path = resolve_model_path(name_or_path)
+    processor: ProcessorMixin | None = None
+    try:
+        loaded = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if isinstance(loaded, ProcessorMixin) and hasattr(loaded, "tokenizer"):
+            processor = loaded
+    except (OSError, ValueError, TypeError, KeyError):
+        processor = None
+    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
+        path, trust_remote_code=trust_remote_code
+    )
+    tokenizer.padding_side = padding_side
+    if model_max_length is not None:
+        tokenizer.model_max_length = model_max_length
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{name_or_path}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("%s: no pad token; using the eos token %r for padding", name_or_path, tokenizer.eos_token)
+    return tokenizer, processor
+
+
+def load_pretrained_models(
+    name_or_path: str,
+    *,
+    dtype: DTypeName | torch.dtype = "auto",
+    padding_side: Literal["left", "right"] = "right",
+    model_max_length: int | None = None,
+    trust_remote_code: bool = False,
+    auto_class: str = "causal_lm",
+    score_model: bool = False,
+    score_head_init_std: float | None = None,
+    attn_implementation: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, ProcessorMixin | None]:
+    """Load ``(model, tokenizer, processor)``; ``processor`` is None for text-only checkpoints.
+
+    ``name_or_path`` may be a local folder, a hub name, or an alias of an embedded model
+    (``smollm2-135m-instruct``, ``tiny-llama``, ...). The model class comes from the registry
+    (``@register_model``) and falls back to the transformers auto classes. ``score_model=True`` gives a
+    :class:`ScoreModel` (backbone + score head) for reward/cost models and critics.
+    """
+    path = resolve_model_path(name_or_path)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **(model_kwargs or {})}
+    torch_dtype = to_torch_dtype(dtype)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if score_model:
+        backbone_class = MODEL_REGISTRY.get(f"{config.model_type}:score", AutoModel)
+        model: torch.nn.Module = ScoreModel.from_pretrained(
+            path, backbone_class=backbone_class, head_init_std=score_head_init_std, **kwargs
+        )
+    else:
+        model_class = resolve_model_class(config, auto_class)
+        model = model_class.from_pretrained(path, **kwargs)
+    tokenizer, processor = load_tokenizer_and_processor(
+        path, padding_side=padding_side, model_max_length=model_max_length, trust_remote_code=trust_remote_code
+    )
+    return model, tokenizer, processor
