@@ -30,7 +30,15 @@ from aa_lightning.strategies import CPUDeepSpeedStrategy, zero_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Env vars the strategy writes for torch.distributed; they must not leak into later tests or child runs.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+_DIST_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -140,6 +148,18 @@ def test_registered_names() -> None:
     assert os.environ["DS_ACCELERATOR"] == "cpu" or torch.cuda.is_available()
 
 
+def test_strategy_name_from_yaml(tmp_path: Path) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "trainer:\n  accelerator: cpu\n  devices: 1\n  strategy: deepspeed_cpu_stage_3\n  logger: false\n"
+    )
+    cli = LightningCLI(TinyModule, run=False, args=["--config", str(cfg)], save_config_callback=None)
+    assert isinstance(cli.trainer.strategy, CPUDeepSpeedStrategy)
+    assert cli.trainer.strategy.config["zero_optimization"]["stage"] == 3
+
+
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_zero2_fit(precision: str) -> None:
     model = TinyModule()
@@ -227,7 +247,9 @@ result = dict(
 def test_zero3_two_processes(tmp_path: Path) -> None:
     script = tmp_path / "two_proc.py"
     script.write_text(
-        textwrap.dedent(_TWO_PROCESS_SCRIPT).format(tests_dir=str(Path(__file__).parent), out_dir=str(tmp_path))
+        textwrap.dedent(_TWO_PROCESS_SCRIPT).format(
+            tests_dir=str(Path(__file__).parent), out_dir=str(tmp_path)
+        )
     )
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))

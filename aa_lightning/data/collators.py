@@ -9,7 +9,8 @@ Batch keys (all algorithms read only these; media keys are whatever the processo
   ``[B:]`` rejected, so one forward scores both.
 - ``meta``: list of per-sample dicts (reference answers, prompts, media paths ...).
 - ``extra``: dict of (B,) tensors made from the numeric and boolean meta values present in every sample
-  (``margin``, ``chosen_is_safe``, ``rejected_is_safe``, ``desirable`` ...).
+  (``margin``, ``chosen_is_safe``, ``rejected_is_safe``, ``desirable`` ...), and ``sample_index`` (B,):
+  each sample's index in its split (stable across epochs and shuffles; keys for cached per-sample values).
 - media inputs (``pixel_values``, ``image_grid_thw``, ``input_features``, ...) from multimodal datamodules.
 
 Rule that keeps algorithms modality-free: every top-level tensor except ``labels`` is a model input.
@@ -90,5 +91,7 @@ class TextCollator:
         else:
             raise ValueError(f"unknown sample kind {self.kind!r}")
         batch["extra"] = meta_tensors(metas)
+        if "sample_index" in samples[0]:
+            batch["extra"]["sample_index"] = torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
         batch["meta"] = metas
         return batch

@@ -144,7 +144,8 @@ class ConversationDataModule(pl.LightningDataModule):
         for split, specs in self.specs.items():
             if specs and split not in self.datasets:
                 parts, reports = zip(*(self.encode_spec(spec, self.kind) for spec in specs))
-                self.datasets[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
+                data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
+                self.datasets[split] = data.add_column("sample_index", list(range(len(data))))
                 self.reports[split] = list(reports)
 
     def encode_spec(self, spec: DataSpec, kind: str) -> tuple[datasets.Dataset, DataReport]:

@@ -37,7 +37,11 @@ import torch
 
 def _extensions_dir() -> str:
     """Per python/CUDA flavour so CPU and CUDA builds of the same op never overwrite each other."""
-    flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.cuda.is_available() and torch.version.cuda else "cpu"
+    flavour = (
+        f"cu{torch.version.cuda.replace('.', '')}"
+        if torch.cuda.is_available() and torch.version.cuda
+        else "cpu"
+    )
     tag = f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}"
     return str(Path.home() / ".cache" / "aa_lightning" / "torch_extensions" / tag)
 
@@ -79,9 +83,14 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         if not self._on_cpu:
             super().setup_environment()
             return
-        if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+        from deepspeed.accelerator import get_accelerator
+
+        ds_device = get_accelerator().device_name()
+        if ds_device != "cpu":
+            # DeepSpeed fixed its accelerator at first use; a CUDA one would put ZeRO buffers on the GPU.
             raise RuntimeError(
-                f"CPUDeepSpeedStrategy on CPU needs DS_ACCELERATOR=cpu, found {os.environ['DS_ACCELERATOR']!r}."
+                f"Lightning runs on CPU but DeepSpeed picked the {ds_device!r} accelerator. Set"
+                " DS_ACCELERATOR=cpu in the environment before deepspeed is imported."
             )
         DDPStrategy.setup_environment(self)
 
