@@ -62,13 +62,16 @@ class SampleEncoder:
         self.train_on = train_on
 
     def tokenize_with_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Token ids of ``text`` and labels: the id where the token starts inside a span, else -100."""
+        """Token ids of ``text`` and labels: the id where the token overlaps a span, else -100."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        starts = np.asarray([start for start, _ in enc["offset_mapping"]], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
         inside = np.zeros(len(ids), dtype=bool)
-        for lo, hi in spans:  # a token is trained on when it starts inside an assistant span
-            inside |= (starts >= lo) & (starts < hi)
+        for lo, hi in spans:
+            # a token is trained on when it overlaps an assistant span: a token that straddles the start
+            # (" Hello" after "ASSISTANT:") carries response text the model has to produce
+            inside |= (ends > lo) & (starts < hi)
         labels = np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
         bos = self.tokenizer.bos_token_id
         if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):

@@ -57,7 +57,6 @@ configure_deepspeed_env()
 
 # Lightning's deepspeed modules import ``deepspeed`` lazily, but keep them after the env setup regardless.
 from lightning.fabric.strategies import _StrategyRegistry  # noqa: E402
-from lightning.fabric.strategies.deepspeed import _validate_device_index_selection  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 from lightning.pytorch.accelerators.cpu import CPUAccelerator  # noqa: E402
 from lightning.pytorch.strategies.ddp import DDPStrategy  # noqa: E402
@@ -96,17 +95,18 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
 
     def setup_distributed(self) -> None:
         """CPU devices carry no index, so the parent's ``device.index == local_rank`` check cannot hold."""
-        assert self.parallel_devices is not None
         if not self._on_cpu:
-            _validate_device_index_selection(self.parallel_devices)
+            super().setup_distributed()
+            return
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
     @property
     def root_device(self) -> torch.device:
-        """Give the CPU device an index: DeepSpeed treats ``device_rank=None`` as "not distributed"
-        (world size 1), and Lightning passes ``root_device.index`` as that rank."""
+        """Give the CPU device an index: Lightning hands ``root_device.index`` to DeepSpeed as ``device_rank``,
+        and the engine evaluates ``device_rank >= 0`` (TypeError for ``None``; a negative rank would make it
+        assume world size 1). DeepSpeed's CPU accelerator ignores the value otherwise."""
         device = super().root_device
         if device.type == "cpu" and device.index is None:
             return torch.device("cpu", self.local_rank)

@@ -1,0 +1,31 @@
+"""Shared test set-up: one model cache for the session, quiet logs, a helper to build small trainers."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("AA_LIGHTNING_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "aa_lightning"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+        yield
+
+
+@pytest.fixture
+def repo_path():
+    def path(*parts: str) -> str:
+        return os.path.join(REPO, *parts)
+
+    return path
