@@ -87,6 +87,7 @@ class AlignModule(pl.LightningModule):
     def load_model(self, name_or_path: str | None = None, **kwargs: Any) -> tuple[nn.Module, Any, Any]:
         """``load_pretrained_models`` with this module's dtype/remote-code/attention settings."""
         hp = self.hparams
+        self.enable_zero3_loading()
         return load_pretrained_models(
             name_or_path or self.model_name_or_path,
             dtype=hp.get("dtype", "auto"),
@@ -94,6 +95,27 @@ class AlignModule(pl.LightningModule):
             attn_implementation=hp.get("attn_implementation"),
             **kwargs,
         )
+
+    def enable_zero3_loading(self) -> None:
+        """Under ZeRO-3, tell transformers so ``from_pretrained`` loads weights into partitioned parameters.
+
+        ``configure_model`` already runs inside ``deepspeed.zero.Init`` (parameters are sharded as they are
+        created); transformers then gathers each layer while it copies the checkpoint in.
+        """
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        config = getattr(strategy, "config", None)
+        if not isinstance(config, dict) or config.get("zero_optimization", {}).get("stage") != 3:
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._hf_deepspeed_config = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference
+
+    def teardown(self, stage: str) -> None:
+        if getattr(self, "_hf_deepspeed_config", None) is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # later from_pretrained calls in this process load normally
+            self._hf_deepspeed_config = None
 
     def prepare_trainable(self, model: nn.Module) -> nn.Module:
         """Train mode, gradient checkpointing and LoRA, applied to a model that will be trained."""
@@ -168,9 +190,11 @@ class AlignModule(pl.LightningModule):
 
     # -- exact resume: RNG states travel with the checkpoint -----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # plain types and tensors only: Lightning reloads checkpoints with weights_only=True
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["aa_rng"] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -179,8 +203,10 @@ class AlignModule(pl.LightningModule):
         state = checkpoint.get("aa_rng")
         if not state:
             return
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

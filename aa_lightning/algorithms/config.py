@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 
 @dataclass
 class OptimConfig:
@@ -59,3 +61,8 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+
+
+# Lightning loads checkpoints with ``weights_only=True``; the hyper-parameters saved in them hold these
+# plain dataclasses, so they are allow-listed (nothing else from a checkpoint is unpickled).
+torch.serialization.add_safe_globals([OptimConfig, LoraConfig, GenerationConfig])

@@ -8,6 +8,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import torch
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -78,3 +79,6 @@ def as_specs(value: DataSpec | list[DataSpec] | dict[str, Any] | None) -> list[D
     if isinstance(value, dict):
         value = DataSpec(**value)
     return [value] if isinstance(value, DataSpec) else [DataSpec(**v) if isinstance(v, dict) else v for v in value]
+
+
+torch.serialization.add_safe_globals([DataSpec])  # saved in datamodule hyper-parameters of checkpoints
