@@ -20,6 +20,9 @@ import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpe
 from aa_lightning.callbacks import HFExportCallback
 
 
+DEFAULT_LOG_DIR = "runs"
+
+
 class AACLI(LightningCLI):
     """LightningCLI with the model path shared by model and data, checkpoints kept in one place."""
 
@@ -35,6 +38,12 @@ class AACLI(LightningCLI):
             return
         root = config.trainer.default_root_dir or os.path.join("runs", "default")
         config.trainer.default_root_dir = root
+        logger = config.trainer.get("logger")
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and "TensorBoardLogger" in str(logger.get("class_path")):
+            if init_args.get("save_dir") == DEFAULT_LOG_DIR:  # the default: keep the run's files together
+                init_args.save_dir = root
+                init_args.name = "tensorboard"
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             # fixed (not per-version) so that `--ckpt_path last` finds the last checkpoint of the run
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
@@ -51,7 +60,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": DEFAULT_LOG_DIR}},
             "callbacks": [LearningRateMonitor(logging_interval="step")],
             "plugins": [AtomicCheckpointIO()],
         },

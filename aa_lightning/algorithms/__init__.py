@@ -2,6 +2,20 @@
 
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, LoraConfig, OptimConfig
+from aa_lightning.algorithms.kto import KTOModule
+from aa_lightning.algorithms.preference import DPOModule, ReferenceFreeModule
+from aa_lightning.algorithms.reward import CostModule, RewardModule
 from aa_lightning.algorithms.sft import SFTModule
 
-__all__ = ["AlignModule", "GenerationConfig", "LoraConfig", "OptimConfig", "SFTModule"]
+__all__ = [
+    "AlignModule",
+    "CostModule",
+    "DPOModule",
+    "GenerationConfig",
+    "KTOModule",
+    "LoraConfig",
+    "OptimConfig",
+    "ReferenceFreeModule",
+    "RewardModule",
+    "SFTModule",
+]

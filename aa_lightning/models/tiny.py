@@ -81,7 +81,21 @@ def _save(model_class, config, tokenizer, save_dir, seed: int, processor=None) -
     return str(save_dir)
 
 
+def _multimodal(name: str) -> Callable[[str | os.PathLike, int], str]:
+    """Builder of a tiny multimodal model (imported on use: that module imports this one)."""
+
+    def build(save_dir: str | os.PathLike, seed: int = 0) -> str:
+        from aa_lightning.models.tiny_multimodal import BUILDERS
+
+        return BUILDERS[name](save_dir, seed)
+
+    return build
+
+
 TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-llama": build_tiny_llama,
     "tiny-qwen2": build_tiny_qwen2,
+    "tiny-llava": _multimodal("tiny-llava"),
+    "tiny-qwen2-vl": _multimodal("tiny-qwen2-vl"),
+    "tiny-qwen2-audio": _multimodal("tiny-qwen2-audio"),
 }

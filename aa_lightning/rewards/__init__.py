@@ -1,0 +1,43 @@
+"""Rule-based rewards for RL (PPO, GRPO, Safe-RLHF): a registry plus built-ins.
+
+    from aa_lightning.rewards import register_reward
+
+    @register_reward("mentions_paris")
+    def mentions_paris(prompt: str, response: str, meta: dict) -> float:
+        return float("paris" in response.lower())
+
+Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``.
+"""
+
+from aa_lightning.rewards import builtin  # noqa: F401  (registers the built-ins)
+from aa_lightning.rewards.builtin import (
+    extract_final_answer,
+    format_reward,
+    gsm8k_answer,
+    normalize_number,
+    response_length,
+    target_token_share,
+)
+from aa_lightning.rewards.registry import (
+    RegisteredReward,
+    RewardSpec,
+    WeightedRewards,
+    available_rewards,
+    get_reward,
+    register_reward,
+)
+
+__all__ = [
+    "RegisteredReward",
+    "RewardSpec",
+    "WeightedRewards",
+    "available_rewards",
+    "extract_final_answer",
+    "format_reward",
+    "get_reward",
+    "gsm8k_answer",
+    "normalize_number",
+    "register_reward",
+    "response_length",
+    "target_token_share",
+]

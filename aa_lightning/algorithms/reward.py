@@ -1,0 +1,121 @@
+"""Reward and cost models: a :class:`~aa_lightning.models.ScoreModel` trained on preference pairs.
+
+Both modules score the ``2B`` rows of a preference batch (chosen first, rejected second) in one forward and
+read the score at each row's last non-pad token. Export writes the backbone in Hugging Face format plus the
+score head, so ``load_pretrained_models(path, score_model=True)`` gives the same scores back (PPO's reward,
+cost and critic models load that way).
+
+The cost model is its own class (:class:`CostModule`, a subclass) rather than a loss switch on
+:class:`RewardModule`: it needs inputs the reward model does not (per-response safety labels), its scores
+mean the opposite (higher = worse) and it reports a different metric (sign accuracy). A separate class fails
+clearly when the data lacks safety labels, and everything else (model, one forward, export) is inherited.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from aa_lightning.algorithms.base import model_inputs
+from aa_lightning.algorithms.losses import cost_model_loss, reward_pairwise_loss
+from aa_lightning.algorithms.preference import StepStatsModule, split_pairs
+
+__all__ = ["CostModule", "RewardModule"]
+
+
+class RewardModule(StepStatsModule):
+    """Bradley-Terry reward model: ``-log sigma(r_chosen - r_rejected - margin)`` (+ optional centring).
+
+    Args:
+        center_coef: weight of ``mean((r_chosen + r_rejected)^2)``, which keeps scores centred on 0.
+        use_margin: subtract ``batch["extra"]["margin"]`` (when the data has one) inside the sigmoid.
+        score_head_init_std: std of the new score head's weights (default ``1/sqrt(hidden + 1)``).
+
+    Logs ``{train,val,test}/loss``, ``accuracy`` (share of pairs with ``r_chosen > r_rejected``),
+    ``chosen_score``, ``rejected_score`` and ``margin`` (``r_chosen - r_rejected``).
+    """
+
+    data_kind = "preference"
+    metric_names = ("loss", "accuracy", "chosen_score", "rejected_score", "margin")
+
+    def __init__(
+        self,
+        *args: Any,
+        center_coef: float = 0.0,
+        use_margin: bool = True,
+        score_head_init_std: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.center_coef = center_coef
+        self.use_margin = use_margin
+        self.score_head_init_std = score_head_init_std
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        model, self.tokenizer, self.processor = self.load_model(
+            score_model=True, score_head_init_std=self.score_head_init_std
+        )
+        self.model = self.prepare_trainable(model)
+
+    def end_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """``(N,)`` float32 score of every row at its last non-pad token (left or right padding)."""
+        return self.model(**model_inputs(batch, self.model)).end_scores.float()
+
+    def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chosen, rejected = split_pairs(self.end_scores(batch))
+        margin = (batch.get("extra") or {}).get("margin") if self.use_margin else None
+        out = reward_pairwise_loss(
+            chosen, rejected, margin=None if margin is None else margin.to(chosen), center_coef=self.center_coef
+        )
+        return out.loss, {
+            "loss": out.loss.detach(),
+            "accuracy": (out.chosen_scores > out.rejected_scores).float(),
+            "chosen_score": out.chosen_scores,
+            "rejected_score": out.rejected_scores,
+            "margin": out.chosen_scores - out.rejected_scores,
+        }
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """End scores of every row of the batch (for preference batches: chosen rows, then rejected)."""
+        return self.end_scores(batch).detach().cpu()
+
+
+class CostModule(RewardModule):
+    """Safe-RLHF cost model: the *less safe* response of a pair gets the higher cost, unsafe ones cost > 0.
+
+    Train it on rows whose chosen response is the *safer* one and whose ``extra`` holds ``chosen_is_safe``
+    and ``rejected_is_safe`` (the ``PKU-SafeRLHF-Safety`` formatter). Loss: :func:`cost_model_loss`.
+
+    Logs ``loss``, ``accuracy`` (share of pairs with ``cost(less safe) > cost(safer)``), ``sign_accuracy``
+    (share of responses whose cost sign matches their safety label: > 0 unsafe, < 0 safe), ``safer_cost``,
+    ``unsafer_cost`` and ``margin`` (``cost(less safe) - cost(safer)``).
+    """
+
+    metric_names = ("loss", "accuracy", "sign_accuracy", "safer_cost", "unsafer_cost", "margin")
+
+    def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        extra = batch.get("extra") or {}
+        missing = [k for k in ("chosen_is_safe", "rejected_is_safe") if k not in extra]
+        if missing:
+            raise ValueError(
+                f"the cost model needs per-response safety labels in batch['extra'] (missing {missing}); "
+                "use a formatter that sets them, e.g. template PKU-SafeRLHF-Safety (chosen = the safer response)"
+            )
+        safer, unsafer = split_pairs(self.end_scores(batch))
+        safer_is_safe = extra["chosen_is_safe"].to(safer.device)
+        unsafer_is_safe = extra["rejected_is_safe"].to(safer.device)
+        out = cost_model_loss(safer, unsafer, safer_is_safe, unsafer_is_safe)
+        safer_sign = torch.where(safer_is_safe.bool(), -1.0, 1.0).to(safer)
+        unsafer_sign = torch.where(unsafer_is_safe.bool(), -1.0, 1.0).to(safer)
+        sign_hits = torch.cat([safer_sign * out.safer_costs > 0, unsafer_sign * out.unsafer_costs > 0]).float()
+        return out.loss, {
+            "loss": out.loss.detach(),
+            "accuracy": (out.unsafer_costs > out.safer_costs).float(),
+            "sign_accuracy": sign_hits,
+            "safer_cost": out.safer_costs,
+            "unsafer_cost": out.unsafer_costs,
+            "margin": out.unsafer_costs - out.safer_costs,
+        }
