@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
-from aa_lightning.callbacks import HFExportCallback
+from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter
 
 
 DEFAULT_LOG_DIR = "runs"
@@ -31,6 +31,7 @@ class AACLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(HFExportCallback, "export")
+        parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

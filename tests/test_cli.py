@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,11 @@ def test_fit_then_resume_from_last_then_validate(repo_path, tmp_path):
     assert cli.trainer.global_step == 4
     cli = build_cli(["validate", *tiny_args(repo_path, root)])
     assert "val/perplexity" in cli.trainer.callback_metrics
+    export = os.path.join(root, "hf_model")
+    build_cli(["predict", *tiny_args(repo_path, root, "--model.init_args.model_name_or_path", export,
+               "--data.init_args.predict.path", repo_path("configs", "data", "alpaca_val_32.json"),
+               "--data.init_args.predict.template", "Alpaca", "--data.init_args.predict.size", "3")])
+    with open(os.path.join(root, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 3 and all(isinstance(r["response"], str) for r in rows)
+    assert rows[0]["prompt"].endswith("assistant\n")

@@ -137,3 +137,24 @@ def test_tiny_sft_config_runs_under_zero(tmp_path, repo_path, strategy):
     with open(os.path.join(export, "config.json")) as f:
         assert json.load(f)["model_type"] == "qwen2"
     assert glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True)
+
+
+def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path, repo_path):
+    from aa_lightning.algorithms import LoraConfig
+
+    pl.seed_everything(0)
+    module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=5e-2, warmup_steps=0), gradient_checkpointing=True,
+                       lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
+    recorder = LossRecorder()
+    export_dir = tmp_path / "hf"
+    t = trainer(tmp_path, 12, [recorder, HFExportCallback(str(export_dir))])
+    t.fit(module, alpaca(repo_path, batch_size=8))
+    trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert recorder.losses[12] < recorder.losses[1] - 0.05  # frozen random base: adapters learn slowly
+    reloaded = AutoModelForCausalLM.from_pretrained(str(export_dir)).eval()
+    assert not any("lora" in n for n, _ in reloaded.named_parameters())
+    ids = torch.tensor([[3, 50, 60, 70, 80]])
+    module.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, module.model(ids).logits, atol=1e-5)

@@ -154,6 +154,34 @@ class AlignModule(pl.LightningModule):
         except Exception:  # no trainer (notebooks) or an infinite loader
             return 1000
 
+    # -- prediction: generate answers for prompt-only batches -----------------------------------------
+    def generation_model(self) -> nn.Module:
+        """The causal LM that generates (the policy)."""
+        return self.model
+
+    @torch.no_grad()
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Answers to the prompts of a prompt-only batch, as dicts ``{prompt, response, meta}``."""
+        from aa_lightning.algorithms.config import GenerationConfig
+
+        gen: GenerationConfig = getattr(self, "generation", None) or GenerationConfig(do_sample=False)
+        model = unwrap(self.generation_model())
+        inputs = model_inputs(batch, model)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=gen.do_sample,
+            temperature=gen.temperature if gen.do_sample else None,
+            top_p=gen.top_p if gen.do_sample else None,
+            top_k=gen.top_k if gen.do_sample else None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        responses = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+        metas = batch.get("meta") or [{} for _ in responses]
+        return [{"prompt": p, "response": r, "meta": m} for p, r, m in zip(prompts, responses, metas)]
+
     # -- export ----------------------------------------------------------------------------------------
     def export_model(self) -> nn.Module:
         """The model written by :meth:`export_pretrained` (the trained policy by default)."""
@@ -173,11 +201,10 @@ class AlignModule(pl.LightningModule):
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
         lora: LoraConfig | None = self.hparams.get("lora")
-        if lora is not None and getattr(lora, "merge_on_export", True) and hasattr(model, "merge_and_unload"):
-            model = model.merge_and_unload()
-            state_dict = None
         os.makedirs(save_directory, exist_ok=True)
-        if state_dict is not None:
+        if lora is not None and getattr(lora, "merge_on_export", True) and hasattr(model, "merge_adapter"):
+            save_merged_lora(model, save_directory)
+        elif state_dict is not None:
             model.save_pretrained(save_directory, state_dict=state_dict)
         else:
             model.save_pretrained(save_directory)
@@ -210,6 +237,21 @@ class AlignModule(pl.LightningModule):
         torch.set_rng_state(state["torch"])
         if state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_merged_lora(peft_model: nn.Module, save_directory: str) -> None:
+    """Save base weights with the adapters merged in, leaving the training model unchanged."""
+    peft_model.merge_adapter()
+    try:
+        base = peft_model.get_base_model()
+        state = {
+            k.replace(".base_layer.", "."): v.detach().cpu().clone()
+            for k, v in base.state_dict().items()
+            if "lora_" not in k
+        }
+        base.save_pretrained(save_directory, state_dict=state)
+    finally:
+        peft_model.unmerge_adapter()
 
 
 def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -691,9 +691,12 @@ class OnlineRLModule(AlignModule):
             return False
 
     def policy_logprobs(
-        self, model: nn.Module, rollout: Rollout, with_entropy: bool = False
+        self, model: nn.Module, rollout: Rollout, with_entropy: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(log p(response token) (N, R), entropy (N, R) | None)`` from temperature-scaled logits."""
+        """``(log p(response token) (N, R), entropy (N, R) | None)`` from temperature-scaled logits.
+
+        The entropy is detached unless ``entropy_grad`` (an entropy bonus needs its gradient).
+        """
         inputs = rollout.model_inputs(self.hparams.get("position_ids_from_mask", True))
         r = rollout.response_length
         kwargs: dict[str, Any] = {"use_cache": False}
@@ -706,7 +709,9 @@ class OnlineRLModule(AlignModule):
             logits = logits / temperature
         logprobs = selective_log_softmax(logits, rollout.response_ids).float()
         entropy = None
-        if with_entropy:
+        if entropy_grad:
+            entropy = entropy_from_logits(logits).float()
+        elif with_entropy:
             with torch.no_grad():
                 entropy = entropy_from_logits(logits.detach()).float()
         return logprobs, entropy

@@ -1,6 +1,7 @@
 """Callbacks: Hugging Face export and sample generation."""
 
 from aa_lightning.callbacks.hf_export import HFExportCallback
+from aa_lightning.callbacks.predictions import JsonlPredictionWriter
 from aa_lightning.callbacks.samples import SampleGenerationCallback
 
-__all__ = ["HFExportCallback", "SampleGenerationCallback"]
+__all__ = ["HFExportCallback", "JsonlPredictionWriter", "SampleGenerationCallback"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from aa_lightning.data.media import MediaLoader
 from aa_lightning.data.multimodal import MultimodalDataModule
 
 __all__ = ["TextAudioToTextDataModule"]
@@ -28,6 +27,3 @@ class TextAudioToTextDataModule(MultimodalDataModule):
 
     def max_audio_seconds(self) -> float | None:
         return self.audio_seconds_limit
-
-    def media_loader(self) -> MediaLoader:
-        return MediaLoader(sampling_rate=self.info.sampling_rate)

@@ -117,6 +117,10 @@ class ConversationDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown data kind {kind!r}; use one of {SAMPLE_KINDS}")
         return kind
 
+    def split_kind(self, split: str) -> str:
+        """Predictions are generations, so the predict split is always prompt-only."""
+        return "prompt_only" if split == "predict" else self.kind
+
     # -- tokenizer, processor, template ----------------------------------------------------------------
     def load_processing(self) -> None:
         if self.tokenizer is not None:
@@ -143,7 +147,7 @@ class ConversationDataModule(pl.LightningDataModule):
         self.kind = self.resolve_kind()
         for split, specs in self.specs.items():
             if specs and split not in self.datasets:
-                parts, reports = zip(*(self.encode_spec(spec, self.kind) for spec in specs))
+                parts, reports = zip(*(self.encode_spec(spec, self.split_kind(split)) for spec in specs))
                 data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
                 self.datasets[split] = data.add_column("sample_index", list(range(len(data))))
                 self.reports[split] = list(reports)
@@ -239,7 +243,7 @@ class ConversationDataModule(pl.LightningDataModule):
             self._split(split),
             batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
             shuffle=False,
-            collate_fn=self.build_collator(self.kind),
+            collate_fn=self.build_collator(self.split_kind(split)),
             num_workers=self.hparams.num_workers,
         )
 

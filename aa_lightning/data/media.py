@@ -55,7 +55,8 @@ def _b64(data: bytes) -> str:
 def resolve_media(value: Any, field: str, root: str | os.PathLike | None = None, kind: str = "image") -> dict:
     """A JSON-able reference ``{"field", "path"}`` or ``{"field", "bytes"}`` (base64) for one media value.
 
-    Relative paths are resolved against ``root`` (the data file's folder) and must exist.
+    Relative paths are resolved against ``root`` (the data file's folder) and must exist. Decoded values
+    (PIL images, audio arrays, torchcodec audio decoders) are stored losslessly as PNG / float WAV bytes.
     """
     if isinstance(value, Mapping) and "value" in value and "field" in value:
         value, field = value["value"], str(value["field"])
@@ -70,6 +71,10 @@ def resolve_media(value: Any, field: str, root: str | os.PathLike | None = None,
             return resolve_media(value["path"], field, root, kind)
         raise _error(f"a {kind} mapping needs 'bytes', 'path' or 'array' + 'sampling_rate'; got keys "
                      f"{sorted(value)}", field)
+    if callable(getattr(value, "get_all_samples", None)):  # a torchcodec AudioDecoder (datasets Audio column)
+        samples = value.get_all_samples()
+        array = samples.data.numpy().T  # (channels, frames) -> (frames, channels)
+        return {"field": field, "bytes": _b64(_wav_bytes(array, int(samples.sample_rate)))}
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value).strip()
         if not path:

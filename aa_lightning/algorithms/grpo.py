@@ -1,0 +1,147 @@
+"""GRPO: group-relative policy optimisation (Shao et al. 2024, arXiv:2402.03300), no critic.
+
+Each prompt is repeated ``num_generations`` (G) times and sampled in ONE ``generate`` call; the G scores of a
+prompt are normalised inside their group (``scale: std``: ``(r - mean) / (std + eps)``; ``scale: none``:
+``r - mean``, the Dr. GRPO variant, arXiv:2503.20783, which does not up-weight easy/hard prompts with tiny
+std). Every token of a response gets its sequence's advantage.
+
+Loss per token: ``-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * k3(pi, pi_ref)``, reduced by
+``loss_aggregation``:
+
+* ``token_mean`` - every response token of the optimizer step weighs the same (DAPO): long responses
+  are not down-weighted per token;
+* ``sequence_mean`` - mean over tokens per response, then over responses (the original GRPO);
+* ``constant`` - token sum divided by ``responses * max_new_tokens`` (Dr. GRPO): no length normalisation,
+  so there is no incentive to lengthen wrong answers.
+
+With gradient accumulation the weights are taken over the whole accumulation group (tokens or responses
+of all its minibatches), so splitting a step into minibatches does not change the objective.
+
+``beta == 0`` loads no reference model at all. With ``num_iterations > 1`` (or several minibatches per
+rollout) the rollout's log-probs are kept as ``old_logprobs`` for the ratio; a single on-policy update uses
+the current log-probs detached (ratio 1, no extra forward).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from aa_lightning.algorithms.losses import grpo_advantages, grpo_loss
+from aa_lightning.algorithms.rollout import MetricAccumulator, OnlineRLModule, Rollout
+
+__all__ = ["GRPOModule"]
+
+
+class GRPOModule(OnlineRLModule):
+    """GRPO on prompt-only data with pluggable rewards (reward functions and/or a reward model).
+
+    Args:
+        num_generations: responses sampled per prompt (G >= 2).
+        beta: weight of the k3 KL to the reference (0: no reference model is loaded).
+        clip_range: lower ratio clip ``eps``.
+        clip_range_high: upper ratio clip (DAPO clip-higher); defaults to ``clip_range``.
+        scale: ``std`` (GRPO) or ``none`` (mean-only, Dr. GRPO).
+        loss_aggregation: ``token_mean`` | ``sequence_mean`` | ``constant`` (see the module docstring).
+        num_iterations: optimisation passes over each rollout (``mu`` in the paper).
+        **kwargs: see :class:`OnlineRLModule` and :class:`AlignModule`.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        num_generations: int = 4,
+        beta: float = 0.04,
+        clip_range: float = 0.2,
+        clip_range_high: float | None = None,
+        scale: Literal["std", "none"] = "std",
+        loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean",
+        num_iterations: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if num_generations < 2:
+            raise ValueError("GRPO needs num_generations >= 2 (advantages are relative within a group)")
+        if num_iterations < 1:
+            raise ValueError("num_iterations must be >= 1")
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.build_actor()
+        if self.hparams.beta != 0:
+            self.build_reference()
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return ("ref_model.", "reward_model.")
+
+    def updates_per_rollout(self) -> int:
+        return self.hparams.num_iterations * super().updates_per_rollout()
+
+    def needs_old_logprobs(self) -> bool:
+        return self.updates_per_rollout() > 1
+
+    @torch.no_grad()
+    def experience(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
+        hp = self.hparams
+        stats = MetricAccumulator()
+        rollout = self.generate_rollout(batch, num_samples=hp.num_generations)
+        scores, parts = self.compute_scores(rollout)
+        rollout["scores"] = scores
+        self.rollout_stats(stats, rollout, scores, parts)
+        rewards = scores
+        if hp.missing_eos_penalty:
+            rewards = rewards - hp.missing_eos_penalty * (~rollout.has_eos).to(rewards.dtype)
+        rollout["rewards"] = rewards
+        rollout["advantages"] = grpo_advantages(rewards.float(), hp.num_generations, hp.scale)
+        grouped = rewards.float().view(-1, hp.num_generations)
+        group_std = grouped.std(dim=1, correction=1)
+        stats.add_mean("rollout/group_reward_std", group_std)
+        stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
+        if self.needs_old_logprobs():
+            old, entropy = self.chunked(lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout)
+            rollout["old_logprobs"] = old
+            stats.add_mean("rollout/entropy", entropy, rollout.response_mask)
+        if hp.beta != 0:
+            rollout["ref_logprobs"] = self.reference_logprobs(rollout)
+        return rollout, stats
+
+    def update(self, rollout: Rollout, stats: MetricAccumulator) -> None:
+        hp = self.hparams
+        mask = rollout.response_mask
+        for iteration in range(hp.num_iterations):
+            for group in self.minibatch_groups(len(rollout), seed_offset=iteration + 1):
+                group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
+                group_seqs = sum(len(idx) for idx in group)
+                for i, idx in enumerate(group):
+                    mb = rollout.select(idx)
+                    mb_mask = mb.response_mask
+                    logprobs, entropy = self.policy_logprobs(self.model, mb, with_entropy=True)
+                    out = grpo_loss(
+                        logprobs,
+                        mb.data.get("old_logprobs"),
+                        mb.data.get("ref_logprobs"),
+                        mb["advantages"],
+                        mb_mask,
+                        clip_range=hp.clip_range,
+                        beta=hp.beta,
+                        aggregation=hp.loss_aggregation,
+                        max_completion_length=self.generation.max_new_tokens,
+                        clip_range_high=hp.clip_range_high,
+                    )
+                    tokens = mb_mask.sum()
+                    weight = tokens / group_tokens if hp.loss_aggregation == "token_mean" else len(idx) / group_seqs
+                    self.backward_minibatch(out.loss * weight, last_in_group=i == len(group) - 1)
+                    stats.add("train/loss", out.loss.detach() * tokens, tokens)
+                    stats.add("train/clip_fraction", out.clip_fraction * tokens, tokens)
+                    stats.add("train/kl", out.kl * tokens, tokens)
+                    stats.add_mean("train/entropy", entropy, mb_mask)
+                self.optimizer_update(stats)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        prompt_batch, _ = self.split_batch(batch)
+        rollout, stats = self.experience(prompt_batch)
+        self.update(rollout, stats)
+        self.log_metrics(stats, rollout, {"score": rollout["scores"], "advantage": rollout["advantages"]})
+        self._rollout_index += 1

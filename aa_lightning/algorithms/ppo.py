@@ -1,0 +1,264 @@
+"""PPO for RLHF (Ouyang et al. 2022, arXiv:2203.02155) with manual optimization.
+
+Four models: the actor (``self.model``, trained), the critic (a :class:`ScoreModel`, trained), the reward
+model (frozen; optional when reward functions are given) and the reference (a frozen copy of the initial
+actor). One training step = one rollout:
+
+1. sample responses for the prompt batch (:meth:`OnlineRLModule.generate_rollout`);
+2. score them (reward model end score and/or reward functions), then with no grad: old log-probs (+ entropy),
+   reference log-probs and values, one chunked forward per model;
+3. per-token rewards: ``-kl_coef * KL_t`` (k1 or k3 estimator against the reference) plus the (optionally
+   normalised / clipped) score on the last response token, minus ``missing_eos_penalty`` for responses cut
+   at ``max_new_tokens``; GAE advantages over response tokens (whitened) and returns for the critic;
+4. ``ppo_epochs`` passes over shuffled minibatches: clipped surrogate (+ entropy bonus, + ptx loss), clipped
+   value loss, gradient accumulation over ``gradient_accumulation_steps`` minibatches, gradient clipping.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from aa_lightning.algorithms.base import model_inputs
+from aa_lightning.algorithms.logprobs import masked_mean, masked_whiten, sequence_log_probs
+from aa_lightning.algorithms.losses import compute_gae, kl_penalty, ppo_policy_loss, ppo_value_loss
+from aa_lightning.algorithms.rollout import (
+    MetricAccumulator,
+    OnlineRLModule,
+    Rollout,
+    RunningMoments,
+    explained_variance,
+    rollout_mean_kl,
+)
+
+__all__ = ["PPOModule"]
+
+
+class PPOModule(OnlineRLModule):
+    """PPO actor-critic RLHF on prompt-only data (any modality: the batch's tensors are the model inputs).
+
+    Args:
+        critic_model_name_or_path: critic initialisation; defaults to the reward model, else the actor.
+        critic_lr: critic learning rate (default: ``optim.lr``).
+        kl_coef: weight of the per-token KL penalty against the reference.
+        kl_estimator: ``k1`` (``log p - log p_ref``) or ``k3`` (non-negative, unbiased) per-token estimate.
+        ppo_epochs: passes over each rollout.
+        clip_range: PPO ratio clip ``eps``.
+        clip_range_value: clip of the value update around the rollout values.
+        value_loss_coef: weight of the value loss (scales the critic's gradient).
+        entropy_coef: entropy bonus weight (0 = off; entropy is still logged).
+        gamma: discount over response tokens.
+        lam: GAE lambda.
+        whiten_advantages: normalise advantages over the rollout's response tokens.
+        normalize_score: divide scores by running std after subtracting the running mean (statistics over
+            every score seen, kept in checkpoints).
+        score_clip: clip the (normalised) score to ``[-score_clip, score_clip]``.
+        loss_aggregation: policy-loss reduction: ``token_mean``, ``sequence_mean`` or ``constant``.
+        ptx_coef: weight of the supervised (pre-training mix) loss on a ``ptx`` batch, when the train loader
+            yields ``{"prompt": prompt_batch, "ptx": supervised_batch}`` (a dict of loaders).
+        **kwargs: see :class:`OnlineRLModule` and :class:`AlignModule` (``optim`` is the actor's).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        critic_model_name_or_path: str | None = None,
+        critic_lr: float | None = None,
+        kl_coef: float = 0.05,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        ppo_epochs: int = 1,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        value_loss_coef: float = 1.0,
+        entropy_coef: float = 0.0,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = True,
+        normalize_score: bool = False,
+        score_clip: float | None = None,
+        loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean",
+        ptx_coef: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if ppo_epochs < 1:
+            raise ValueError("ppo_epochs must be >= 1")
+        self.critic: nn.Module | None = None
+        self.score_moments = RunningMoments()
+
+    # -- models ----------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.build_actor()
+        self.build_reference()
+        critic_path = hp.critic_model_name_or_path or hp.reward_model_name_or_path or self.model_name_or_path
+        self.critic = self.load_trainable_score_model(critic_path)
+
+    def critic_modules(self) -> list[nn.Module]:
+        return [self.critic]
+
+    def critic_lr(self) -> float:
+        return self.hparams.critic_lr if self.hparams.critic_lr is not None else self.optim.lr
+
+    def updates_per_rollout(self) -> int:
+        return self.hparams.ppo_epochs * super().updates_per_rollout()
+
+    # -- experience ------------------------------------------------------------------------------------
+    def experience(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
+        """Sample, score and evaluate one rollout; fills advantages and returns."""
+        stats = MetricAccumulator()
+        rollout = self.generate_rollout(batch)
+        self.score_rollout(rollout, stats)
+        self.forward_rollout(rollout, stats)
+        self.compute_advantages(rollout, stats)
+        return rollout, stats
+
+    def score_rollout(self, rollout: Rollout, stats: MetricAccumulator) -> None:
+        scores, parts = self.compute_scores(rollout)
+        rollout["scores"] = scores
+        self.rollout_stats(stats, rollout, scores, parts)
+
+    @torch.no_grad()
+    def forward_rollout(self, rollout: Rollout, stats: MetricAccumulator) -> None:
+        """Old log-probs (+ entropy), reference log-probs and values: one chunked pass per model."""
+        mask = rollout.response_mask
+        old, entropy = self.chunked(lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout)
+        rollout["old_logprobs"] = old
+        rollout["ref_logprobs"] = self.reference_logprobs(rollout)
+        rollout["old_values"] = self.chunked(lambda ro: self.value_forward(self.critic, ro), rollout)
+        stats.add_mean("rollout/entropy", entropy, mask)
+        stats.add_mean("rollout/kl", rollout_mean_kl(old, rollout["ref_logprobs"], mask))
+        stats.add_mean("rollout/value", rollout["old_values"], mask)
+
+    def shaped_score(self, scores: torch.Tensor, has_eos: torch.Tensor, moments: RunningMoments | None,
+                     stats: MetricAccumulator, name: str = "score") -> torch.Tensor:
+        """Score as it enters the rewards: running normalisation, clipping, then the missing-EOS penalty."""
+        hp = self.hparams
+        out = scores
+        if moments is not None:
+            moments.update(self.all_gather(scores).flatten())
+            out = moments.normalize(out)
+            stats.add(f"rollout/{name}_running_mean", moments.mean.to(self.device), 1)
+            stats.add(f"rollout/{name}_running_std", moments.std.to(self.device), 1)
+        if hp.score_clip is not None:
+            out = out.clamp(-hp.score_clip, hp.score_clip)
+        if hp.missing_eos_penalty:
+            out = out - hp.missing_eos_penalty * (~has_eos).to(out.dtype)
+        return out
+
+    def token_rewards(self, score: torch.Tensor, rollout: Rollout, kl_sign: float = -1.0) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+        """``(rewards (N, R), kl (N, R))``: ``kl_sign * kl_coef * KL_t`` per token + ``score`` at the last one."""
+        mask = rollout.response_mask
+        kl = kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], self.hparams.kl_estimator)
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
+        rewards = kl_sign * self.hparams.kl_coef * kl
+        last = (mask.long().sum(dim=1) - 1).clamp(min=0).unsqueeze(1)
+        rewards = rewards.scatter_add(1, last, score.to(rewards.dtype).unsqueeze(1))
+        return rewards, kl
+
+    def gae(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+        """``(advantages, returns)``; advantages whitened over response tokens when configured."""
+        advantages, returns = compute_gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
+        if self.hparams.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        return advantages, returns
+
+    @torch.no_grad()
+    def compute_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> None:
+        hp = self.hparams
+        mask = rollout.response_mask
+        moments = self.score_moments if hp.normalize_score else None
+        score = self.shaped_score(rollout["scores"], rollout.has_eos, moments, stats)
+        rewards, kl = self.token_rewards(score, rollout)
+        advantages, returns = self.gae(rewards, rollout["old_values"], mask)
+        rollout["advantages"], rollout["returns"] = advantages, returns
+        rollout["sequence_rewards"] = torch.where(mask, rewards, torch.zeros_like(rewards)).sum(dim=1)
+        stats.add_std("rollout/reward", rollout["sequence_rewards"])
+        stats.add_mean("rollout/kl_penalty", -hp.kl_coef * kl.sum(dim=1))
+        stats.add_mean("rollout/return", returns, mask)
+        stats.add("train/explained_variance", explained_variance(rollout["old_values"], returns, mask), 1)
+
+    # -- update ----------------------------------------------------------------------------------------
+    def ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Token-mean NLL of a supervised batch (the InstructGPT pre-training mix)."""
+        logits = self.model(**model_inputs(batch, self.model), use_cache=False).logits
+        logps = sequence_log_probs(logits, batch["labels"])
+        return -logps.sum.sum() / logps.token_count.sum().clamp(min=1)
+
+    def actor_loss(self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor,
+                   seq_weight: float) -> torch.Tensor:
+        """Clipped surrogate (+ entropy bonus) of one minibatch, weighted for accumulation."""
+        hp = self.hparams
+        mask = mb.response_mask
+        logprobs, entropy = self.policy_logprobs(
+            self.model, mb, with_entropy=True, entropy_grad=hp.entropy_coef != 0
+        )
+        out = ppo_policy_loss(
+            logprobs, mb["old_logprobs"], mb["advantages"], mask, hp.clip_range, hp.loss_aggregation,
+            self.generation.max_new_tokens,
+        )
+        weight = token_weight if hp.loss_aggregation == "token_mean" else seq_weight
+        loss = out.loss * weight
+        if hp.entropy_coef:
+            loss = loss - hp.entropy_coef * masked_mean(entropy, mask) * token_weight
+        tokens = mask.sum()
+        stats.add("train/policy_loss", out.loss.detach() * tokens, tokens)
+        stats.add("train/policy_clip_fraction", out.clip_fraction * tokens, tokens)
+        stats.add("train/approx_kl", out.approx_kl * tokens, tokens)
+        stats.add_mean("train/entropy", entropy.detach(), mask)
+        return loss
+
+    def critic_loss(self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor) -> torch.Tensor:
+        return self.value_loss(self.critic, mb, "old_values", "returns", "value", stats, token_weight)
+
+    def value_loss(self, critic: nn.Module, mb: Rollout, old_key: str, returns_key: str, name: str,
+                   stats: MetricAccumulator, token_weight: torch.Tensor) -> torch.Tensor:
+        mask = mb.response_mask
+        values = self.value_forward(critic, mb)
+        out = ppo_value_loss(values, mb[old_key], mb[returns_key], mask, self.hparams.clip_range_value)
+        tokens = mask.sum()
+        stats.add(f"train/{name}_loss", out.loss.detach() * tokens, tokens)
+        stats.add(f"train/{name}_clip_fraction", out.clip_fraction * tokens, tokens)
+        return self.hparams.value_loss_coef * out.loss * token_weight
+
+    def update(self, rollout: Rollout, ptx_batch: dict[str, Any] | None, stats: MetricAccumulator) -> None:
+        hp = self.hparams
+        mask = rollout.response_mask
+        for epoch in range(hp.ppo_epochs):
+            for group in self.minibatch_groups(len(rollout), seed_offset=epoch + 1):
+                group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
+                group_seqs = sum(len(idx) for idx in group)
+                for i, idx in enumerate(group):
+                    mb = rollout.select(idx)
+                    token_weight = mb.response_mask.sum() / group_tokens
+                    seq_weight = len(idx) / group_seqs
+                    loss = self.actor_loss(mb, stats, token_weight, seq_weight)
+                    if ptx_batch is not None and hp.ptx_coef:
+                        ptx = self.ptx_loss(ptx_batch)
+                        stats.add("train/ptx_loss", ptx.detach(), 1)
+                        loss = loss + hp.ptx_coef * ptx / len(group)
+                    loss = loss + self.critic_loss(mb, stats, token_weight)
+                    self.backward_minibatch(loss, last_in_group=i == len(group) - 1)
+                self.optimizer_update(stats)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        prompt_batch, ptx_batch = self.split_batch(batch)
+        rollout, stats = self.experience(prompt_batch)
+        self.update(rollout, ptx_batch, stats)
+        self.log_metrics(stats, rollout, {"score": rollout["scores"], "reward": rollout["sequence_rewards"]})
+        self._rollout_index += 1
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def rl_state_dict(self) -> dict[str, Any]:
+        return {**super().rl_state_dict(), "score_moments": self.score_moments.state_dict()}
+
+    def load_rl_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_rl_state_dict(state)
+        if "score_moments" in state:
+            self.score_moments.load_state_dict(state["score_moments"])
