@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
@@ -62,7 +62,6 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": DEFAULT_LOG_DIR}},
-            "callbacks": [LearningRateMonitor(logging_interval="step")],
             "plugins": [AtomicCheckpointIO()],
         },
         args=args,

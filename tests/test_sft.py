@@ -68,7 +68,7 @@ def test_sft_overfits_eight_examples_and_logs_val_perplexity(tmp_path, repo_path
     assert events
     accumulator = EventAccumulator(os.path.dirname(events[0]))
     accumulator.Reload()
-    assert {"train/loss", "val/perplexity", "train/tokens_per_s"} <= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/perplexity", "train/tokens_per_s"} <= set(accumulator.Tags()["scalars"])
 
 
 def test_export_then_from_pretrained_gives_identical_logits(tmp_path, repo_path):

@@ -148,6 +148,17 @@ class AlignModule(pl.LightningModule):
         optimizer, scheduler = build_optimizer(groups, self.optim, self.total_optimizer_steps())
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
+    def log_learning_rates(self) -> None:
+        """``train/lr`` (and ``train/lr_group{i}`` for further parameter groups): plain floats, no sync."""
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if not optimizers:
+            return
+        for i, group in enumerate(optimizers[0].param_groups):
+            self.log("train/lr" if i == 0 else f"train/lr_group{i}", float(group["lr"]), batch_size=1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log_learning_rates()
+
     def total_optimizer_steps(self) -> int:
         try:
             return int(self.trainer.estimated_stepping_batches)

@@ -50,6 +50,7 @@ class SFTModule(AlignModule):
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self._step_start is not None:
             elapsed = time.perf_counter() - self._step_start
             self.log("train/tokens_per_s", self._tokens.float() / elapsed)
