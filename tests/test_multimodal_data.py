@@ -27,7 +27,14 @@ from aa_lightning.data import (
     TextVideoToTextDataModule,
     get_formatter,
 )
-from aa_lightning.data.media import load_audio, load_image, load_video, media_item, resolve_media, sample_indices
+from aa_lightning.data.media import (
+    load_audio,
+    load_image,
+    load_video,
+    media_item,
+    resolve_media,
+    sample_indices,
+)
 from aa_lightning.data.multimodal import AlignmentError, align_to_processor
 from aa_lightning.models import ScoreModel, load_pretrained_models
 
@@ -72,7 +79,13 @@ def rows(rel: str) -> list[dict[str, Any]]:
 def datamodule(family: str, path: str, template: str, kind: str, **kwargs: Any):
     cls, model, extra = FAMILIES[family]
     full = path if os.path.isabs(path) else os.path.join(MEDIA, path)
-    dm = cls(model, train=DataSpec(full, template), kind=kind, shuffle=False, **{"batch_size": 8, **extra, **kwargs})
+    dm = cls(
+        model,
+        train=DataSpec(full, template),
+        kind=kind,
+        shuffle=False,
+        **{"batch_size": 8, **extra, **kwargs},
+    )
     dm.setup("fit")
     return dm
 
@@ -123,13 +136,13 @@ def test_labels_are_exactly_the_assistant_text_around_media_tokens(family):
 
 
 def test_media_whose_placeholder_is_cut_by_max_length_are_left_out():
-    dm = datamodule("qwen2-vl-image", "image/mllm_demo.json", "MLLM-Messages", "supervised", max_length=40)
+    # row 0 has two images; token 54 is the second one's placeholder, in the third turn
+    dm = datamodule("qwen2-vl-image", "image/mllm_demo.json", "MLLM-Messages", "supervised", max_length=54)
     batch = first_batch(dm)
-    # row 0 has two images, the second in the turn cut off: only the first reaches the processor
     texts = [dm.datasets["train"][i]["text"] for i in range(len(dm.datasets["train"]))]
-    images = sum(t.count("<|image_pad|>") for t in texts)
-    assert images < 7 and batch["image_grid_thw"].shape[0] == images
-    assert batch["input_ids"].shape[1] > 40  # the placeholders were expanded after the cut
+    assert texts[0].endswith("<|vision_start|>")  # the stored text covers exactly the kept tokens
+    assert sum(t.count("<|image_pad|>") for t in texts) == 6 == batch["image_grid_thw"].shape[0]  # of 7
+    assert batch["input_ids"].shape[1] > 54  # the placeholders were expanded after the cut
     assert labelled_text(dm, batch, 0) == rows("image/mllm_demo.json")[0]["messages"][1]["content"] + END
     with torch.no_grad():
         assert torch.isfinite(model("qwen2-vl-image")(**model_inputs(batch), labels=batch["labels"]).loss)
@@ -163,10 +176,13 @@ def test_preference_batches_hold_chosen_then_rejected_with_media_twice_and_score
         assert labelled_text(dm, batch, i) == row[f"response_{better}"] + END
         assert labelled_text(dm, batch, b + i) == row[f"response_{3 - better}"] + END
     assert_no_media_token_labelled(dm, batch)
-    media_rows = {"pixel_values": 1, "image_grid_thw": 1, "input_features": 1, "video_grid_thw": 1}
-    for key in media_rows:
-        if key in batch and not (family == "qwen2-vl-image" and key == "pixel_values"):
-            assert batch[key].shape[0] == 2 * b, key  # one media entry per row: chosen media, then rejected
+    # one media entry per row, chosen media then rejected (Qwen2-VL's pixel_values are flat patches)
+    for key in ("image_grid_thw", "video_grid_thw", "input_features", "feature_attention_mask"):
+        if key in batch:
+            assert batch[key].shape[0] == 2 * b, key
+    if family == "llava-image":
+        assert batch["pixel_values"].shape[0] == 2 * b
+        torch.testing.assert_close(batch["pixel_values"][:b], batch["pixel_values"][b:])
     scorer = model(family, score=True)
     assert isinstance(scorer, ScoreModel)
     with torch.no_grad():
@@ -185,7 +201,7 @@ def test_prompt_only_batches_are_left_padded_and_generate(family):
     dm = datamodule(family, path, template, "prompt_only", batch_size=2)
     batch = first_batch(dm)
     assert "labels" not in batch and batch["attention_mask"][:, -1].all()
-    assert dm.tokenizer.decode(batch["input_ids"][0][-3:]).endswith("<|im_start|>assistant\n")
+    assert dm.tokenizer.decode(batch["input_ids"][0][-6:]).endswith("<|im_start|>assistant\n")
     assert all(meta["prompt"][-1]["role"] == "user" for meta in batch["meta"])
     inputs = model_inputs(batch)
     with torch.no_grad():
@@ -195,7 +211,9 @@ def test_prompt_only_batches_are_left_padded_and_generate(family):
 
 
 # ------------------------------------------------------------------------------------------ learning + CLI
-@pytest.mark.parametrize("family", ["llava-image", "qwen2-audio", "qwen2-vl-video"], ids=["ti2t", "ta2t", "tv2t"])
+@pytest.mark.parametrize(
+    "family", ["llava-image", "qwen2-audio", "qwen2-vl-video"], ids=["ti2t", "ta2t", "tv2t"]
+)
 def test_sft_lowers_the_loss_on_a_fixed_multimodal_batch(family):
     torch.manual_seed(0)
     path, template = SUPERVISED[family]
@@ -205,14 +223,14 @@ def test_sft_lowers_the_loss_on_a_fixed_multimodal_batch(family):
     module.configure_model()
     optimizer = torch.optim.AdamW(module.model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         nll, tokens = module.token_nll(batch)
         loss = nll / tokens
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.8 * losses[0], losses
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
 
 
 @pytest.mark.parametrize("name", ["ti2t", "ta2t", "tv2t"])
@@ -220,11 +238,21 @@ def test_tiny_configs_run_through_the_cli(name, tmp_path, repo_path, monkeypatch
     from aa_lightning.cli import build_cli
 
     monkeypatch.chdir(repo_path())
-    cli = build_cli([
-        "fit", "--config", f"configs/tiny/sft_{name}.yaml", "--trainer.max_steps", "2",
-        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-    ])
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            f"configs/tiny/sft_{name}.yaml",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     assert cli.trainer.global_step == 2
     assert os.path.exists(tmp_path / "checkpoints" / "last.ckpt")
 
@@ -239,8 +267,13 @@ def write_rows(tmp_path, rows_: list[dict[str, Any]], name: str = "rows.json") -
 
 
 def chat(image: str, answer: str = "A photo.") -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": "<image>What is this?"},
-                         {"role": "assistant", "content": answer}], "images": [image]}
+    return {
+        "messages": [
+            {"role": "user", "content": "<image>What is this?"},
+            {"role": "assistant", "content": answer},
+        ],
+        "images": [image],
+    }
 
 
 def test_missing_media_file_names_data_file_row_and_column(tmp_path):
@@ -261,7 +294,12 @@ def test_corrupt_media_is_reported_at_collate_time_with_its_row(tmp_path):
     with pytest.raises(DataFormatError) as info:
         first_batch(dm)
     message = str(info.value)
-    assert "chats.json" in message and "row 2" in message and "'images[0]'" in message and "broken.jpg" in message
+    assert (
+        "chats.json" in message
+        and "row 2" in message
+        and "'images[0]'" in message
+        and "broken.jpg" in message
+    )
     dm = datamodule("llava-image", path, "LLaVA-Instruct", "supervised", on_bad_row="skip")
     batch = first_batch(dm)
     assert batch["input_ids"].shape[0] == 2 and batch["pixel_values"].shape[0] == 2
@@ -271,12 +309,20 @@ def test_corrupt_media_is_reported_at_collate_time_with_its_row(tmp_path):
 def test_audio_longer_than_the_limit_is_reported_not_cut():
     # mllm_audio_demo clips last 4.0 s, 2.9 s and 5.9 s
     with pytest.raises(DataFormatError) as info:
-        datamodule("qwen2-audio", "audio/mllm_audio_demo.json", "MLLM-Audio", "supervised", max_audio_seconds=3.0)
+        datamodule(
+            "qwen2-audio", "audio/mllm_audio_demo.json", "MLLM-Audio", "supervised", max_audio_seconds=3.0
+        )
     message = str(info.value)
     assert "mllm_audio_demo.json" in message and "row 0" in message and "'audios[0]'" in message
     assert "1.mp3" in message and "4.0 s" in message
-    dm = datamodule("qwen2-audio", "audio/mllm_audio_demo.json", "MLLM-Audio", "supervised",
-                    max_audio_seconds=3.0, on_bad_row="skip")
+    dm = datamodule(
+        "qwen2-audio",
+        "audio/mllm_audio_demo.json",
+        "MLLM-Audio",
+        "supervised",
+        max_audio_seconds=3.0,
+        on_bad_row="skip",
+    )
     assert [row for row, _ in dm.reports["train"][0].bad] == [0, 2]
     assert dm.info.max_audio_seconds == 30.0  # the Whisper feature extractor's window is the default
 
@@ -286,10 +332,15 @@ def test_pil_images_in_a_datasets_column_are_encoded(tmp_path):
     from PIL import Image
 
     image = Image.new("RGBA", (40, 30), (255, 0, 0, 0))  # fully transparent red: must load as white RGB
-    data = datasets.Dataset.from_dict({
-        "question": ["What colour?", "And now?"], "image": [image, Image.open(os.path.join(MEDIA, "image", "pizza.jpg"))],
-        "response_1": ["White.", "Pizza."], "response_2": ["Red.", "Soup."], "overall_response": [1, 1],
-    }).cast_column("image", datasets.Image())
+    data = datasets.Dataset.from_dict(
+        {
+            "question": ["What colour?", "And now?"],
+            "image": [image, Image.open(os.path.join(MEDIA, "image", "pizza.jpg"))],
+            "response_1": ["White.", "Pizza."],
+            "response_2": ["Red.", "Soup."],
+            "overall_response": [1, 1],
+        }
+    ).cast_column("image", datasets.Image())
     data.save_to_disk(str(tmp_path / "ds"))
     dm = datamodule("qwen2-vl-image", str(tmp_path / "ds"), "AA_TI2T", "preference")
     meta = json.loads(dm.datasets["train"][0]["meta"])
@@ -315,7 +366,10 @@ def test_audio_is_mixed_to_mono_and_resampled():
 
 def test_video_frames_are_sampled_uniformly_by_count_or_fps():
     assert sample_indices(41, 4).tolist() == [0, 13, 27, 40]
-    mp4 = {"field": "videos[0]", "path": os.path.join(MEDIA, "video", "mllm_demo_data", "1.mp4")}  # 4.1 s, 10 fps
+    mp4 = {
+        "field": "videos[0]",
+        "path": os.path.join(MEDIA, "video", "mllm_demo_data", "1.mp4"),
+    }  # 4.1 s, 10 fps
     assert load_video(mp4, num_frames=3).shape == (3, 90, 160, 3)
     assert load_video(mp4, fps=2.0).shape[0] == 8
     assert load_video(mp4, fps=10.0, max_frames=5).shape[0] == 5
@@ -348,14 +402,25 @@ def test_llava_style_rows_become_parts_with_images_in_marker_order():
     assert conversation[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Who are they?"}]
     assert conversation[2]["content"] == [{"type": "text", "text": "What are they doing?"}, {"type": "image"}]
     assert conversation[3] == {"role": "assistant", "content": "They are celebrating on the soccer field."}
-    assert meta == {"images": [media_item("mllm_demo_data/1.jpg", "images[0]"),
-                               media_item("mllm_demo_data/1.jpg", "images[1]")]}
-    llava150k = {"image": "coco/0001.jpg", "conversations": [
-        {"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": "A bus."}]}
+    assert meta == {
+        "images": [
+            media_item("mllm_demo_data/1.jpg", "images[0]"),
+            media_item("mllm_demo_data/1.jpg", "images[1]"),
+        ]
+    }
+    llava150k = {
+        "image": "coco/0001.jpg",
+        "conversations": [
+            {"from": "human", "value": "What is shown?\n<image>"},
+            {"from": "gpt", "value": "A bus."},
+        ],
+    }
     conversation, meta = get_formatter("LLaVA-Instruct").format_supervised_sample(llava150k)
     assert conversation[0]["content"][-1] == {"type": "image"} and meta["images"][0]["field"] == "image"
-    no_marker = {"messages": [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "Ok."}],
-                 "images": ["a.jpg"]}
+    no_marker = {
+        "messages": [{"role": "user", "content": "Describe."}, {"role": "assistant", "content": "Ok."}],
+        "images": ["a.jpg"],
+    }
     conversation, _ = get_formatter("MLLM-Messages").format_supervised_sample(no_marker)
     assert conversation[0]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe."}]
     with pytest.raises(DataFormatError, match="2 <image> marker") as info:
@@ -363,21 +428,38 @@ def test_llava_style_rows_become_parts_with_images_in_marker_order():
     assert info.value.field == "images"
     with pytest.raises(DataFormatError, match="takes image input"):
         get_formatter("LLaVA-Instruct").format_supervised_sample(rows("audio/mllm_audio_demo.json")[0])
+    with pytest.raises(DataFormatError, match="takes image input") as info:
+        get_formatter("LLaVA-Instruct").format_supervised_sample({**no_marker, "videos": ["v.mp4"]})
+    assert info.value.field == "videos"
 
 
 def test_audio_video_rlaif_and_asr_rows():
-    conversation, meta = get_formatter("MLLM-Audio").format_prompt_only_sample(rows("audio/mllm_audio_demo.json")[2])
-    assert conversation == [{"role": "user", "content": [{"type": "audio"},
-                                                         {"type": "text", "text": "What does the person say?"}]}]
-    assert meta["reference"].startswith("Mister Quiller") and meta["audios"][0]["value"] == "mllm_demo_data/3.flac"
+    conversation, meta = get_formatter("MLLM-Audio").format_prompt_only_sample(
+        rows("audio/mllm_audio_demo.json")[2]
+    )
+    assert conversation == [
+        {
+            "role": "user",
+            "content": [{"type": "audio"}, {"type": "text", "text": "What does the person say?"}],
+        }
+    ]
+    assert (
+        meta["reference"].startswith("Mister Quiller")
+        and meta["audios"][0]["value"] == "mllm_demo_data/3.flac"
+    )
     _, meta = get_formatter("MLLM-Video").format_supervised_sample(rows("video/mllm_video_demo.json")[1])
     assert meta == {"videos": [media_item("mllm_demo_data/2.avi", "videos[0]")]}
     rlaif = rows("image/rlaif_v/detail_test_3_input.jsonl")
     conversation, meta = get_formatter("RLAIF-V").format_prompt_only_sample(rlaif[1])
     assert conversation[0]["content"][1]["text"] == "Offer a comprehensive description of this landmark."
-    assert meta["reference"] == "Landmark Name: Leptis Magna Libya" and meta["images"][0]["field"] == "image_path"
+    assert (
+        meta["reference"] == "Landmark Name: Leptis Magna Libya"
+        and meta["images"][0]["field"] == "image_path"
+    )
     assert "reference" not in get_formatter("RLAIF-V").format_prompt_only_sample(rlaif[0])[1]
-    conversation, meta = get_formatter("Speech-ASR").format_supervised_sample(rows("audio/speech_asr.json")[0])
+    conversation, meta = get_formatter("Speech-ASR").format_supervised_sample(
+        rows("audio/speech_asr.json")[0]
+    )
     assert conversation[1]["content"] == "THE CHILD ALMOST HURT THE SMALL DOG"
     assert meta["audios"][0]["value"] == "speech_asr/spk1_snt1.wav"  # speechbrain's {data_root}/ removed
 
@@ -388,8 +470,9 @@ def test_align_anything_layouts():
     assert chosen[-1]["content"] == row["response_2"] and rejected[-1]["content"] == row["response_1"]
     assert chosen[0]["content"] == [{"type": "image"}, {"type": "text", "text": row["question"]}]
     assert meta == {"images": [media_item("bathroom.jpg", "image")]}
-    conversation, _ = get_formatter("AA_TI2T").format_supervised_sample({"prompt": "Q?", "image": "a.jpg",
-                                                                         "response": "A."})
+    conversation, _ = get_formatter("AA_TI2T").format_supervised_sample(
+        {"prompt": "Q?", "image": "a.jpg", "response": "A."}
+    )
     assert conversation[-1]["content"] == "A."
     conversation, meta = get_formatter("AA_TV2T").format_prompt_only_sample(rows("video/aa_tv2t.json")[0])
     assert conversation[0]["content"][1]["text"] == "Why is this video funny?"  # <video> marker removed
@@ -397,5 +480,7 @@ def test_align_anything_layouts():
     _, meta = get_formatter("AA_TA2T").format_supervised_sample(rows("audio/aa_ta2t.json")[2])
     assert meta["audios"][0]["value"] == "speech_asr/3_jackson_0.wav"
     with pytest.raises(DataFormatError) as info:
-        get_formatter("AA_TA2T").format_preference_sample({**rows("audio/aa_ta2t.json")[0], "overall_response": 3})
+        get_formatter("AA_TA2T").format_preference_sample(
+            {**rows("audio/aa_ta2t.json")[0], "overall_response": 3}
+        )
     assert info.value.field == "overall_response"

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from aa_lightning.algorithms import DPOModule, KTOModule, OptimConfig, ReferenceFreeModule
+from aa_lightning.algorithms import DPOModule, KTOModule, LoraConfig, OptimConfig, ReferenceFreeModule
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.kto import mismatched_pairs
 from aa_lightning.algorithms.logprobs import sequence_log_probs
@@ -98,7 +98,9 @@ def pair_files(tmp_path) -> dict[str, str]:
     }
 
 
-def datamodule(train: str, val: str | None = None, template: str = "HH-RLHF", **kwargs) -> TextToTextDataModule:
+def datamodule(
+    train: str, val: str | None = None, template: str = "HH-RLHF", **kwargs
+) -> TextToTextDataModule:
     return TextToTextDataModule(
         "tiny-qwen2",
         train={"path": train, "template": template},
@@ -142,8 +144,12 @@ def held_out_log_ratio(model: torch.nn.Module, val_file: str) -> torch.Tensor:
 
 METHODS = {
     "dpo": lambda: DPOModule(beta=0.1, optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")),
-    "ipo": lambda: DPOModule(beta=0.1, loss_type="ipo", optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")),
-    "hinge": lambda: DPOModule(beta=0.1, loss_type="hinge", optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")),
+    "ipo": lambda: DPOModule(
+        beta=0.1, loss_type="ipo", optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
+    ),
+    "hinge": lambda: DPOModule(
+        beta=0.1, loss_type="hinge", optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
+    ),
     "cdpo": lambda: DPOModule(
         beta=0.1, label_smoothing=0.1, optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
     ),
@@ -174,7 +180,9 @@ def test_method_learns_held_out_preference(method, pair_files, tmp_path):
     after = held_out_log_ratio(module.model, pair_files["val"])
     gain = after - before
     assert gain.mean() > 2.0, f"{method}: held-out log-ratio gain only {gain.mean():.2f} nats"
-    assert (gain > 0).float().mean() >= 0.9, f"{method}: gain positive on {(gain > 0).float().mean():.0%} of pairs"
+    assert (gain > 0).float().mean() >= 0.9, (
+        f"{method}: gain positive on {(gain > 0).float().mean():.0%} of pairs"
+    )
     if method in ("dpo", "ipo", "hinge", "cdpo"):
         # the module's own held-out metrics (implicit rewards vs the reference) say the same
         assert t.callback_metrics["val/rewards/accuracies"] >= 0.9
@@ -234,7 +242,9 @@ def test_precomputed_reference_log_probs_match_live_reference(pair_files, tmp_pa
     monkeypatch.setattr(AlignModule, "load_model", counting_load)
     restarted = run(True)
     assert len(loads) == 1, "the restart reloaded a reference model instead of reading the cached log-probs"
-    torch.testing.assert_close(torch.tensor(restarted.losses), torch.tensor(live.losses), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(restarted.losses), torch.tensor(live.losses), atol=1e-4, rtol=1e-4
+    )
 
 
 def trainer_metrics(module: pl.LightningModule) -> dict:
@@ -270,9 +280,13 @@ def test_separate_reference_model_is_used(pair_files):
 def test_mismatched_pairs_join_each_prompt_with_the_next_response():
     ids = torch.tensor([[1, 2, 3, 4, 0, 0], [5, 6, 7, 8, 9, 0], [10, 11, 12, 0, 0, 0]])
     mask = (ids != 0).long()
-    labels = torch.tensor([[-100, -100, 3, 4, -100, -100], [-100, 6, 7, 8, 9, -100], [-100, -100, 12, -100, -100, -100]])
+    labels = torch.tensor(
+        [[-100, -100, 3, 4, -100, -100], [-100, 6, 7, 8, 9, -100], [-100, -100, 12, -100, -100, -100]]
+    )
     pixel_values = torch.randn(3, 2)
-    out = mismatched_pairs({"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values})
+    out = mismatched_pairs(
+        {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixel_values}
+    )
     assert out["input_ids"].tolist() == [[1, 2, 6, 7, 8, 9], [5, 12, 0, 0, 0, 0], [10, 11, 3, 4, 0, 0]]
     assert out["labels"].tolist() == [
         [-100, -100, 6, 7, 8, 9],
@@ -316,3 +330,23 @@ def test_tiny_config_runs_via_cli_and_logs_tensorboard(name, repo_path, tmp_path
     assert glob.glob(os.path.join(root, "**", "events.out.tfevents.*"), recursive=True)
     assert any(key.startswith("train/") for key in cli.trainer.callback_metrics)
     assert os.path.exists(os.path.join(root, "hf_model", "config.json"))
+
+
+def test_lora_reference_is_the_policy_with_adapters_off(pair_files):
+    """With LoRA no second model is loaded: the reference is the base model under the adapters."""
+    module = DPOModule(lora=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    module.configure_model()
+    assert module.reference_model is None
+    dm = datamodule(pair_files["train"], kind="preference")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    for name, param in module.model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)  # move the policy away from the base
+    loss, _ = module.compute_loss(batch, "train")
+    assert abs(float(loss) - math.log(2)) > 1e-4
+    base, _, _ = load_pretrained_models("tiny-qwen2")
+    with torch.no_grad():
+        logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = sequence_log_probs(logits, batch["labels"]).sum
+    torch.testing.assert_close(module.reference_log_probs_live(batch).sum, expected, atol=1e-4, rtol=1e-4)

@@ -42,6 +42,9 @@ class PPOModule(OnlineRLModule):
     Args:
         critic_model_name_or_path: critic initialisation; defaults to the reward model, else the actor.
         critic_lr: critic learning rate (default: ``optim.lr``).
+        critic_head_init_std: std of a NEW value head (a critic started from a checkpoint without a score
+            head). 0 starts every value at 0, so early advantages are the plain (KL-shaped) returns instead of
+            being drowned by random value predictions; None uses the ScoreModel default.
         kl_coef: weight of the per-token KL penalty against the reference.
         kl_estimator: ``k1`` (``log p - log p_ref``) or ``k3`` (non-negative, unbiased) per-token estimate.
         ppo_epochs: passes over each rollout.
@@ -66,6 +69,7 @@ class PPOModule(OnlineRLModule):
         *args: Any,
         critic_model_name_or_path: str | None = None,
         critic_lr: float | None = None,
+        critic_head_init_std: float | None = 0.0,
         kl_coef: float = 0.05,
         kl_estimator: Literal["k1", "k3"] = "k1",
         ppo_epochs: int = 1,
@@ -96,7 +100,7 @@ class PPOModule(OnlineRLModule):
         self.build_actor()
         self.build_reference()
         critic_path = hp.critic_model_name_or_path or hp.reward_model_name_or_path or self.model_name_or_path
-        self.critic = self.load_trainable_score_model(critic_path)
+        self.critic = self.load_trainable_score_model(critic_path, hp.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.critic]
@@ -135,8 +139,9 @@ class PPOModule(OnlineRLModule):
         stats.add_mean("rollout/value", rollout["old_values"], mask)
 
     def shaped_score(self, scores: torch.Tensor, has_eos: torch.Tensor, moments: RunningMoments | None,
-                     stats: MetricAccumulator, name: str = "score") -> torch.Tensor:
-        """Score as it enters the rewards: running normalisation, clipping, then the missing-EOS penalty."""
+                     stats: MetricAccumulator, name: str = "score", eos_penalty: bool = True) -> torch.Tensor:
+        """Score as it enters the rewards: running normalisation, clipping, then the missing-EOS penalty
+        (in normalised units, so the penalty keeps its configured size)."""
         hp = self.hparams
         out = scores
         if moments is not None:
@@ -146,7 +151,7 @@ class PPOModule(OnlineRLModule):
             stats.add(f"rollout/{name}_running_std", moments.std.to(self.device), 1)
         if hp.score_clip is not None:
             out = out.clamp(-hp.score_clip, hp.score_clip)
-        if hp.missing_eos_penalty:
+        if eos_penalty and hp.missing_eos_penalty:
             out = out - hp.missing_eos_penalty * (~has_eos).to(out.dtype)
         return out
 

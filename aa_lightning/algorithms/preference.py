@@ -99,8 +99,11 @@ class StageMeans(nn.Module):
         for name in self.names:
             metric = self.metrics[stage][self._key(name)]
             if metric.update_called:
-                out[name] = metric.compute()
-            metric.reset()
+                out[name] = metric.compute().clone()
+            # fresh states must be normal tensors, not inference tensors: `trainer.validate` runs under
+            # inference_mode while validation inside `fit` runs under no_grad and updates them in place
+            with torch.inference_mode(False):
+                metric.reset()
         return out
 
 
@@ -413,7 +416,9 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
         table = self.ref_cache.get(stage)
         index = (batch.get("extra") or {}).get("sample_index")
         if index is None:
-            raise RuntimeError("precompute_ref_log_probs needs batch['extra']['sample_index'] (the data layer adds it)")
+            raise RuntimeError(
+                "precompute_ref_log_probs needs batch['extra']['sample_index'] (the data layer adds it)"
+            )
         if table is None:
             raise RuntimeError(
                 f"no precomputed reference log-probs for the {stage!r} split; they are computed at the start of "
@@ -421,7 +426,9 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
             )
         index = index.cpu()
         if int(index.max()) >= table["count"].shape[0]:
-            raise RuntimeError(f"sample_index {int(index.max())} is beyond the cached {stage!r} reference log-probs")
+            raise RuntimeError(
+                f"sample_index {int(index.max())} is beyond the cached {stage!r} reference log-probs"
+            )
         counts = table["count"][index]  # (B, 2)
         if (counts < 0).any():
             raise RuntimeError(f"reference log-probs missing for some {stage!r} samples")
@@ -451,7 +458,9 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
     def _datamodule_loaders(self, splits: Iterable[str]) -> dict[str, DataLoader]:
         datamodule = self.trainer.datamodule
         if datamodule is None:
-            raise RuntimeError("precompute_ref_log_probs needs a LightningDataModule (trainer.fit(module, datamodule=...))")
+            raise RuntimeError(
+                "precompute_ref_log_probs needs a LightningDataModule (trainer.fit(module, datamodule=...))"
+            )
         loaders: dict[str, DataLoader] = {}
         for split in splits:
             made = getattr(datamodule, f"{split}_dataloader")()
@@ -598,7 +607,9 @@ class ReferenceFreeModule(PolicyModule):
         chosen_sum, rejected_sum = split_pairs(policy.sum)
         if self.loss_type == "simpo":
             out = simpo_loss(chosen_mean, rejected_mean, self.beta, self.gamma, self.label_smoothing)
-            return out.loss, pair_stats(out.chosen_rewards, out.rejected_rewards, chosen_sum, rejected_sum, out.losses)
+            return out.loss, pair_stats(
+                out.chosen_rewards, out.rejected_rewards, chosen_sum, rejected_sum, out.losses
+            )
         # ORPO: token-level NLL over all chosen tokens (the SFT loss), odds ratio on mean log-probs (< 0)
         chosen_count, _ = split_pairs(policy.token_count)
         nll = -chosen_sum.sum() / chosen_count.sum().clamp(min=1)

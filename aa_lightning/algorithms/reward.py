@@ -68,7 +68,10 @@ class RewardModule(StepStatsModule):
         chosen, rejected = split_pairs(self.end_scores(batch))
         margin = (batch.get("extra") or {}).get("margin") if self.use_margin else None
         out = reward_pairwise_loss(
-            chosen, rejected, margin=None if margin is None else margin.to(chosen), center_coef=self.center_coef
+            chosen,
+            rejected,
+            margin=None if margin is None else margin.to(chosen),
+            center_coef=self.center_coef,
         )
         return out.loss, {
             "loss": out.loss.detach(),
@@ -110,7 +113,9 @@ class CostModule(RewardModule):
         out = cost_model_loss(safer, unsafer, safer_is_safe, unsafer_is_safe)
         safer_sign = torch.where(safer_is_safe.bool(), -1.0, 1.0).to(safer)
         unsafer_sign = torch.where(unsafer_is_safe.bool(), -1.0, 1.0).to(safer)
-        sign_hits = torch.cat([safer_sign * out.safer_costs > 0, unsafer_sign * out.unsafer_costs > 0]).float()
+        sign_hits = torch.cat(
+            [safer_sign * out.safer_costs > 0, unsafer_sign * out.unsafer_costs > 0]
+        ).float()
         return out.loss, {
             "loss": out.loss.detach(),
             "accuracy": (out.unsafer_costs > out.safer_costs).float(),

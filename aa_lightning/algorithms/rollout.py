@@ -42,6 +42,8 @@ from aa_lightning.algorithms.base import AlignModule, freeze, model_inputs, unwr
 from aa_lightning.algorithms.config import GenerationConfig
 from aa_lightning.algorithms.logprobs import entropy_from_logits, masked_mean, selective_log_softmax
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
+from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.score_model import has_score_head
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
 __all__ = [
@@ -262,6 +264,29 @@ def zero3_generation_context(engine: Any, model: nn.Module) -> Iterator[None]:
             offload._register_deepspeed_module(offload.module)
 
 
+def init_score_head(head: nn.Linear, std: float) -> None:
+    """Draw a new score head ``N(0, std)`` (zero bias), also when ZeRO-3 has already partitioned it.
+
+    ``ScoreModel`` initialises its head inside ``__init__``; under ``deepspeed.zero.Init`` the weights are
+    already sharded by then, so that init writes nothing. Gathering with ``modifier_rank=0`` makes the
+    draw land in the shards (rank 0's values are broadcast).
+    """
+    params = list(head.parameters())
+    sharded = any(hasattr(p, "ds_id") for p in params)
+    context: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if sharded:
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with context, torch.no_grad():
+        if std > 0:
+            nn.init.normal_(head.weight, std=std)
+        else:
+            nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero every dropout: RL ratios and KL terms must compare the same function at rollout and update."""
     for module in model.modules():
@@ -453,8 +478,12 @@ class OnlineRLModule(AlignModule):
         model, tokenizer, _ = self.load_model(path, score_model=True)
         return freeze(model), tokenizer
 
-    def load_trainable_score_model(self, path: str) -> nn.Module:
-        model, _, _ = self.load_model(path, score_model=True)
+    def load_trainable_score_model(self, path: str, head_init_std: float | None = None) -> nn.Module:
+        """A critic: a score model from ``path`` (its trained head when it has one, else a new head with
+        weights drawn with ``head_init_std``)."""
+        model, _, _ = self.load_model(path, score_model=True, score_head_init_std=head_init_std)
+        if head_init_std is not None and not has_score_head(resolve_model_path(path)):
+            init_score_head(model.score_head, head_init_std)
         if self.hparams.get("disable_dropout", True):
             disable_dropout(model)
         lora = self.hparams.get("lora")
@@ -515,8 +544,8 @@ class OnlineRLModule(AlignModule):
         if self.uses_deepspeed():
             # DeepSpeed drives one optimizer per engine: actor and critics become parameter groups with
             # their own learning rates; the schedule scales each group's own peak lr.
-            groups = param_groups([self.model], wd, lr=self.optim.lr)
-            groups += param_groups(critics, wd, lr=self.critic_lr())
+            groups = [{**g, "role": "actor"} for g in param_groups([self.model], wd, lr=self.optim.lr)]
+            groups += [{**g, "role": "critic"} for g in param_groups(critics, wd, lr=self.critic_lr())]
             optimizer, scheduler = build_optimizer(groups, self.optim, total)
             max_norm = self.hparams.get("max_grad_norm")
             self.trainer.strategy.config["gradient_clipping"] = float(max_norm or 0.0)
@@ -529,6 +558,19 @@ class OnlineRLModule(AlignModule):
             {"optimizer": actor_opt, "lr_scheduler": actor_sched},
             {"optimizer": critic_opt, "lr_scheduler": critic_sched},
         ]
+
+    def log_learning_rates(self) -> None:
+        """``train/lr`` (actor) and ``train/lr_critic``, whether they live in two optimizers or in two
+        parameter groups of one (DeepSpeed)."""
+        if self._trainer is None or not self.trainer.optimizers:
+            return
+        seen: dict[str, float] = {}
+        for i, opt in enumerate(self.trainer.optimizers):
+            for group in opt.param_groups:
+                name = group.get("role", "actor" if i == 0 else "critic")
+                seen.setdefault(name, float(group["lr"]))
+        for name, lr in seen.items():
+            self.log("train/lr" if name == "actor" else f"train/lr_{name}", lr, batch_size=1)
 
     def on_fit_start(self) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:

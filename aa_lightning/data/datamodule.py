@@ -213,6 +213,8 @@ class ConversationDataModule(pl.LightningDataModule):
             "formatter": formatter_source,
             "system_prompt": getattr(formatter, "system_prompt", ""),
             "max_length": self.hparams.max_length,
+            "on_bad_row": self.hparams.on_bad_row,  # a cached 'skip' encoding must not answer an 'error' run
+            "on_truncated": self.hparams.on_truncated,
             "train_on": self.hparams.train_on,
             "tokenizer": [self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template],
             "template_source": self.renderer.source,

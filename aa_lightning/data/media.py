@@ -69,8 +69,10 @@ def resolve_media(value: Any, field: str, root: str | os.PathLike | None = None,
             return {"field": field, "bytes": _b64(_wav_bytes(value["array"], int(value["sampling_rate"])))}
         if value.get("path"):
             return resolve_media(value["path"], field, root, kind)
-        raise _error(f"a {kind} mapping needs 'bytes', 'path' or 'array' + 'sampling_rate'; got keys "
-                     f"{sorted(value)}", field)
+        raise _error(
+            f"a {kind} mapping needs 'bytes', 'path' or 'array' + 'sampling_rate'; got keys {sorted(value)}",
+            field,
+        )
     if callable(getattr(value, "get_all_samples", None)):  # a torchcodec AudioDecoder (datasets Audio column)
         samples = value.get_all_samples()
         array = samples.data.numpy().T  # (channels, frames) -> (frames, channels)
@@ -96,8 +98,11 @@ def resolve_media(value: Any, field: str, root: str | os.PathLike | None = None,
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")  # lossless, whatever the source format was
         return {"field": field, "bytes": _b64(buffer.getvalue())}
-    raise _error(f"unsupported {kind} value of type {type(value).__name__} (expected a path, bytes, a "
-                 "{bytes, path} mapping" + (", a PIL image" if kind == "image" else "") + ")", field)
+    raise _error(
+        f"unsupported {kind} value of type {type(value).__name__} (expected a path, bytes, a "
+        "{bytes, path} mapping" + (", a PIL image" if kind == "image" else "") + ")",
+        field,
+    )
 
 
 def _wav_bytes(array: Any, sampling_rate: int) -> bytes:
@@ -244,7 +249,9 @@ class MediaLoader:
             return load_image(ref)
         if key == "audios":
             if self.sampling_rate is None:
-                raise _error("the processor has no feature extractor sampling rate for audio", ref.get("field"))
+                raise _error(
+                    "the processor has no feature extractor sampling rate for audio", ref.get("field")
+                )
             return load_audio(ref, self.sampling_rate)
         if key == "videos":
             return load_video(ref, self.num_frames, self.fps, self.max_frames)

@@ -54,8 +54,18 @@ __all__ = [
 
 # Tokens that wrap a placeholder in some families; never trained on when the tokenizer has them.
 MEDIA_WRAPPER_TOKENS = (
-    "<|vision_start|>", "<|vision_end|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>",
-    "<|audio_start|>", "<|audio_end|>", "<image_start>", "<image_end>", "<img>", "</img>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<image_start>",
+    "<image_end>",
+    "<img>",
+    "</img>",
 )
 # Processor argument that takes each media kind.
 PROCESSOR_ARGS = {"images": "images", "audios": "audio", "videos": "videos"}
@@ -110,8 +120,8 @@ def align_to_processor(
     def fail(reason: str) -> AlignmentError:
         lo = max(0, i - 3)
         return AlignmentError(
-            f"{reason} (cached ids[{lo}:{i + 4}] = {list(ids[lo:i + 4])}, processor ids[{max(0, j - 3)}:"
-            f"{j + 4}] = {list(processor_ids[max(0, j - 3):j + 4])}). The processor tokenizes the rendered "
+            f"{reason} (cached ids[{lo}:{i + 4}] = {list(ids[lo : i + 4])}, processor ids[{max(0, j - 3)}:"
+            f"{j + 4}] = {list(processor_ids[max(0, j - 3) : j + 4])}). The processor tokenizes the rendered "
             "text differently from the tokenizer; check the processor's chat template and special tokens."
         )
 
@@ -172,7 +182,9 @@ class MultimodalSampleEncoder(SampleEncoder):
         self.media_root = media_root
         self.source = source
         self.modalities = tuple(modalities)
-        self.max_audio_seconds = max_audio_seconds if max_audio_seconds is not None else info.max_audio_seconds
+        self.max_audio_seconds = (
+            max_audio_seconds if max_audio_seconds is not None else info.max_audio_seconds
+        )
 
     # -- media references --------------------------------------------------------------------------
     def prepare_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +301,11 @@ class MultimodalCollator:
 
     A sample whose media cannot be decoded raises a :class:`DataFormatError` naming data file, row,
     column and media file, or with ``on_bad_row="skip"`` is left out of the batch and recorded in
-    ``skipped``.
+    ``skipped`` (the datamodule's ``skipped_media``; with ``num_workers > 0`` the workers log them).
+
+    Per-token inputs such as ``mm_token_type_ids`` have the ``(N, L)`` shape of ``input_ids`` (0 = text):
+    code that appends generated tokens to a prompt-only batch pads them with zeros, as for
+    ``attention_mask`` with ones.
     """
 
     def __init__(
@@ -312,7 +328,10 @@ class MultimodalCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.processor_kwargs = dict(processor_kwargs or {})
         self.skipped: list[str] = skipped if skipped is not None else []
-        names = set(getattr(self.tokenizer, "model_input_names", ())) | {"token_type_ids", "mm_token_type_ids"}
+        names = set(getattr(self.tokenizer, "model_input_names", ())) | {
+            "token_type_ids",
+            "mm_token_type_ids",
+        }
         self.per_token_keys = names - {"input_ids", "attention_mask"}
 
     def _load(self, samples: list[dict[str, Any]], metas: list[dict[str, Any]]) -> list[tuple]:
@@ -338,9 +357,13 @@ class MultimodalCollator:
         if self.kind == "supervised":
             return [(s["input_ids"], s["labels"], s["text"], loaded, s) for s, _, loaded in good]
         if self.kind == "preference":
-            chosen = [(s["chosen_input_ids"], s["chosen_labels"], s["chosen_text"], lo, s) for s, _, lo in good]
-            rejected = [(s["rejected_input_ids"], s["rejected_labels"], s["rejected_text"], lo, s)
-                        for s, _, lo in good]
+            chosen = [
+                (s["chosen_input_ids"], s["chosen_labels"], s["chosen_text"], lo, s) for s, _, lo in good
+            ]
+            rejected = [
+                (s["rejected_input_ids"], s["rejected_labels"], s["rejected_text"], lo, s)
+                for s, _, lo in good
+            ]
             return chosen + rejected
         if self.kind == "prompt_only":
             return [(s["input_ids"], None, s["prompt_text"], loaded, s) for s, _, loaded in good]
@@ -361,14 +384,20 @@ class MultimodalCollator:
         if "audios" in media and self.info.sampling_rate:
             kwargs["sampling_rate"] = self.info.sampling_rate
         out = self.processor(
-            text=texts, padding=True, return_tensors="pt", add_special_tokens=False,
-            **kwargs, **self.processor_kwargs,
+            text=texts,
+            padding=True,
+            return_tensors="pt",
+            add_special_tokens=False,
+            **kwargs,
+            **self.processor_kwargs,
         )
         batch = self._align(sequences, out)
         kept_metas = [meta for _, meta, _ in good]
         batch["extra"] = meta_tensors(kept_metas)
         if "sample_index" in good[0][0]:
-            batch["extra"]["sample_index"] = torch.tensor([s["sample_index"] for s, _, _ in good], dtype=torch.long)
+            batch["extra"]["sample_index"] = torch.tensor(
+                [s["sample_index"] for s, _, _ in good], dtype=torch.long
+            )
         batch["meta"] = kept_metas
         return batch
 
@@ -418,7 +447,8 @@ class MultimodalDataModule(ConversationDataModule):
         media_root: folder that relative media paths are resolved against; default: the folder of
             each data file (or the data folder).
         processor_kwargs: extra arguments for every processor call, e.g.
-            ``{"images_kwargs": {"max_pixels": 200704}}``.
+            ``{"images_kwargs": {"size": {"shortest_edge": 3136, "longest_edge": 200704}}}``
+            (Qwen2-VL's pixel bounds per image).
     """
 
     modalities: tuple[str, ...] = tuple(MEDIA_KEYS)
@@ -457,7 +487,7 @@ class MultimodalDataModule(ConversationDataModule):
     def encode_spec(self, spec: DataSpec, kind: str) -> tuple[Any, Any]:
         path = os.path.abspath(os.path.expanduser(spec.path))
         root = os.path.dirname(path) if os.path.isfile(path) else path if os.path.isdir(path) else os.getcwd()
-        self._spec_root = self.media_root or root
+        self._spec_root = os.path.abspath(os.path.expanduser(self.media_root)) if self.media_root else root
         self._spec_source = os.path.basename(spec.path.rstrip("/")) or spec.path
         return super().encode_spec(spec, kind)
 
@@ -495,5 +525,8 @@ class MultimodalDataModule(ConversationDataModule):
             "modalities": self.modalities,
             "max_audio_seconds": self.max_audio_seconds(),
             "placeholders": self.info.placeholders,
+            # a cached "skip" encoding holds the bad rows as drops: it must not answer an "error" run
+            "on_bad_row": self.hparams.on_bad_row,
+            "on_truncated": self.hparams.on_truncated,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]

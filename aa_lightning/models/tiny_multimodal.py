@@ -26,8 +26,9 @@ QWEN_AUDIO_TOKENS = ["<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
 QWEN_AUDIO = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
 
-def parts_chat_template(name: str, image: str | None = None, video: str | None = None,
-                        audio: str | None = None) -> str:
+def parts_chat_template(
+    name: str, image: str | None = None, video: str | None = None, audio: str | None = None
+) -> str:
     """ChatML over parts lists; a media kind the model cannot take raises at render time (not silently)."""
 
     def part(kind: str, text: str | None) -> str:
@@ -64,8 +65,13 @@ def build_tiny_llava(save_dir: str | os.PathLike, seed: int = 0) -> str:
 
     tokenizer = build_tiny_tokenizer([LLAVA_IMAGE])
     vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        image_size=28, patch_size=14, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+        projection_dim=32,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -105,8 +111,15 @@ def build_tiny_qwen2_vl(save_dir: str | os.PathLike, seed: int = 0) -> str:
     config = Qwen2VLConfig(
         text_config=text,
         vision_config=dict(
-            depth=1, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=text["hidden_size"], in_chans=3,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            depth=1,
+            embed_dim=32,
+            num_heads=2,
+            mlp_ratio=2,
+            hidden_size=text["hidden_size"],
+            in_chans=3,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
@@ -136,7 +149,11 @@ def build_tiny_qwen2_audio(save_dir: str | os.PathLike, seed: int = 0) -> str:
     config = Qwen2AudioConfig(
         text_config=dict(model_type="qwen2", **_text_config_kwargs(len(tokenizer), tokenizer)),
         audio_config=dict(
-            d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, num_mel_bins=128,
+            d_model=32,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            num_mel_bins=128,
             max_source_positions=1500,
         ),
         audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),

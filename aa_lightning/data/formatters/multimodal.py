@@ -81,10 +81,17 @@ class MultimodalChatFormatter(ChatFormatter):
             kind = part.get("type", "text")
             if kind == "text":
                 key = "text" if "text" in part else "value"
-                parts.append({"type": "text", "text": self.check(part.get(key), f"{part_field}.{key}", allow_empty=True)})
+                parts.append(
+                    {
+                        "type": "text",
+                        "text": self.check(part.get(key), f"{part_field}.{key}", allow_empty=True),
+                    }
+                )
             elif kind in KIND_KEYS:
                 media_part = self._media_part(kind, part_field)
-                inline = next((part[k] for k in (kind, "path", "url", f"{kind}_url") if part.get(k) is not None), None)
+                inline = next(
+                    (part[k] for k in (kind, "path", "url", f"{kind}_url") if part.get(k) is not None), None
+                )
                 if inline is not None:
                     media_part["_inline"] = media_item(inline, part_field)
                 parts.append(media_part)
@@ -95,7 +102,8 @@ class MultimodalChatFormatter(ChatFormatter):
     def _media_part(self, kind: str, field: str) -> dict[str, Any]:
         if kind not in self.kinds:
             raise DataFormatError(
-                f"{self.name!r} takes {', '.join(self.kinds)} input, but the row has a {kind} part", field=field
+                f"{self.name!r} takes {', '.join(self.kinds)} input, but the row has a {kind} part",
+                field=field,
             )
         return {"type": kind}
 
@@ -128,6 +136,12 @@ class MultimodalChatFormatter(ChatFormatter):
                     for part in message["content"]:
                         part.pop("_inline", None)
         counts = media_parts_count(first)
+        for kind in KIND_KEYS:
+            if kind not in self.kinds and self.media_column(raw_sample, kind):
+                raise DataFormatError(
+                    f"{self.name!r} takes {', '.join(self.kinds)} input, but the row has {kind}s",
+                    field=KIND_KEYS[kind],
+                )
         meta: Meta = {}
         for kind in self.kinds:
             key = KIND_KEYS[kind]
@@ -188,7 +202,9 @@ class MLLMMessages(MultimodalChatFormatter):
         meta = self.attach_media(raw_sample, conversation)
         return self.with_system(conversation), meta
 
-    def format_preference_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Conversation, Meta]:
+    def format_preference_sample(
+        self, raw_sample: Mapping[str, Any]
+    ) -> tuple[Conversation, Conversation, Meta]:
         prompt = self.conversation(raw_sample)
         if prompt[-1]["role"] != "user":
             raise DataFormatError(
@@ -246,11 +262,15 @@ class RLAIFV(BaseFormatter):
         for key in ("image_path", "image"):
             if raw_sample.get(key) is not None:
                 return {"images": [media_item(raw_sample[key], key)]}
-        raise DataFormatError("missing required key (the row needs 'image_path' or 'image')", field="image_path")
+        raise DataFormatError(
+            "missing required key (the row needs 'image_path' or 'image')", field="image_path"
+        )
 
     def prompt(self, raw_sample: Mapping[str, Any]) -> Conversation:
         question = self.field(raw_sample, "question")
-        return self.with_system([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+        return self.with_system(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        )
 
     def format_prompt_only_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Meta]:
         meta = self.image(raw_sample)
@@ -260,7 +280,9 @@ class RLAIFV(BaseFormatter):
             meta["reference"] = reference
         return self.prompt(raw_sample), meta
 
-    def format_preference_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Conversation, Meta]:
+    def format_preference_sample(
+        self, raw_sample: Mapping[str, Any]
+    ) -> tuple[Conversation, Conversation, Meta]:
         prompt = self.prompt(raw_sample)
         chosen, rejected = self.field(raw_sample, "chosen"), self.field(raw_sample, "rejected")
         return (
@@ -296,19 +318,22 @@ class SpeechASR(BaseFormatter):
                 if isinstance(value, str):
                     value = value.replace("{data_root}/", "")
                 return {"audios": [media_item(value, key)]}
-        raise DataFormatError(f"missing audio (the row needs one of {', '.join(self.audio_keys)})",
-                              field=self.audio_keys[0])
+        raise DataFormatError(
+            f"missing audio (the row needs one of {', '.join(self.audio_keys)})", field=self.audio_keys[0]
+        )
 
     def transcript(self, raw_sample: Mapping[str, Any]) -> str:
         for key in self.text_keys:
             if key in raw_sample:
                 return self.field(raw_sample, key).strip()
-        raise DataFormatError(f"missing transcript (the row needs one of {', '.join(self.text_keys)})",
-                              field=self.text_keys[0])
+        raise DataFormatError(
+            f"missing transcript (the row needs one of {', '.join(self.text_keys)})", field=self.text_keys[0]
+        )
 
     def prompt(self) -> Conversation:
-        return self.with_system([{"role": "user", "content": [{"type": "audio"},
-                                                              {"type": "text", "text": self.instruction}]}])
+        return self.with_system(
+            [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": self.instruction}]}]
+        )
 
     def format_supervised_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Meta]:
         text = self.transcript(raw_sample)
@@ -345,8 +370,10 @@ class AlignAnythingMedia(BaseFormatter):
         for key in self.media_columns:
             if raw_sample.get(key) is not None:
                 return {KIND_KEYS[self.kind]: [media_item(raw_sample[key], key)]}
-        raise DataFormatError(f"missing {self.kind} (the row needs {' or '.join(map(repr, self.media_columns))})",
-                              field=self.media_columns[0])
+        raise DataFormatError(
+            f"missing {self.kind} (the row needs {' or '.join(map(repr, self.media_columns))})",
+            field=self.media_columns[0],
+        )
 
     def prompt(self, raw_sample: Mapping[str, Any]) -> Conversation:
         parts = [{"type": self.kind}, {"type": "text", "text": self.prompt_text(raw_sample)}]
@@ -362,7 +389,9 @@ class AlignAnythingMedia(BaseFormatter):
             raise DataFormatError(f"expected 1 or 2, got {describe(value)}", field="overall_response")
         return better
 
-    def format_preference_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Conversation, Meta]:
+    def format_preference_sample(
+        self, raw_sample: Mapping[str, Any]
+    ) -> tuple[Conversation, Conversation, Meta]:
         better = self.better_id(raw_sample)
         chosen = self.field(raw_sample, f"response_{better}")
         rejected = self.field(raw_sample, f"response_{3 - better}")

@@ -1,0 +1,169 @@
+"""What both sides of a benchmark share: the settings, the step timer, token counting and the result record.
+
+This module imports only the standard library and torch, so a TRL child process never loads aa-lightning
+(and the other way round): each side's peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DATA_DIR = Path(__file__).parent / "data"
+WORKLOADS = ("sft", "dpo", "dpo_precomputed", "rm", "grpo", "ppo")
+AA_ONLY = ("dpo_precomputed", "ppo")
+
+
+@dataclass
+class BenchConfig:
+    """One workload on one side. Both sides get exactly the same values."""
+
+    workload: str
+    side: str  # "trl" | "aa"
+    model_path: str
+    work_dir: str
+    data_file: str = ""  # prepared rows (see benchmarks.run.prepare_data)
+    steps: int = 20
+    batch_size: int = 8
+    max_length: int = 256
+    device: str = "cpu"
+    bf16: bool = False
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    lr: float = 1e-5
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    beta: float = 0.1  # DPO beta
+    grpo_beta: float = 0.04
+    num_generations: int = 4
+    prompts_per_step: int = 2
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype_name(self) -> str:
+        return "float32"
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchConfig:
+        return cls(**json.loads(text))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def setup_process(config: BenchConfig) -> None:
+    """Same thread count and seeds on both sides, before any model exists."""
+    import torch
+
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class StepTimer:
+    """Timestamps at the end of every optimizer step; steady state = from the end of step 1 to the last end.
+
+    The first step (allocator warm-up, lazy initialisation, first data pass) is never counted.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self.ends: list[float] = []
+
+    def step_end(self) -> None:
+        synchronize(self.device)
+        self.ends.append(time.perf_counter())
+
+    @property
+    def timed_steps(self) -> int:
+        return max(len(self.ends) - 1, 0)
+
+    @property
+    def seconds(self) -> float:
+        return self.ends[-1] - self.ends[0] if len(self.ends) > 1 else float("nan")
+
+
+class CountingCollator:
+    """Wraps a collate function and records the non-pad tokens of every batch it builds, in order.
+
+    With ``num_workers=0`` and an in-order sampler, the i-th call builds the i-th training batch (a loader
+    that looks one batch ahead only adds calls at the end), so batches 2..N are ``counts[1:N]``.
+    """
+
+    def __init__(self, collate: Any, key: str = "attention_mask") -> None:
+        self.collate = collate
+        self.key = key
+        self.counts: list[int] = []
+
+    def __call__(self, samples: list[Any]) -> Any:
+        batch = self.collate(samples)
+        mask = batch.get(self.key) if isinstance(batch, dict) else None
+        self.counts.append(int(mask.sum()) if mask is not None else 0)
+        return batch
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped collator's attributes (e.g. TRL's pad_token_id)
+        return getattr(self.__dict__["collate"], name)
+
+
+def make_result(
+    config: BenchConfig,
+    timer: StepTimer,
+    unit: str,
+    per_step: float,
+    token_counts: list[int] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The record a child prints: steady-state rate in ``unit`` per second, peak memory and details."""
+    steps = timer.timed_steps
+    seconds = timer.seconds
+    result: dict[str, Any] = {
+        "workload": config.workload,
+        "side": config.side,
+        "unit": unit,
+        "timed_steps": steps,
+        "seconds": seconds,
+        "rate": per_step * steps / seconds if steps else float("nan"),
+        "step_s": seconds / steps if steps else float("nan"),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if token_counts is not None and steps:
+        tokens = sum(token_counts[1 : steps + 1])
+        result["tokens"] = tokens
+        result["tokens_per_s"] = tokens / seconds
+    if config.device.startswith("cuda"):
+        import torch
+
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result.update(extra)
+    return result
+
+
+def write_result(path: str, result: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,142 @@
+"""The TRL side of each workload (TRL 1.16 trainers with the settings both sides share).
+
+Never imports aa-lightning: the rows arrive already formatted (``benchmarks.run`` renders them with
+aa-lightning's formatters in the parent process), so both sides train on the same conversations.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from benchmarks.common import BenchConfig, CountingCollator, StepTimer, make_result, read_jsonl
+
+
+def common_args(config: BenchConfig) -> dict[str, Any]:
+    """TrainingArguments both sides match: AdamW, constant lr, clipping, no checkpointing/eval, fp32 or bf16."""
+    return dict(
+        output_dir=os.path.join(config.work_dir, "trl_out"),
+        per_device_train_batch_size=config.batch_size,
+        max_steps=config.steps,
+        learning_rate=config.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=config.max_grad_norm,
+        gradient_checkpointing=False,
+        bf16=config.bf16,
+        fp16=False,
+        use_cpu=config.device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=config.log_every,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        train_sampling_strategy="sequential",
+        seed=config.seed,
+        data_seed=config.seed,
+        model_init_kwargs={"dtype": torch.float32},
+    )
+
+
+def timer_callback(timer: StepTimer) -> Any:
+    from transformers import TrainerCallback
+
+    class _Timer(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            timer.step_end()
+
+    return _Timer()
+
+
+def tokenizer(config: BenchConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model_path)
+
+
+def train(trainer: Any, config: BenchConfig, timer: StepTimer) -> CountingCollator:
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    trainer.train()
+    return counter
+
+
+def run_sft(config: BenchConfig) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    args = SFTConfig(
+        **common_args(config), max_length=config.max_length, packing=False, completion_only_loss=True
+    )
+    timer = StepTimer(config.device)
+    trainer = SFTTrainer(
+        model=config.model_path,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    counter = train(trainer, config, timer)
+    return make_result(config, timer, "samples", config.batch_size, counter.counts)
+
+
+def run_dpo(config: BenchConfig) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    )
+    args = DPOConfig(
+        **common_args(config),
+        beta=config.beta,
+        loss_type=["sigmoid"],
+        max_length=config.max_length,
+        precompute_ref_log_probs=False,
+    )
+    timer = StepTimer(config.device)
+    trainer = DPOTrainer(
+        model=config.model_path,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    counter = train(trainer, config, timer)
+    return make_result(config, timer, "samples", config.batch_size, counter.counts)
+
+
+def run_rm(config: BenchConfig) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+    )
+    args = RewardConfig(**common_args(config), max_length=config.max_length)
+    timer = StepTimer(config.device)
+    trainer = RewardTrainer(
+        model=config.model_path,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    counter = train(trainer, config, timer)
+    return make_result(config, timer, "samples", config.batch_size, counter.counts)
+
+
+RUNNERS = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm}
