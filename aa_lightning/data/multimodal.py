@@ -525,8 +525,5 @@ class MultimodalDataModule(ConversationDataModule):
             "modalities": self.modalities,
             "max_audio_seconds": self.max_audio_seconds(),
             "placeholders": self.info.placeholders,
-            # a cached "skip" encoding holds the bad rows as drops: it must not answer an "error" run
-            "on_bad_row": self.hparams.on_bad_row,
-            "on_truncated": self.hparams.on_truncated,
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
