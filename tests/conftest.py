@@ -29,3 +29,13 @@ def repo_path():
         return os.path.join(REPO, *parts)
 
     return path
+
+
+def _one_thread() -> None:
+    """Tiny models gain nothing from intra-op threads, and 2 threads on a busy 2-core machine are ~20x slower."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("AA_TEST_THREADS", "1")))
+
+
+_one_thread()
