@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +17,6 @@ from lightning.pytorch.cli import LightningCLI
 
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
 from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter
-
 
 DEFAULT_LOG_DIR = "runs"
 
@@ -52,8 +50,6 @@ class AACLI(LightningCLI):
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
     """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI object."""
-    from aa_lightning.checkpoint_io import AtomicCheckpointIO
-
     return AACLI(
         model_class=pl.LightningModule,
         datamodule_class=pl.LightningDataModule,
@@ -62,7 +58,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": DEFAULT_LOG_DIR}},
-            "plugins": [AtomicCheckpointIO()],
+            "plugins": [{"class_path": "aa_lightning.checkpoint_io.AtomicCheckpointIO"}],
         },
         args=args,
         run=run,
@@ -72,7 +68,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
 
 def main() -> None:
     """Entry point of the ``aa`` console script."""
-    build_cli(sys.argv[1:])
+    build_cli()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """One-off: train the tiny byte-level BPE tokenizer shipped in aa_lightning/models/assets."""
 import json
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 texts = []
