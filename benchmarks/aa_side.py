@@ -46,7 +46,7 @@ def datamodule(config: BenchConfig, **kwargs: Any) -> Any:
     return CountingDataModule(**options)
 
 
-def trainer(config: BenchConfig, timer: StepTimer) -> Any:
+def trainer(config: BenchConfig, timer: StepTimer, clip_in_module: bool = False) -> Any:
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import CSVLogger
 
@@ -59,7 +59,7 @@ def trainer(config: BenchConfig, timer: StepTimer) -> Any:
         devices=1,
         max_steps=config.steps,
         precision="bf16-mixed" if config.bf16 else "32-true",
-        gradient_clip_val=config.max_grad_norm,
+        gradient_clip_val=None if clip_in_module else config.max_grad_norm,  # RL modules clip themselves
         logger=CSVLogger(os.path.join(config.work_dir, "aa_logs")),
         log_every_n_steps=config.log_every,
         enable_checkpointing=False,
@@ -73,14 +73,16 @@ def trainer(config: BenchConfig, timer: StepTimer) -> Any:
     )
 
 
-def fit(module: Any, data: Any, config: BenchConfig, unit: str, per_step: float, **extra: Any) -> dict[str, Any]:
+def fit(
+    module: Any, data: Any, config: BenchConfig, unit: str, per_step: float, clip_in_module: bool = False
+) -> dict[str, Any]:
     import lightning.pytorch as pl
 
     pl.seed_everything(config.seed, verbose=False)
     timer = StepTimer(config.device)
-    trainer(config, timer).fit(module, datamodule=data)
+    trainer(config, timer, clip_in_module).fit(module, datamodule=data)
     counts = data.counter.counts if data.counter is not None else None
-    return make_result(config, timer, unit, per_step, counts, **extra)
+    return make_result(config, timer, unit, per_step, counts if unit == "samples" else None)
 
 
 def run_sft(config: BenchConfig) -> dict[str, Any]:
@@ -118,3 +120,149 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS = {"sft": run_sft, "dpo": run_dpo, "dpo_precomputed": run_dpo_precomputed, "rm": run_rm}
+
+
+def run_grpo(config: BenchConfig) -> dict[str, Any]:
+    from aa_lightning.algorithms import GenerationConfig, GRPOModule
+    from aa_lightning.rewards import RewardSpec
+
+    module = GRPOModule(
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        optim=optim_config(config),
+        reward_functions=[RewardSpec(name="gsm8k_answer")],
+        generation=GenerationConfig(
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=1.0, top_k=0, do_sample=True
+        ),
+        num_generations=config.num_generations,
+        beta=config.grpo_beta,
+        clip_range=0.2,
+        scale="std",
+        loss_aggregation="token_mean",
+        num_iterations=1,
+        max_grad_norm=config.max_grad_norm,
+        sample_log_interval=0,
+    )
+    data = datamodule(config, batch_size=config.prompts_per_step)
+    per_step = config.prompts_per_step * config.num_generations
+    return fit(module, data, config, "completions", per_step, clip_in_module=True)
+
+
+RUNNERS["grpo"] = run_grpo
+
+
+PPO_PHASES = ("generation", "reward scoring", "old/ref/value forwards", "advantages", "update")
+
+
+def run_ppo(config: BenchConfig) -> dict[str, Any]:
+    """PPO (aa-lightning only): where a step's time goes, and generation speed against plain ``generate``."""
+    import time
+
+    import torch
+
+    from aa_lightning.algorithms import GenerationConfig, PPOModule
+    from aa_lightning.rewards import RewardSpec
+    from benchmarks.common import synchronize
+
+    class TimedPPO(PPOModule):
+        """PPOModule with a stopwatch around each phase of a step (the phases themselves are unchanged)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.phase_times: list[dict[str, float]] = []
+            self.generated: list[tuple[int, int]] = []  # (response tokens kept, rows x decode steps)
+
+        def timed(self, name: str, fn: Any, *args: Any) -> Any:
+            synchronize(config.device)
+            start = time.perf_counter()
+            out = fn(*args)
+            synchronize(config.device)
+            self.phase_times[-1][name] = self.phase_times[-1].get(name, 0.0) + time.perf_counter() - start
+            return out
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            self.phase_times.append({})
+            return super().training_step(batch, batch_idx)
+
+        def generate_rollout(self, *args: Any, **kwargs: Any) -> Any:
+            rollout = self.timed("generation", lambda: super(TimedPPO, self).generate_rollout(*args, **kwargs))
+            self.generated.append((int(rollout.response_mask.sum()), rollout.response_ids.numel()))
+            return rollout
+
+        def score_rollout(self, *args: Any) -> None:
+            self.timed("reward scoring", super().score_rollout, *args)
+
+        def forward_rollout(self, *args: Any) -> None:
+            self.timed("old/ref/value forwards", super().forward_rollout, *args)
+
+        def compute_advantages(self, *args: Any) -> None:
+            self.timed("advantages", super().compute_advantages, *args)
+
+        def update(self, *args: Any) -> None:
+            self.timed("update", super().update, *args)
+
+    gen = GenerationConfig(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=1.0, top_k=0, do_sample=True
+    )
+    module = TimedPPO(
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        optim=optim_config(config),
+        reward_model_name_or_path=config.model_path,  # a score model on the same backbone: a real scoring forward
+        reward_functions=[RewardSpec(name="gsm8k_answer")],
+        generation=gen,
+        max_grad_norm=config.max_grad_norm,
+        sample_log_interval=0,
+    )
+    data = datamodule(config)
+    result = fit(module, data, config, "completions", config.batch_size, clip_in_module=True)
+
+    # plain model.generate on the same prompt batches: the upper bound of the rollout's generation speed
+    model = module.model
+    model.eval()
+    kwargs = module.generation_kwargs()
+    plain: list[tuple[float, int]] = []
+    with torch.no_grad():
+        for i, batch in zip(range(min(config.steps, 4)), data.train_dataloader()):
+            inputs = {k: batch[k].to(module.device) for k in ("input_ids", "attention_mask")}
+            synchronize(config.device)
+            start = time.perf_counter()
+            out = model.generate(**inputs, **kwargs)
+            synchronize(config.device)
+            if i:  # the first call warms up
+                plain.append((time.perf_counter() - start, out[:, inputs["input_ids"].shape[1] :].numel()))
+    steady = module.phase_times[1:]
+    step_s = sum(sum(t.values()) for t in steady) / max(len(steady), 1)
+    lines = [
+        f"PPO step breakdown (aa-lightning, {len(steady)} steady steps, batch {config.batch_size} prompts, "
+        f"{config.max_new_tokens} new tokens, actor + reference + reward model + critic):",
+        "",
+        "| phase | s/step | share |",
+        "|---|---|---|",
+    ]
+    for name in PPO_PHASES:
+        value = sum(t.get(name, 0.0) for t in steady) / max(len(steady), 1)
+        lines.append(f"| {name} | {value:.3f} | {100 * value / step_s if step_s else 0:.0f}% |")
+    whole = result["step_s"]
+    lines.append(f"| other (logging, loop) | {max(whole - step_s, 0.0):.3f} | "
+                 f"{100 * max(whole - step_s, 0.0) / whole if whole else 0:.0f}% |")
+    gen_s = sum(t.get("generation", 0.0) for t in steady)
+    gen_tokens = sum(g[1] for g in module.generated[1:])
+    rollout_tps = gen_tokens / gen_s if gen_s else float("nan")
+    plain_tps = sum(n for _, n in plain) / sum(s for s, _ in plain) if plain else float("nan")
+    lines += [
+        "",
+        f"Generation: {rollout_tps:.0f} tokens/s inside the rollout vs {plain_tps:.0f} tokens/s for plain "
+        f"`model.generate` on the same prompts ({rollout_tps / plain_tps:.2f}x of the upper bound); tokens = "
+        "rows x decode steps.",
+    ]
+    result.update(
+        breakdown="\n".join(lines),
+        rollout_tokens_per_s=rollout_tps,
+        plain_generate_tokens_per_s=plain_tps,
+        phases={name: sum(t.get(name, 0.0) for t in steady) / max(len(steady), 1) for name in PPO_PHASES},
+    )
+    return result
+
+
+RUNNERS["ppo"] = run_ppo

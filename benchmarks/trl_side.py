@@ -140,3 +140,49 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm}
+
+
+def gsm8k_reward(completions: list[Any], reference_answer: list[str], **kwargs: Any) -> list[float]:
+    """The final-answer reward, scored by aa-lightning's rule (a light import: torch only)."""
+    from aa_lightning.rewards import gsm8k_answer
+
+    texts = [c[-1]["content"] if isinstance(c, list) else str(c) for c in completions]
+    return [gsm8k_answer("", text, {"reference_answer": ref}) for text, ref in zip(texts, reference_answer)]
+
+
+def run_grpo(config: BenchConfig) -> dict[str, Any]:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list([{"prompt": r["prompt"], "reference_answer": r["reference_answer"]} for r in rows])
+    per_step = config.prompts_per_step * config.num_generations
+    args = GRPOConfig(
+        **{**common_args(config), "per_device_train_batch_size": per_step},
+        num_generations=config.num_generations,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=config.grpo_beta,
+        num_iterations=1,
+        epsilon=0.2,
+        loss_type="dapo",
+        scale_rewards="group",
+        shuffle_dataset=False,
+        log_completions=False,
+    )
+    timer = StepTimer(config.device)
+    trainer = GRPOTrainer(
+        model=config.model_path,
+        reward_funcs=gsm8k_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    trainer.train()
+    return make_result(config, timer, "completions", per_step)
+
+
+RUNNERS["grpo"] = run_grpo

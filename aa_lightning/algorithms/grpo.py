@@ -115,6 +115,7 @@ class GRPOModule(OnlineRLModule):
                 group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
                 group_seqs = sum(len(idx) for idx in group)
                 for i, idx in enumerate(group):
+                    self.start_minibatch()
                     mb = rollout.select(idx)
                     mb_mask = mb.response_mask
                     logprobs, entropy = self.policy_logprobs(self.model, mb, with_entropy=True)

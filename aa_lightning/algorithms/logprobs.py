@@ -1,8 +1,10 @@
 """Memory-aware log-probability helpers and masked reductions.
 
-Everything here is a pure tensor function: tensors in, tensors out. The functions never materialise a
-full-vocabulary float32 ``log_softmax`` for the whole batch at once; they work on chunks of rows
-(one row = one position, i.e. one vector of ``V`` vocabulary logits).
+Everything here is a pure tensor function (tensors in, tensors out) except :func:`causal_lm_log_probs`,
+which runs a model so that its LM head only sees the positions that are scored. The functions never
+materialise a full-vocabulary float32 ``log_softmax`` for the whole batch at once; they work on chunks of
+rows (one row = one position, i.e. one vector of ``V`` vocabulary logits), and positions without a label
+cost no ``exp`` over the vocabulary.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 __all__ = [
     "SequenceLogProbs",
+    "causal_lm_log_probs",
     "entropy_from_logits",
     "masked_mean",
     "masked_sum",
@@ -66,32 +70,132 @@ def _apply_rowwise(
     return torch.cat([fn(lc, ic) for lc, ic in zip(logit_chunks, index_chunks)], dim=0)
 
 
-def _selective_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    assert index is not None
-    if rows.dtype in _LOW_PRECISION:
-        # logsumexp in half precision is inaccurate: use log_softmax on this chunk only.
-        return rows.log_softmax(dim=-1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    taken = rows.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    return taken - torch.logsumexp(rows, dim=-1)
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """``log_softmax(x)[index]`` for the rows of ``x`` (N, V) picked by ``rows`` (all rows if ``None``).
+
+    Forward keeps only the per-row ``logsumexp`` (float32) and a reference to ``x``; backward writes
+    ``onehot(index) - softmax(x)``, times the incoming gradient, straight into the one gradient tensor autograd
+    needs anyway, chunk by chunk. Compared with ``gather - logsumexp`` under autograd this avoids a second
+    full-size temporary and an extra ``exp`` pass (about 2x faster on CPU), and compared with
+    ``log_softmax(x).gather`` it keeps no saved full-vocabulary copy. Rows outside ``rows`` cost nothing but
+    a zero fill of their gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        rows: torch.Tensor | None,
+        chunk_size: int,
+    ) -> torch.Tensor:
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        n = x.shape[0]
+        out = torch.zeros(n, dtype=acc, device=x.device)
+        lse = torch.zeros(n, dtype=acc, device=x.device)
+        total = n if rows is None else rows.numel()
+        for start in range(0, total, chunk_size):
+            end = min(start + chunk_size, total)
+            if rows is None:
+                where: slice | torch.Tensor = slice(start, end)
+                block, idx = x[start:end], index[start:end]
+            else:
+                where = rows[start:end]
+                block, idx = x.index_select(0, where), index.index_select(0, where)
+            block = block.to(acc)
+            chunk_lse = torch.logsumexp(block, dim=-1)
+            lse[where] = chunk_lse
+            out[where] = block.gather(-1, idx.unsqueeze(-1)).squeeze(-1) - chunk_lse
+        ctx.save_for_backward(x, index, lse, rows)
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor):  # type: ignore[override]
+        x, index, lse, rows = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        acc = lse.dtype
+        grad_out = grad_out.to(acc)
+        n = x.shape[0]
+        total = n if rows is None else rows.numel()
+        if rows is None:
+            grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        else:
+            grad = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        for start in range(0, total, chunk_size):
+            end = min(start + chunk_size, total)
+            if rows is None:
+                block, idx = x[start:end], index[start:end]
+                g, chunk_lse = grad_out[start:end], lse[start:end]
+            else:
+                where = rows[start:end]
+                block, idx = x.index_select(0, where), index.index_select(0, where)
+                g, chunk_lse = grad_out.index_select(0, where), lse.index_select(0, where)
+            g = g.unsqueeze(-1)
+            in_place = rows is None and x.dtype == acc
+            # d log p_i / d x_j = [i == j] - softmax(x)_j, scaled by the incoming gradient
+            if in_place:
+                chunk_grad = torch.sub(block, chunk_lse.unsqueeze(-1), out=grad[start:end])
+            else:
+                chunk_grad = block.to(acc) - chunk_lse.unsqueeze(-1)
+            chunk_grad.exp_().mul_(-g).scatter_add_(-1, idx.unsqueeze(-1), g)
+            if rows is not None:
+                grad.index_copy_(0, where, chunk_grad.to(grad.dtype))
+            elif not in_place:
+                grad[start:end] = chunk_grad
+        return grad, None, None, None
 
 
-def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
+def _selective_2d(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    return _SelectiveLogSoftmax.apply(x, index, rows, chunk_size).to(x.dtype)
+
+
+def _viewable_as_rows(logits: torch.Tensor) -> bool:
+    try:
+        logits.view(-1, logits.shape[-1])
+    except RuntimeError:
+        return False
+    return True
+
+
+def selective_log_softmax(
+    logits: torch.Tensor, index: torch.Tensor, chunk_size: int = 512, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Log-probabilities of the selected tokens: ``log_softmax(logits, -1).gather(-1, index)``.
 
     ``log p(index) = logits[index] - logsumexp(logits)``, evaluated on chunks of ``chunk_size`` rows so
-    that no full-vocabulary log-softmax of the whole batch exists at once. float32/float64 logits use
-    ``gather - logsumexp``; bf16/fp16 logits use ``log_softmax`` per row chunk (more accurate in half
-    precision). Differentiable with respect to ``logits``.
+    that no full-vocabulary log-softmax of the whole batch exists at once; the statistics are computed in
+    float32 (float64 for float64 logits) whatever the logits' dtype. A fused backward writes the gradient in place, chunk by chunk.
+    Differentiable with respect to ``logits``.
 
     Args:
         logits: ``(..., V)`` unnormalised scores; may be non-contiguous (e.g. ``logits[:, :-1]``).
         index: ``(...)`` int64 token ids in ``[0, V)`` (no ignore-index values).
         chunk_size: number of rows (positions) processed at a time.
+        mask: optional ``(...)`` bool: only these positions are computed; the others return 0 and get a zero
+            gradient (no ``exp`` over their vocabulary at all).
 
     Returns:
         ``(...)`` log-probabilities, same dtype as ``logits``.
     """
-    return _apply_rowwise(_selective_rows, logits, index, chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead_shape = logits.shape[:-1]
+    if index.shape != lead_shape:
+        raise ValueError(f"index shape {tuple(index.shape)} does not match logits shape {tuple(logits.shape)}")
+    if mask is not None and mask.shape != lead_shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits shape {tuple(logits.shape)}")
+    if not _viewable_as_rows(logits):  # e.g. a causal-shift slice: one call per leading index, no copy
+        parts = [
+            selective_log_softmax(row, idx, chunk_size, None if mask is None else m)
+            for row, idx, m in zip(
+                logits.unbind(0), index.unbind(0), [None] * len(index) if mask is None else mask.unbind(0)
+            )
+        ]
+        return torch.stack(parts, dim=0)
+    rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)
+    flat = logits.view(-1, logits.shape[-1])
+    return _selective_2d(flat, index.reshape(-1), rows, chunk_size).view(lead_shape)
 
 
 def _entropy_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -149,10 +253,89 @@ def sequence_log_probs(
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != ignore_index
     safe_labels = torch.where(mask, shifted_labels, torch.zeros_like(shifted_labels))
-    token_lp = selective_log_softmax(logits[:, :-1], safe_labels, chunk_size=chunk_size)
+    if _viewable_as_rows(logits):
+        # the full (B, T, V) logits with the labels shifted left: a plain row view, no slice of the logits
+        # (whose backward would zero-fill and copy a full-size gradient); only labelled positions are computed
+        no_label = torch.zeros_like(mask[:, :1])
+        full_mask = torch.cat([mask, no_label], dim=1)
+        full_index = torch.cat([safe_labels, torch.zeros_like(safe_labels[:, :1])], dim=1)
+        token_lp = selective_log_softmax(logits, full_index, chunk_size=chunk_size, mask=full_mask)[:, :-1]
+    else:
+        token_lp = selective_log_softmax(logits[:, :-1], safe_labels, chunk_size=chunk_size, mask=mask)
     if token_lp.dtype in _LOW_PRECISION:
         token_lp = token_lp.float()
     token_lp = torch.where(mask, token_lp, torch.zeros_like(token_lp))
+    count = mask.sum(dim=-1)
+    total = token_lp.sum(dim=-1)
+    mean = total / count.clamp(min=1).to(total.dtype)
+    return SequenceLogProbs(sum=total, mean=mean, token_count=count, token_log_probs=token_lp, mask=mask)
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
+def causal_lm_log_probs(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+) -> SequenceLogProbs:
+    """:func:`sequence_log_probs` of ``model(**inputs)``, running the LM head only where a label is scored.
+
+    A forward pre-hook on the model's output embeddings (its LM head) hands it just the hidden states of the
+    positions whose next token has a label, so prompt and padding positions never go through the
+    vocabulary projection, the log-softmax or their backward (``(B, T, V)`` logits never exist). Whatever
+    the model does after its head (soft-capping, scaling, an upcast) applies unchanged, row by row.
+
+    Falls back to the full logits (same result, no extra forward) when the model has no output embeddings
+    or its head does not see one hidden vector per input token (e.g. models that insert media features).
+
+    Args:
+        model: a causal LM (``forward(**inputs).logits``); peft-wrapped models work too.
+        inputs: its forward inputs (everything but the labels); ``use_cache=False`` is added.
+        labels: ``(B, T)`` token ids, ``ignore_index`` where nothing is scored.
+        ignore_index: label value excluded from the sums.
+        chunk_size: rows per chunk of the log-softmax.
+        temperature: the logits are divided by it (sampling temperature of RL rollouts).
+    """
+    shifted = labels[:, 1:]
+    mask = shifted != ignore_index
+    positions = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)  # hidden state t predicts token t + 1
+    selected = False
+
+    def select(module: nn.Module, args: tuple) -> tuple | None:
+        nonlocal selected
+        hidden = args[0]
+        if not isinstance(hidden, torch.Tensor) or hidden.shape[:-1] != positions.shape:
+            return None
+        selected = True
+        return (hidden[positions.to(hidden.device)], *args[1:])
+
+    head = _output_embeddings(model)
+    handle = head.register_forward_pre_hook(select) if head is not None else None
+    try:
+        logits = model(**inputs, use_cache=False).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if not selected:
+        return sequence_log_probs(logits, labels, ignore_index, chunk_size)
+    picked = selective_log_softmax(logits, shifted[mask].to(logits.device), chunk_size=chunk_size)
+    acc = torch.float64 if picked.dtype == torch.float64 else torch.float32
+    token_lp = torch.zeros(mask.shape, dtype=acc, device=picked.device).masked_scatter(
+        mask.to(picked.device), picked.to(acc)
+    )
+    mask = mask.to(picked.device)
     count = mask.sum(dim=-1)
     total = token_lp.sum(dim=-1)
     mean = total / count.clamp(min=1).to(total.dtype)

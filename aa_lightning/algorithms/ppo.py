@@ -40,7 +40,8 @@ class PPOModule(OnlineRLModule):
     """PPO actor-critic RLHF on prompt-only data (any modality: the batch's tensors are the model inputs).
 
     Args:
-        critic_model_name_or_path: critic initialisation; defaults to the reward model, else the actor.
+        critic_model_name_or_path: critic initialisation; defaults to the reward model (when it shares the
+            actor's tokenizer), else the actor.
         critic_lr: critic learning rate (default: ``optim.lr``).
         critic_head_init_std: std of a NEW value head (a critic started from a checkpoint without a score
             head). 0 starts every value at 0, so early advantages are the plain (KL-shaped) returns instead of
@@ -99,7 +100,7 @@ class PPOModule(OnlineRLModule):
         hp = self.hparams
         self.build_actor()
         self.build_reference()
-        critic_path = hp.critic_model_name_or_path or hp.reward_model_name_or_path or self.model_name_or_path
+        critic_path = self.critic_init_path(hp.critic_model_name_or_path, self.reward_model, self.reward_tokenizer)
         self.critic = self.load_trainable_score_model(critic_path, hp.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:
@@ -240,6 +241,7 @@ class PPOModule(OnlineRLModule):
                 group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
                 group_seqs = sum(len(idx) for idx in group)
                 for i, idx in enumerate(group):
+                    self.start_minibatch()
                     mb = rollout.select(idx)
                     token_weight = mb.response_mask.sum() / group_tokens
                     seq_weight = len(idx) / group_seqs

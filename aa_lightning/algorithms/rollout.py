@@ -441,7 +441,7 @@ class OnlineRLModule(AlignModule):
             **(generation or {})
         )
         self.reward_fns = WeightedRewards(reward_functions)
-        if reward_model_name_or_path is None and not len(self.reward_fns) and self.requires_reward():
+        if reward_model_name_or_path is None and not len(self.reward_fns):
             raise ValueError("give a reward_model_name_or_path and/or reward_functions")
         self.reward_model: nn.Module | None = None
         self.reward_tokenizer: Any = None
@@ -449,9 +449,6 @@ class OnlineRLModule(AlignModule):
         self._rollout_index = 0
         self._base_seed: int | None = rollout_seed
         self._val_metrics = MetricAccumulator()
-
-    def requires_reward(self) -> bool:
-        return True
 
     # -- models ----------------------------------------------------------------------------------------
     def build_actor(self) -> None:
@@ -476,12 +473,25 @@ class OnlineRLModule(AlignModule):
 
     def load_frozen_score_model(self, path: str) -> tuple[nn.Module, Any]:
         model, tokenizer, _ = self.load_model(path, score_model=True)
+        model.name_or_path = path  # where a critic initialised "from the reward/cost model" loads from
         return freeze(model), tokenizer
+
+    def critic_init_path(self, explicit: str | None, score_model: nn.Module | None, tokenizer: Any) -> str:
+        """Where a critic starts: ``explicit``, else the matching frozen score model (when it reads the actor's
+        token ids, i.e. shares its vocabulary), else the actor."""
+        if explicit:
+            return explicit
+        if score_model is not None and self._same_tokenizer(tokenizer):
+            return score_model.name_or_path
+        return self.model_name_or_path
 
     def load_trainable_score_model(self, path: str, head_init_std: float | None = None) -> nn.Module:
         """A critic: a score model from ``path`` (its trained head when it has one, else a new head with
-        weights drawn with ``head_init_std``)."""
-        model, _, _ = self.load_model(path, score_model=True, score_head_init_std=head_init_std)
+        weights drawn with ``head_init_std``). It reads the actor's token ids, so it must share its vocabulary."""
+        model, tokenizer, _ = self.load_model(path, score_model=True, score_head_init_std=head_init_std)
+        if not self._same_tokenizer(tokenizer):
+            raise ValueError(f"critic {path!r} has a different tokenizer than the actor; critics score the actor's "
+                             "token ids, so start them from a checkpoint with the same vocabulary")
         if head_init_std is not None and not has_score_head(resolve_model_path(path)):
             init_score_head(model.score_head, head_init_std)
         if self.hparams.get("disable_dropout", True):
@@ -578,6 +588,18 @@ class OnlineRLModule(AlignModule):
         if self._base_seed is None:
             self._base_seed = int(torch.initial_seed()) % (2**31)
 
+    def start_minibatch(self) -> None:
+        """Call before the forwards of each minibatch: what ``DeepSpeedEngine.forward`` would do.
+
+        Lightning runs the whole ``training_step`` inside ONE engine forward, so without this ZeRO never
+        learns that a new micro-batch started: ZeRO-3 keeps ``micro_step_id == 0`` and *overwrites* the
+        gradient partitions of earlier minibatches instead of accumulating them.
+        """
+        engine = self.deepspeed_engine()
+        clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+        if callable(clear):
+            clear()
+
     def backward_minibatch(self, loss: torch.Tensor, last_in_group: bool) -> None:
         """Backward of one minibatch; under DeepSpeed mark whether it closes the accumulation group."""
         engine = self.deepspeed_engine()
@@ -654,19 +676,28 @@ class OnlineRLModule(AlignModule):
         return sorted(ids)
 
     def generation_kwargs(self, do_sample: bool | None = None) -> dict[str, Any]:
+        """``generate`` arguments: a fresh ``GenerationConfig`` with exactly the configured sampling settings.
+
+        The checkpoint's own generation config (repetition penalties, default top-k ...) is deliberately
+        not used: the log-probs of the update must describe the distribution the tokens were drawn from.
+        (``top_p``/``top_k`` truncation is the one usual exception, ignored in the log-probs as in most RLHF
+        systems.)
+        """
+        from transformers import GenerationConfig as HFGenerationConfig
+
         cfg = self.generation
         sample = cfg.do_sample if do_sample is None else do_sample
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": cfg.max_new_tokens,
-            "do_sample": sample,
-            "eos_token_id": self.eos_token_ids(),
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "use_cache": True,
-        }
-        if sample:
-            kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        else:  # explicit neutral values so a checkpoint's generation_config cannot switch sampling on
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        config = HFGenerationConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=sample,
+            temperature=cfg.temperature if sample else None,
+            top_p=cfg.top_p if sample and cfg.top_p < 1.0 else None,
+            top_k=cfg.top_k if sample and cfg.top_k > 0 else None,
+            eos_token_id=self.eos_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        kwargs: dict[str, Any] = {"generation_config": config}
         if self.zero_stage() == 3 and self.trainer.world_size > 1:
             kwargs["synced_gpus"] = True
         return kwargs

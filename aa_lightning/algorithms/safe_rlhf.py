@@ -36,7 +36,8 @@ class SafeRLHFModule(PPOModule):
         cost_model_name_or_path: frozen cost model (:class:`ScoreModel`); optional when cost functions are given.
         cost_model_weight: weight of the cost model's end score in the summed cost.
         cost_functions: registered functions used as costs (same registry as rewards).
-        cost_critic_model_name_or_path: cost critic initialisation; defaults to the cost model, else the actor.
+        cost_critic_model_name_or_path: cost critic initialisation; defaults to the cost model (when it shares
+            the actor's tokenizer), else the actor.
         cost_limit: threshold ``d`` on the mean episode cost.
         lambda_init: initial multiplier (> 0; it is learned in log space).
         lambda_lr: learning rate of ``log_lambda`` (plain gradient descent).
@@ -87,7 +88,7 @@ class SafeRLHFModule(PPOModule):
         hp = self.hparams
         if hp.cost_model_name_or_path:
             self.cost_model, self.cost_tokenizer = self.load_frozen_score_model(hp.cost_model_name_or_path)
-        path = hp.cost_critic_model_name_or_path or hp.cost_model_name_or_path or self.model_name_or_path
+        path = self.critic_init_path(hp.cost_critic_model_name_or_path, self.cost_model, self.cost_tokenizer)
         self.cost_critic = self.load_trainable_score_model(path, hp.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:

@@ -9,11 +9,16 @@ import torch
 from torchmetrics import SumMetric
 
 from aa_lightning.algorithms.base import AlignModule, model_inputs
-from aa_lightning.algorithms.logprobs import sequence_log_probs
+from aa_lightning.algorithms.logprobs import causal_lm_log_probs, sequence_log_probs
 
 
 class SFTModule(AlignModule):
     """SFT on any modality: the batch's labels mark the tokens to learn (assistant turns).
+
+    Args:
+        sparse_lm_head: run the LM head only on positions whose next token is labelled (prompt and padding
+            positions skip the vocabulary projection and log-softmax: faster, less memory, same loss). Models
+            whose head does not see one hidden state per input token fall back to full logits by themselves.
 
     Logs ``train/loss``, ``train/tokens_per_s``, ``val/loss`` and ``val/perplexity`` (token-weighted over
     the whole validation set).
@@ -21,8 +26,9 @@ class SFTModule(AlignModule):
 
     data_kind = "supervised"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sparse_lm_head: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.sparse_lm_head = sparse_lm_head
         self.val_nll = SumMetric()
         self.val_tokens = SumMetric()
         self._step_start: float | None = None
@@ -35,8 +41,12 @@ class SFTModule(AlignModule):
 
     def token_nll(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the labelled tokens and their count."""
-        logits = self.model(**model_inputs(batch, self.model), use_cache=False).logits
-        logps = sequence_log_probs(logits, batch["labels"])
+        inputs = model_inputs(batch, self.model)
+        if self.sparse_lm_head:
+            logps = causal_lm_log_probs(self.model, inputs, batch["labels"])
+        else:
+            logits = self.model(**inputs, use_cache=False).logits
+            logps = sequence_log_probs(logits, batch["labels"])
         return -logps.sum.sum(), logps.token_count.sum()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

@@ -153,3 +153,7 @@ class WeightedRewards:
             parts[key] = values
             total += spec.weight * values
         return total, parts
+
+
+# Lightning reloads checkpoints with ``weights_only=True``; RL modules keep RewardSpecs in their hyper-parameters.
+torch.serialization.add_safe_globals([RewardSpec])
