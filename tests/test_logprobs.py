@@ -159,3 +159,90 @@ def test_entropy_matches_naive_chunked(dtype: torch.dtype) -> None:
     x = logits[:, :-1].float()
     naive = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
     torch.testing.assert_close(out.float(), naive, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ masked / model-level log-probs
+
+
+def test_selective_log_softmax_mask_matches_naive_with_grads() -> None:
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 5, 13, generator=g) * 2
+    index = torch.randint(0, 13, (3, 5), generator=g)
+    mask = torch.rand(3, 5, generator=g) > 0.4
+    weights = torch.randn(3, 5, generator=g)
+    a = base.clone().requires_grad_(True)
+    b = base.clone().requires_grad_(True)
+    out = selective_log_softmax(a, index, chunk_size=2, mask=mask)
+    ref = torch.where(mask, _naive(b, index), torch.zeros(()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert (out[~mask] == 0).all()
+    (out * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    assert (a.grad[~mask] == 0).all()  # unmasked rows get no gradient at all
+
+
+def test_sequence_log_probs_grads_match_naive() -> None:
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 6, 9, generator=g)
+    labels = torch.randint(0, 9, (2, 6), generator=g)
+    labels[0, :3] = -100
+    labels[1, 4:] = -100
+    a = base.clone().requires_grad_(True)
+    out = sequence_log_probs(a, labels, chunk_size=3)
+    b = base.clone().requires_grad_(True)
+    shifted = labels[:, 1:]
+    lp = _naive(b[:, :-1], shifted.clamp(min=0)) * (shifted != -100)
+    torch.testing.assert_close(out.sum, lp.sum(-1))
+    (out.sum * torch.tensor([1.5, -2.0])).sum().backward()
+    (lp.sum(-1) * torch.tensor([1.5, -2.0])).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+class _RecordingHead(torch.nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows_seen = x.shape[:-1]
+        return super().forward(x)
+
+
+class _ToyLM(torch.nn.Module):
+    """A causal toy LM with an HF-style ``get_output_embeddings``; ``extra`` prepends positions the labels
+    do not have (like media features), so the head cannot be restricted to labelled positions."""
+
+    def __init__(self, extra: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(11, 6)
+        self.head = _RecordingHead(6, 11)
+        self.extra = extra
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False):
+        hidden = self.embed(input_ids).cumsum(dim=1).tanh()
+        if self.extra:
+            hidden = torch.cat([hidden[:, :1].repeat(1, self.extra, 1), hidden], dim=1)
+        logits = self.head(hidden)[:, self.extra :]
+        return type("Out", (), {"logits": logits})()
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_causal_lm_log_probs_matches_full_logits(extra: int) -> None:
+    from aa_lightning.algorithms.logprobs import causal_lm_log_probs
+
+    ids = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 0, 0]])
+    labels = torch.tensor([[-100, -100, 3, 4, 5], [-100, 7, 8, -100, -100]])
+    model = _ToyLM(extra)
+    out = causal_lm_log_probs(model, {"input_ids": ids}, labels)
+    assert tuple(model.head.rows_seen) == ((5,) if not extra else (2, 6))  # only the 5 scored positions
+    out.sum.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = sequence_log_probs(model(ids).logits, labels)
+    ref.sum.sum().backward()
+    torch.testing.assert_close(out.sum, ref.sum)
+    torch.testing.assert_close(out.token_log_probs, ref.token_log_probs)
+    assert out.token_count.tolist() == [3, 2] and torch.equal(out.mask, ref.mask)
+    for got, want in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(got, want)

@@ -73,9 +73,6 @@ class GRPOModule(OnlineRLModule):
         if self.hparams.beta != 0:
             self.build_reference()
 
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        return ("ref_model.", "reward_model.")
-
     def updates_per_rollout(self) -> int:
         return self.hparams.num_iterations * super().updates_per_rollout()
 
@@ -100,7 +97,9 @@ class GRPOModule(OnlineRLModule):
         stats.add_mean("rollout/group_reward_std", group_std)
         stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
         if self.needs_old_logprobs():
-            old, entropy = self.chunked(lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout)
+            old, entropy = self.chunked(
+                lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout
+            )
             rollout["old_logprobs"] = old
             stats.add_mean("rollout/entropy", entropy, rollout.response_mask)
         if hp.beta != 0:
@@ -132,7 +131,11 @@ class GRPOModule(OnlineRLModule):
                         clip_range_high=hp.clip_range_high,
                     )
                     tokens = mb_mask.sum()
-                    weight = tokens / group_tokens if hp.loss_aggregation == "token_mean" else len(idx) / group_seqs
+                    weight = (
+                        tokens / group_tokens
+                        if hp.loss_aggregation == "token_mean"
+                        else len(idx) / group_seqs
+                    )
                     self.backward_minibatch(out.loss * weight, last_in_group=i == len(group) - 1)
                     stats.add("train/loss", out.loss.detach() * tokens, tokens)
                     stats.add("train/clip_fraction", out.clip_fraction * tokens, tokens)

@@ -100,7 +100,9 @@ class PPOModule(OnlineRLModule):
         hp = self.hparams
         self.build_actor()
         self.build_reference()
-        critic_path = self.critic_init_path(hp.critic_model_name_or_path, self.reward_model, self.reward_tokenizer)
+        critic_path = self.critic_init_path(
+            hp.critic_model_name_or_path, self.reward_model, self.reward_tokenizer
+        )
         self.critic = self.load_trainable_score_model(critic_path, hp.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:
@@ -131,7 +133,9 @@ class PPOModule(OnlineRLModule):
     def forward_rollout(self, rollout: Rollout, stats: MetricAccumulator) -> None:
         """Old log-probs (+ entropy), reference log-probs and values: one chunked pass per model."""
         mask = rollout.response_mask
-        old, entropy = self.chunked(lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout)
+        old, entropy = self.chunked(
+            lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout
+        )
         rollout["old_logprobs"] = old
         rollout["ref_logprobs"] = self.reference_logprobs(rollout)
         rollout["old_values"] = self.chunked(lambda ro: self.value_forward(self.critic, ro), rollout)
@@ -139,8 +143,15 @@ class PPOModule(OnlineRLModule):
         stats.add_mean("rollout/kl", rollout_mean_kl(old, rollout["ref_logprobs"], mask))
         stats.add_mean("rollout/value", rollout["old_values"], mask)
 
-    def shaped_score(self, scores: torch.Tensor, has_eos: torch.Tensor, moments: RunningMoments | None,
-                     stats: MetricAccumulator, name: str = "score", eos_penalty: bool = True) -> torch.Tensor:
+    def shaped_score(
+        self,
+        scores: torch.Tensor,
+        has_eos: torch.Tensor,
+        moments: RunningMoments | None,
+        stats: MetricAccumulator,
+        name: str = "score",
+        eos_penalty: bool = True,
+    ) -> torch.Tensor:
         """Score as it enters the rewards: running normalisation, clipping, then the missing-EOS penalty
         (in normalised units, so the penalty keeps its configured size)."""
         hp = self.hparams
@@ -156,8 +167,9 @@ class PPOModule(OnlineRLModule):
             out = out - hp.missing_eos_penalty * (~has_eos).to(out.dtype)
         return out
 
-    def token_rewards(self, score: torch.Tensor, rollout: Rollout, kl_sign: float = -1.0) -> tuple[torch.Tensor,
-                                                                                                    torch.Tensor]:
+    def token_rewards(
+        self, score: torch.Tensor, rollout: Rollout, kl_sign: float = -1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rewards (N, R), kl (N, R))``: ``kl_sign * kl_coef * KL_t`` per token + ``score`` at the last one."""
         mask = rollout.response_mask
         kl = kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], self.hparams.kl_estimator)
@@ -167,8 +179,9 @@ class PPOModule(OnlineRLModule):
         rewards = rewards.scatter_add(1, last, score.to(rewards.dtype).unsqueeze(1))
         return rewards, kl
 
-    def gae(self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
+    def gae(
+        self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(advantages, returns)``; advantages whitened over response tokens when configured."""
         advantages, returns = compute_gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
         if self.hparams.whiten_advantages:
@@ -197,8 +210,9 @@ class PPOModule(OnlineRLModule):
         logps = sequence_log_probs(logits, batch["labels"])
         return -logps.sum.sum() / logps.token_count.sum().clamp(min=1)
 
-    def actor_loss(self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor,
-                   seq_weight: float) -> torch.Tensor:
+    def actor_loss(
+        self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor, seq_weight: float
+    ) -> torch.Tensor:
         """Clipped surrogate (+ entropy bonus) of one minibatch, weighted for accumulation."""
         hp = self.hparams
         mask = mb.response_mask
@@ -206,7 +220,12 @@ class PPOModule(OnlineRLModule):
             self.model, mb, with_entropy=True, entropy_grad=hp.entropy_coef != 0
         )
         out = ppo_policy_loss(
-            logprobs, mb["old_logprobs"], mb["advantages"], mask, hp.clip_range, hp.loss_aggregation,
+            logprobs,
+            mb["old_logprobs"],
+            mb["advantages"],
+            mask,
+            hp.clip_range,
+            hp.loss_aggregation,
             self.generation.max_new_tokens,
         )
         weight = token_weight if hp.loss_aggregation == "token_mean" else seq_weight
@@ -223,8 +242,16 @@ class PPOModule(OnlineRLModule):
     def critic_loss(self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor) -> torch.Tensor:
         return self.value_loss(self.critic, mb, "old_values", "returns", "value", stats, token_weight)
 
-    def value_loss(self, critic: nn.Module, mb: Rollout, old_key: str, returns_key: str, name: str,
-                   stats: MetricAccumulator, token_weight: torch.Tensor) -> torch.Tensor:
+    def value_loss(
+        self,
+        critic: nn.Module,
+        mb: Rollout,
+        old_key: str,
+        returns_key: str,
+        name: str,
+        stats: MetricAccumulator,
+        token_weight: torch.Tensor,
+    ) -> torch.Tensor:
         mask = mb.response_mask
         values = self.value_forward(critic, mb)
         out = ppo_value_loss(values, mb[old_key], mb[returns_key], mask, self.hparams.clip_range_value)

@@ -86,7 +86,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def repeat_batch_inputs(inputs: dict[str, torch.Tensor], repeats: int, batch_size: int) -> dict[str, torch.Tensor]:
+def repeat_batch_inputs(
+    inputs: dict[str, torch.Tensor], repeats: int, batch_size: int
+) -> dict[str, torch.Tensor]:
     """Each prompt ``repeats`` times in a row (GRPO groups): batch-first tensors are ``repeat_interleave``-d.
 
     Tensors whose first dimension is not the batch size (e.g. flattened image patches of some processors)
@@ -204,7 +206,9 @@ class MetricAccumulator:
             return {}
         sq_names = list(self.squares)
         stacked = torch.stack(
-            [self.sums[n] for n in names] + [self.counts[n] for n in names] + [self.squares[n] for n in sq_names]
+            [self.sums[n] for n in names]
+            + [self.counts[n] for n in names]
+            + [self.squares[n] for n in sq_names]
         )
         if reduce is not None:
             stacked = reduce(stacked)
@@ -220,7 +224,10 @@ class MetricAccumulator:
 
 
 def samples_markdown(
-    prompts: Sequence[str], responses: Sequence[str], columns: dict[str, Sequence[float]], max_chars: int = 400
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    columns: dict[str, Sequence[float]],
+    max_chars: int = 400,
 ) -> str:
     """A markdown table (TensorBoard ``add_text`` renders it) of prompts, responses and numbers."""
 
@@ -437,8 +444,8 @@ class OnlineRLModule(AlignModule):
                 f"gradient_accumulation_steps={gradient_accumulation_steps} must divide "
                 f"num_mini_batches={num_mini_batches}"
             )
-        self.generation = generation if isinstance(generation, GenerationConfig) else GenerationConfig(
-            **(generation or {})
+        self.generation = (
+            generation if isinstance(generation, GenerationConfig) else GenerationConfig(**(generation or {}))
         )
         self.reward_fns = WeightedRewards(reward_functions)
         if reward_model_name_or_path is None and not len(self.reward_fns):
@@ -459,7 +466,9 @@ class OnlineRLModule(AlignModule):
             disable_dropout(model)
         self.model = self.prepare_trainable(model)
         if hp.get("reward_model_name_or_path"):
-            self.reward_model, self.reward_tokenizer = self.load_frozen_score_model(hp.reward_model_name_or_path)
+            self.reward_model, self.reward_tokenizer = self.load_frozen_score_model(
+                hp.reward_model_name_or_path
+            )
 
     def build_reference(self) -> None:
         """A frozen copy of the initial actor (loaded again from its path; sharded too under ZeRO-3).
@@ -490,8 +499,10 @@ class OnlineRLModule(AlignModule):
         weights drawn with ``head_init_std``). It reads the actor's token ids, so it must share its vocabulary."""
         model, tokenizer, _ = self.load_model(path, score_model=True, score_head_init_std=head_init_std)
         if not self._same_tokenizer(tokenizer):
-            raise ValueError(f"critic {path!r} has a different tokenizer than the actor; critics score the actor's "
-                             "token ids, so start them from a checkpoint with the same vocabulary")
+            raise ValueError(
+                f"critic {path!r} has a different tokenizer than the actor; critics score the actor's "
+                "token ids, so start them from a checkpoint with the same vocabulary"
+            )
         if head_init_std is not None and not has_score_head(resolve_model_path(path)):
             init_score_head(model.score_head, head_init_std)
         if self.hparams.get("disable_dropout", True):
@@ -563,7 +574,9 @@ class OnlineRLModule(AlignModule):
         actor_opt, actor_sched = build_optimizer(param_groups([self.model], wd), self.optim, total)
         if not critics:
             return {"optimizer": actor_opt, "lr_scheduler": actor_sched}
-        critic_opt, critic_sched = build_optimizer(param_groups(critics, wd, lr=self.critic_lr()), self.optim, total)
+        critic_opt, critic_sched = build_optimizer(
+            param_groups(critics, wd, lr=self.critic_lr()), self.optim, total
+        )
         return [
             {"optimizer": actor_opt, "lr_scheduler": actor_sched},
             {"optimizer": critic_opt, "lr_scheduler": critic_sched},
@@ -584,7 +597,9 @@ class OnlineRLModule(AlignModule):
 
     def on_fit_start(self) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError("fp16 mixed precision (GradScaler) is not supported by the RL modules; use bf16-mixed")
+            raise ValueError(
+                "fp16 mixed precision (GradScaler) is not supported by the RL modules; use bf16-mixed"
+            )
         if self._base_seed is None:
             self._base_seed = int(torch.initial_seed()) % (2**31)
 
@@ -627,8 +642,8 @@ class OnlineRLModule(AlignModule):
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure)
         if engine is not None:
             norm = engine.get_global_grad_norm()
-            if norm is not None:
-                stats.add("train/grad_norm", torch.as_tensor(float(norm)), 1)
+            if norm is not None:  # a tensor stays on its device (no host sync); DeepSpeed may give a float
+                stats.add("train/grad_norm", torch.as_tensor(norm, device=self.device), 1)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         schedulers = self.lr_schedulers()
@@ -704,7 +719,11 @@ class OnlineRLModule(AlignModule):
 
     def generation_context(self) -> contextlib.AbstractContextManager:
         engine = self.deepspeed_engine()
-        if engine is not None and self.zero_stage() == 3 and self.hparams.get("zero3_gather_for_generation", True):
+        if (
+            engine is not None
+            and self.zero_stage() == 3
+            and self.hparams.get("zero3_gather_for_generation", True)
+        ):
             return zero3_generation_context(engine, self.model)
         return contextlib.nullcontext()
 
@@ -838,8 +857,9 @@ class OnlineRLModule(AlignModule):
         ]
         scores = []
         for idx in self.chunks(len(rollout)):
-            enc = tokenizer([texts[i] for i in idx.tolist()], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(self.device)
+            enc = tokenizer(
+                [texts[i] for i in idx.tolist()], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(self.device)
             scores.append(model(**enc).end_scores.float())
         return torch.cat(scores)
 
@@ -864,11 +884,21 @@ class OnlineRLModule(AlignModule):
             return batch["prompt"], batch.get("ptx")
         return batch, None
 
-    def log_metrics(self, stats: MetricAccumulator, rollout: Rollout | None = None,
-                    columns: dict[str, torch.Tensor] | None = None) -> None:
+    def log_metrics(
+        self,
+        stats: MetricAccumulator,
+        rollout: Rollout | None = None,
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         metrics = stats.compute(self.reduce_sum)
-        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False,
-                      batch_size=len(rollout) if rollout is not None else None)
+        self.log_dict(
+            metrics,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=False,
+            sync_dist=False,
+            batch_size=len(rollout) if rollout is not None else None,
+        )
         interval = self.hparams.get("sample_log_interval", 0)
         if rollout is not None and interval and self._rollout_index % interval == 0:
             self.log_samples(rollout, columns or {})
@@ -884,8 +914,9 @@ class OnlineRLModule(AlignModule):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
 
-    def rollout_stats(self, stats: MetricAccumulator, rollout: Rollout, scores: torch.Tensor,
-                      parts: dict[str, torch.Tensor]) -> None:
+    def rollout_stats(
+        self, stats: MetricAccumulator, rollout: Rollout, scores: torch.Tensor, parts: dict[str, torch.Tensor]
+    ) -> None:
         """Score, per-term scores, response length and EOS share of a rollout."""
         stats.add_std("rollout/score", scores)
         for name, values in parts.items():
@@ -896,7 +927,8 @@ class OnlineRLModule(AlignModule):
     # -- validation: score the policy on held-out prompts ----------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollout = self.generate_rollout(
-            self.split_batch(batch)[0], do_sample=self.hparams.get("eval_do_sample", False),
+            self.split_batch(batch)[0],
+            do_sample=self.hparams.get("eval_do_sample", False),
             seed_offset=1_000_000 + batch_idx,
         )
         scores, parts = self.compute_scores(rollout)
@@ -947,4 +979,3 @@ def _no_closure() -> None:
 def rollout_mean_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence KL estimate ``sum_t (log p - log p_ref)`` over response tokens ``(N,)``."""
     return torch.where(mask, logprobs - ref_logprobs, torch.zeros_like(logprobs)).sum(dim=1)
-

@@ -149,7 +149,9 @@ class SafeRLHFModule(PPOModule):
     @torch.no_grad()
     def forward_rollout(self, rollout: Rollout, stats: MetricAccumulator) -> None:
         super().forward_rollout(rollout, stats)
-        rollout["old_cost_values"] = self.chunked(lambda ro: self.value_forward(self.cost_critic, ro), rollout)
+        rollout["old_cost_values"] = self.chunked(
+            lambda ro: self.value_forward(self.cost_critic, ro), rollout
+        )
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> None:
@@ -157,35 +159,48 @@ class SafeRLHFModule(PPOModule):
         hp = self.hparams
         mask = rollout.response_mask
         moments = self.cost_moments if hp.normalize_cost else None
-        cost_score = self.shaped_score(rollout["costs"], rollout.has_eos, moments, stats, name="cost",
-                                       eos_penalty=False)
+        cost_score = self.shaped_score(
+            rollout["costs"], rollout.has_eos, moments, stats, name="cost", eos_penalty=False
+        )
         cost_rewards, _ = self.token_rewards(cost_score, rollout, kl_sign=1.0)
         cost_adv, cost_returns = self.gae(cost_rewards, rollout["old_cost_values"], mask)
         rollout["cost_returns"] = cost_returns
-        totals = self.reduce_sum(torch.stack([rollout["costs"].double().sum(),
-                                              torch.tensor(float(len(rollout)), dtype=torch.float64,
-                                                           device=self.device)]))
+        totals = self.reduce_sum(
+            torch.stack(
+                [
+                    rollout["costs"].double().sum(),
+                    torch.tensor(float(len(rollout)), dtype=torch.float64, device=self.device),
+                ]
+            )
+        )
         lam = self.update_lagrange_multiplier(totals[0] / totals[1])
         rollout["reward_advantages"] = rollout["advantages"]
         rollout["advantages"] = lagrangian_advantage(rollout["advantages"], cost_adv, lam.to(cost_adv.dtype))
         stats.add("train/lambda", lam, 1)
         stats.add("rollout/episode_cost", torch.stack(list(self._episode_costs)).mean(), 1)
         stats.add_mean("rollout/cost_return", cost_returns, mask)
-        stats.add("train/cost_explained_variance",
-                  explained_variance(rollout["old_cost_values"], cost_returns, mask), 1)
+        stats.add(
+            "train/cost_explained_variance",
+            explained_variance(rollout["old_cost_values"], cost_returns, mask),
+            1,
+        )
 
     def critic_loss(self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor) -> torch.Tensor:
         reward_part = super().critic_loss(mb, stats, token_weight)
-        cost_part = self.value_loss(self.cost_critic, mb, "old_cost_values", "cost_returns", "cost_value", stats,
-                                    token_weight)
+        cost_part = self.value_loss(
+            self.cost_critic, mb, "old_cost_values", "cost_returns", "cost_value", stats, token_weight
+        )
         return reward_part + cost_part
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         prompt_batch, ptx_batch = self.split_batch(batch)
         rollout, stats = self.experience(prompt_batch)
         self.update(rollout, ptx_batch, stats)
-        self.log_metrics(stats, rollout, {"score": rollout["scores"], "cost": rollout["costs"],
-                                          "reward": rollout["sequence_rewards"]})
+        self.log_metrics(
+            stats,
+            rollout,
+            {"score": rollout["scores"], "cost": rollout["costs"], "reward": rollout["sequence_rewards"]},
+        )
         self._rollout_index += 1
 
     # -- checkpoint state ------------------------------------------------------------------------------

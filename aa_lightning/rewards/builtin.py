@@ -80,7 +80,11 @@ def gsm8k_answer(
     if "reference_answer" not in meta:
         raise KeyError("gsm8k_answer needs meta['reference_answer'] (use the GSM8K template for the prompts)")
     predicted = extract_final_answer(response)
-    return correct if predicted is not None and predicted == normalize_number(str(meta["reference_answer"])) else incorrect
+    return (
+        correct
+        if predicted is not None and predicted == normalize_number(str(meta["reference_answer"]))
+        else incorrect
+    )
 
 
 @register_reward("format")

@@ -66,7 +66,9 @@ class RegisteredReward:
         if self.batched:
             out = [float(v) for v in self.fn(list(prompts), list(responses), list(metas), **kwargs)]
             if len(out) != len(prompts):
-                raise ValueError(f"batched reward {self.name!r} returned {len(out)} values for {len(prompts)} samples")
+                raise ValueError(
+                    f"batched reward {self.name!r} returned {len(out)} values for {len(prompts)} samples"
+                )
         else:
             out = [float(self.fn(p, r, m, **kwargs)) for p, r, m in zip(prompts, responses, metas)]
         bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
@@ -128,7 +130,9 @@ def get_reward(name: str) -> RegisteredReward:
             if registered.fn is fn:
                 return registered
         return RegisteredReward(name, fn, batched=bool(getattr(fn, "batched", False)))
-    raise KeyError(f"unknown reward function {name!r}; registered: {', '.join(available_rewards()) or 'none'}")
+    raise KeyError(
+        f"unknown reward function {name!r}; registered: {', '.join(available_rewards()) or 'none'}"
+    )
 
 
 class WeightedRewards:
