@@ -238,3 +238,31 @@ def test_aa_validate_reports_reward_metrics(repo_path, tmp_path, monkeypatch):
     metrics = cli.trainer.callback_metrics
     assert {"val/accuracy", "val/margin", "val/chosen_score", "val/rejected_score"} <= set(metrics)
     assert 0.0 <= float(metrics["val/accuracy"]) <= 1.0
+
+
+def test_trained_score_model_loads_and_exports_under_zero3(tmp_path, repo_path):
+    """A saved reward model (with its head) loads into ZeRO-3 partitions and is gathered back on export."""
+    from aa_lightning.callbacks import HFExportCallback
+    from aa_lightning.data import DataSpec
+    from aa_lightning.strategies import CPUDeepSpeedStrategy, zero_config
+
+    model, tokenizer, _ = load_pretrained_models("tiny-qwen2", score_model=True)
+    with torch.no_grad():
+        model.score_head.weight.fill_(0.01)
+        model.score_head.bias.fill_(0.5)
+    saved = tmp_path / "rm"
+    model.save_pretrained(str(saved))
+    tokenizer.save_pretrained(str(saved))
+    config = zero_config(stage=3)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # shard even the tiny head
+    spec = DataSpec(repo_path("configs", "data", "hh_rlhf_val_32.jsonl"), "HH-RLHF", size=4)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(config=config), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+        callbacks=[HFExportCallback(str(tmp_path / "out"))],
+    )
+    trainer.fit(RewardModule(str(saved), optim=OptimConfig(lr=0.0, warmup_steps=0)),
+                TextToTextDataModule(str(saved), train=spec, batch_size=2, max_length=128))
+    again, _, _ = load_pretrained_models(str(tmp_path / "out"), score_model=True)
+    assert torch.allclose(again.score_head.weight, torch.full_like(again.score_head.weight, 0.01))
+    assert torch.allclose(again.score_head.bias, torch.tensor([0.5]))

@@ -6,8 +6,10 @@ score at its last non-pad token, found from the attention mask, so left and righ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +17,32 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
 
 SCORE_HEAD_FILE = "score_head.safetensors"
 SCORE_CONFIG_FILE = "score_config.json"
 
 
 @dataclass
-class ScoreModelOutput:
-    scores: torch.Tensor  # (B, L) one score per position
-    end_scores: torch.Tensor  # (B,) score at the last non-pad token
-    end_index: torch.Tensor  # (B,) position of that token
+class ScoreModelOutput(ModelOutput):
+    """A ``ModelOutput`` so that ZeRO-3's hooks find its tensors."""
+
+    scores: torch.Tensor | None = None  # (B, L) one score per position
+    end_scores: torch.Tensor | None = None  # (B,) score at the last non-pad token
+    end_index: torch.Tensor | None = None  # (B,) position of that token
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Whole (not ZeRO-3 partitioned) parameters of ``module`` inside the block; writes on rank 0 are kept."""
+    params = list(module.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        yield
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -43,9 +61,10 @@ class ScoreModel(nn.Module):
         hidden = self.config.get_text_config().hidden_size
         self.score_head = nn.Linear(hidden, 1, bias=head_bias)
         std = head_init_std if head_init_std is not None else 1.0 / (hidden + 1) ** 0.5
-        nn.init.normal_(self.score_head.weight, std=std)
-        if head_bias:
-            nn.init.zeros_(self.score_head.bias)
+        with gathered(self.score_head), torch.no_grad():
+            nn.init.normal_(self.score_head.weight, std=std)
+            if head_bias:
+                nn.init.zeros_(self.score_head.bias)
 
     def forward(self, **inputs: Any) -> ScoreModelOutput:
         inputs.pop("labels", None)
@@ -97,7 +116,8 @@ class ScoreModel(nn.Module):
         backbone = backbone_class.from_pretrained(name_or_path, **kwargs)
         model = cls(backbone, head_bias=head_bias, head_init_std=head_init_std)
         if os.path.exists(head_path):
-            model.score_head.load_state_dict(load_file(head_path))
+            with gathered(model.score_head):
+                model.score_head.load_state_dict(load_file(head_path))
         model.score_head.to(next(backbone.parameters()).dtype)
         return model
 
