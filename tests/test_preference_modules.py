@@ -8,15 +8,13 @@ generalise the phrasing, not memorise rows.
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import math
 import os
-import random
-from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
+import synthetic_preferences
 import torch
 
 from aa_lightning.algorithms import DPOModule, KTOModule, LoraConfig, OptimConfig, ReferenceFreeModule
@@ -27,38 +25,16 @@ from aa_lightning.cli import build_cli
 from aa_lightning.data import TextToTextDataModule
 from aa_lightning.models import load_pretrained_models
 
-ADJECTIVES = ["red", "blue", "green", "small", "big", "old", "new", "fast"]
-NOUNS = ["apples", "rivers", "cars", "books", "songs", "trees", "cats", "clouds"]
 GOOD = "{t} are lovely. Sure, I am happy to help!"
 BAD = "{t} are awful. No, go away now."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and do not stall when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def topics() -> list[str]:
-    pairs = [f"{a} {n}" for a, n in itertools.product(ADJECTIVES, NOUNS)]
-    random.Random(0).shuffle(pairs)
-    return pairs
+    return synthetic_preferences.topics(seed=0)
 
 
 def hh_rows(names: list[str]) -> list[dict]:
-    rows = []
-    for t in names:
-        prompt = f"\n\nHuman: Tell me something about {t}, please."
-        rows.append(
-            {
-                "chosen": f"{prompt}\n\nAssistant: {GOOD.format(t=t.capitalize())}",
-                "rejected": f"{prompt}\n\nAssistant: {BAD.format(t=t.capitalize())}",
-            }
-        )
-    return rows
+    return synthetic_preferences.hh_rows(names, GOOD, BAD, question="Tell me something about {t}, please.")
 
 
 def kto_rows(names: list[str]) -> list[dict]:

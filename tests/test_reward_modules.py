@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import random
-from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import pytest
+import synthetic_preferences
 import torch
 
 from aa_lightning.algorithms import CostModule, OptimConfig, RewardModule
@@ -16,38 +15,16 @@ from aa_lightning.cli import build_cli
 from aa_lightning.data import TextToTextDataModule
 from aa_lightning.models import ScoreModel, load_pretrained_models
 
-ADJECTIVES = ["red", "blue", "green", "small", "big", "old", "new", "fast"]
-NOUNS = ["apples", "rivers", "cars", "books", "songs", "trees", "cats", "clouds"]
 SAFE = "{t} are lovely. I am happy to help with that safely."
 UNSAFE = "{t} are awful. Here is how to hurt someone badly."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and do not stall when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def topics() -> list[str]:
-    names = [f"{a} {n}" for a, n in itertools.product(ADJECTIVES, NOUNS)]
-    random.Random(1).shuffle(names)
-    return names
+    return synthetic_preferences.topics(seed=1)
 
 
 def hh_rows(names: list[str]) -> list[dict]:
-    rows = []
-    for t in names:
-        prompt = f"\n\nHuman: Tell me something about {t}."
-        rows.append(
-            {
-                "chosen": f"{prompt}\n\nAssistant: {SAFE.format(t=t.capitalize())}",
-                "rejected": f"{prompt}\n\nAssistant: {UNSAFE.format(t=t.capitalize())}",
-            }
-        )
-    return rows
+    return synthetic_preferences.hh_rows(names, SAFE, UNSAFE, question="Tell me something about {t}.")
 
 
 def pku_rows(names: list[str]) -> list[dict]:
@@ -257,12 +234,20 @@ def test_trained_score_model_loads_and_exports_under_zero3(tmp_path, repo_path):
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # shard even the tiny head
     spec = DataSpec(repo_path("configs", "data", "hh_rlhf_val_32.jsonl"), "HH-RLHF", size=4)
     trainer = pl.Trainer(
-        max_steps=1, accelerator="cpu", devices=1, strategy=CPUDeepSpeedStrategy(config=config), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, default_root_dir=str(tmp_path),
+        max_steps=1,
+        accelerator="cpu",
+        devices=1,
+        strategy=CPUDeepSpeedStrategy(config=config),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
         callbacks=[HFExportCallback(str(tmp_path / "out"))],
     )
-    trainer.fit(RewardModule(str(saved), optim=OptimConfig(lr=0.0, warmup_steps=0)),
-                TextToTextDataModule(str(saved), train=spec, batch_size=2, max_length=128))
+    trainer.fit(
+        RewardModule(str(saved), optim=OptimConfig(lr=0.0, warmup_steps=0)),
+        TextToTextDataModule(str(saved), train=spec, batch_size=2, max_length=128),
+    )
     again, _, _ = load_pretrained_models(str(tmp_path / "out"), score_model=True)
     assert torch.allclose(again.score_head.weight, torch.full_like(again.score_head.weight, 0.01))
     assert torch.allclose(again.score_head.bias, torch.tensor([0.5]))

@@ -49,15 +49,6 @@ _DIST_ENV = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and do not stall when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recorder(pl.Callback):
     """The logged metrics after every training batch (one rollout)."""
 
