@@ -5,9 +5,11 @@ their advantages and losses:
 
 * **generation** - one batched, KV-cached ``generate`` call per rollout with every model input of the
   prompt batch (all top-level tensors except ``labels``, so media inputs flow through untouched); the
-  response mask keeps tokens up to and including the first EOS. Sampling is seeded per rollout from
-  ``(rollout_seed, rollout index, rank)`` inside ``torch.random.fork_rng``, so a resumed run samples
-  exactly what the uninterrupted run would have, and the global RNG is left alone.
+  response mask keeps tokens up to and including the first EOS. Per-token inputs of the prompt (integer
+  tensors of its ``(N, L)`` shape, e.g. ``mm_token_type_ids``) are extended with zeros over the response
+  (:func:`extend_per_token_inputs`), so the training forwards see what ``generate`` saw. Sampling is
+  seeded per rollout from ``(rollout_seed, rollout index, rank)`` inside ``torch.random.fork_rng``, so a
+  resumed run samples exactly what the uninterrupted run would have, and the global RNG is left alone.
 * **ZeRO-3** - the actor's shards are gathered once per rollout (``GatheredParameters`` with the ZeRO-3
   module hooks lifted while ``generate`` runs) instead of once per decoded token. This needs the full actor
   in memory on every rank for the duration of ``generate``: fine for models that fit one device, and the
@@ -23,7 +25,8 @@ their advantages and losses:
   parameter group. ``trainer.global_step`` counts *actor* optimizer updates in both cases, so
   ``max_steps`` means the same thing whatever the strategy.
 * **metrics** that are exact over all ranks: sums and counts are reduced in one collective per rollout, and
-  samples are written to TensorBoard as a markdown table every ``sample_log_interval`` rollouts.
+  samples are written to TensorBoard as a markdown table every ``sample_log_interval`` rollouts, each
+  sample's media next to its own text (:mod:`aa_lightning.callbacks.media_logging`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ __all__ = [
     "Rollout",
     "RunningMoments",
     "explained_variance",
+    "extend_per_token_inputs",
     "position_ids_from_mask",
     "repeat_batch_inputs",
     "response_mask_from_eos",
@@ -91,19 +95,49 @@ def repeat_batch_inputs(
 ) -> dict[str, torch.Tensor]:
     """Each prompt ``repeats`` times in a row (GRPO groups): batch-first tensors are ``repeat_interleave``-d.
 
-    Tensors whose first dimension is not the batch size (e.g. flattened image patches of some processors)
-    cannot be repeated without knowing the model, so they are refused with a clear message.
+    Tensors whose first dimension is not the batch size (media patches flattened over the batch, as some
+    processors return) cannot be split per sample without knowing the model. With ONE prompt in the batch
+    every row belongs to it, so each tensor is tiled ``repeats`` times along dim 0, which is right for any
+    layout; with several prompts such inputs are refused with a clear message.
     """
     if repeats == 1:
         return dict(inputs)
+    flat = [k for k, v in inputs.items() if v.dim() == 0 or v.shape[0] != batch_size]
+    if not flat:
+        return {key: value.repeat_interleave(repeats, dim=0) for key, value in inputs.items()}
+    if batch_size == 1:
+        return {
+            key: value.repeat(repeats, *[1] * (value.dim() - 1)) if value.dim() > 0 else value
+            for key, value in inputs.items()
+        }
+    key = flat[0]
+    raise ValueError(
+        f"cannot repeat model input {key!r} of shape {tuple(inputs[key].shape)} per sample (batch size "
+        f"{batch_size}): its rows are not one per prompt; use batch_size 1 (per device) for this processor, "
+        "or one sample per prompt"
+    )
+
+
+def extend_per_token_inputs(
+    inputs: dict[str, torch.Tensor], prompt_ids: torch.Tensor, num_new_tokens: int
+) -> dict[str, torch.Tensor]:
+    """Extend the per-token model inputs of a prompt batch over ``num_new_tokens`` generated tokens.
+
+    Rule (the batch contract of :mod:`aa_lightning.data.collators`): a per-token input is a non-float
+    tensor with exactly the ``(N, prompt_len)`` shape of ``prompt_ids`` (e.g. ``mm_token_type_ids``,
+    ``token_type_ids``); generated tokens are text, so it is padded with zeros, as ``generate`` itself
+    does. Everything else (media tensors, float features) passes unchanged. ``input_ids`` and
+    ``attention_mask`` are not expected here (the rollout builds them itself). A media tensor that is an
+    integer ``(N, prompt_len)`` tensor by coincidence would be extended too (and then fail loudly in the
+    model); no processor in use returns one.
+    """
+    if num_new_tokens <= 0:
+        return dict(inputs)
     out = {}
     for key, value in inputs.items():
-        if value.dim() == 0 or value.shape[0] != batch_size:
-            raise ValueError(
-                f"cannot repeat model input {key!r} of shape {tuple(value.shape)} per sample (batch size "
-                f"{batch_size}); use one sample per prompt or a processor with batch-first inputs"
-            )
-        out[key] = value.repeat_interleave(repeats, dim=0)
+        if value.shape == prompt_ids.shape and not value.is_floating_point() and not value.is_complex():
+            value = torch.cat([value, value.new_zeros(value.shape[0], num_new_tokens)], dim=1)
+        out[key] = value
     return out
 
 
@@ -408,7 +442,8 @@ class OnlineRLModule(AlignModule):
             ``generate`` does). Turn off for models that compute their own positions (e.g. M-RoPE VLMs).
         zero3_gather_for_generation: under ZeRO-3 gather the whole actor once per rollout for ``generate``.
         eval_do_sample: sample (True) or decode greedily (False) on validation prompts.
-        sample_log_interval: write a table of samples to TensorBoard every this many rollouts (0: never).
+        sample_log_interval: write a table of samples to TensorBoard every this many rollouts (0: never);
+            samples with media also get their media logged next to their text.
         num_logged_samples: rows of that table.
     """
 
@@ -754,7 +789,9 @@ class OnlineRLModule(AlignModule):
         response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
         sequences = torch.cat([sequences[:, :prompt_length], response], dim=1)
         attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
-        extras = {k: v for k, v in inputs.items() if k not in TEXT_KEYS}
+        extras = extend_per_token_inputs(
+            {k: v for k, v in inputs.items() if k not in TEXT_KEYS}, inputs["input_ids"], response.shape[1]
+        )
         return Rollout(
             sequences=sequences,
             attention_mask=attention_mask,
@@ -910,9 +947,32 @@ class OnlineRLModule(AlignModule):
         table = samples_markdown(
             rollout.prompts[:n], rollout.responses[:n], {k: v[:n].tolist() for k, v in columns.items()}
         )
-        for logger in self.trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for logger in loggers:
+            logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
+        metas = rollout.metas[:n]
+        if loggers and any(metas):
+            # the media each response answered, next to its own text; the helper reads the data layer's
+            # media references from the metas, so nothing here names a modality
+            from aa_lightning.callbacks.media_logging import log_sample_media
+
+            texts = [
+                samples_markdown(
+                    [rollout.prompts[i]],
+                    [rollout.responses[i]],
+                    {k: [float(v[i])] for k, v in columns.items()},
+                )
+                for i in range(n)
+            ]
+            for logger in loggers:
+                log_sample_media(
+                    logger.experiment,
+                    "rollout",
+                    metas,
+                    self.trainer.global_step,
+                    texts=texts,
+                    processor=getattr(self, "processor", None),
+                )
 
     def rollout_stats(
         self, stats: MetricAccumulator, rollout: Rollout, scores: torch.Tensor, parts: dict[str, torch.Tensor]

@@ -1,0 +1,123 @@
+"""Media of logged samples in TensorBoard: the image, audio clip or video frames a response answered.
+
+The RL modules log a markdown table of prompts and responses; for a multimodal run that table alone does not
+show *what* the model looked at or listened to. :func:`log_sample_media` reads the media references the
+data layer keeps in each sample's ``meta`` (``images`` / ``audios`` / ``videos``, see
+:data:`aa_lightning.data.media.MEDIA_KEYS`), decodes them with the same loaders as the collator and writes
+them under one tag prefix per sample, next to that sample's text::
+
+    rollout/sample_0/text     prompt, response and numbers (TEXT tab)
+    rollout/sample_0/image    the image (IMAGES tab; ``image_1`` ... for more images of the same sample)
+    rollout/sample_0/audio    the clip, mono, in [-1, 1] (AUDIO tab)
+    rollout/sample_0/video    a few uniformly sampled frames (IMAGES tab; no moviepy needed)
+
+Callers pass only the metas: nothing here depends on the algorithm, and the algorithm never names a modality.
+A reference that cannot be decoded is skipped with a warning: logging never stops training.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from aa_lightning.data.errors import DataFormatError
+from aa_lightning.data.media import MEDIA_KEYS, load_audio, load_image, load_video
+
+__all__ = ["log_sample_media", "media_sampling_rate"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SAMPLING_RATE = 16000
+
+
+def media_sampling_rate(processor: Any) -> int:
+    """The audio rate the processor's feature extractor reads (what the model heard), else 16 kHz."""
+    rate = getattr(getattr(processor, "feature_extractor", None), "sampling_rate", None)
+    return int(rate) if rate else DEFAULT_SAMPLING_RATE
+
+
+def _shrink(frame: np.ndarray, max_side: int) -> np.ndarray:
+    """An HWC uint8 frame whose longest side is at most ``max_side`` (keeps event files small)."""
+    height, width = frame.shape[:2]
+    if max(height, width) <= max_side:
+        return frame
+    from PIL import Image
+
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+
+
+def _log_one(
+    experiment: Any,
+    tag: str,
+    kind: str,
+    ref: Mapping[str, Any],
+    step: int,
+    sampling_rate: int,
+    num_frames: int,
+    max_side: int,
+) -> None:
+    if kind == "image":
+        frame = _shrink(np.asarray(load_image(ref), dtype=np.uint8), max_side)
+        experiment.add_image(tag, frame, step, dataformats="HWC")
+    elif kind == "audio":
+        import torch
+
+        samples = np.clip(load_audio(ref, sampling_rate), -1.0, 1.0)
+        experiment.add_audio(tag, torch.from_numpy(samples).unsqueeze(0), step, sample_rate=sampling_rate)
+    elif kind == "video":
+        frames = load_video(ref, num_frames=num_frames)
+        frames = np.stack([_shrink(np.ascontiguousarray(f), max_side) for f in frames])
+        experiment.add_images(tag, frames, step, dataformats="NHWC")
+    else:  # pragma: no cover - MEDIA_KEYS and this function change together
+        raise KeyError(kind)
+
+
+def log_sample_media(
+    experiment: Any,
+    tag_prefix: str,
+    metas: Sequence[Mapping[str, Any] | None],
+    step: int,
+    texts: Sequence[str] | None = None,
+    processor: Any = None,
+    num_frames: int = 4,
+    max_side: int = 512,
+) -> int:
+    """Write each sample's media, and the text of samples with media, under ``{tag_prefix}/sample_{i}``.
+
+    Args:
+        experiment: a TensorBoard ``SummaryWriter`` (``TensorBoardLogger.experiment``).
+        tag_prefix: e.g. ``rollout``.
+        metas: the samples' meta dicts, in the order of ``texts``; samples without media add nothing.
+        step: the global step of the summaries.
+        texts: markdown shown as ``{tag_prefix}/sample_{i}/text`` next to the media (prompt and response).
+        processor: the model's processor; audio is logged at its feature extractor's sampling rate.
+        num_frames: frames shown per video.
+        max_side: images and frames are shrunk to at most this many pixels on their longest side.
+
+    Returns the number of media items written.
+    """
+    rate = media_sampling_rate(processor)
+    written = 0
+    for i, meta in enumerate(metas):
+        if not meta:
+            continue
+        sample_written = 0
+        for key, kind in MEDIA_KEYS.items():
+            refs = meta.get(key) or []
+            for j, ref in enumerate(refs if isinstance(refs, (list, tuple)) else [refs]):
+                tag = f"{tag_prefix}/sample_{i}/{kind}" + (f"_{j}" if j else "")
+                try:
+                    _log_one(experiment, tag, kind, ref, step, rate, num_frames, max_side)
+                except (DataFormatError, OSError, ValueError, TypeError) as err:
+                    log.warning("cannot log %s of sample %d to TensorBoard: %s", kind, i, err)
+                    continue
+                sample_written += 1
+        if sample_written and texts is not None and i < len(texts):
+            experiment.add_text(f"{tag_prefix}/sample_{i}/text", texts[i], step)
+        written += sample_written
+    return written
