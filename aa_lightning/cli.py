@@ -1,9 +1,9 @@
 """The ``aa`` command: a LightningCLI over every algorithm module and every datamodule.
 
-    aa fit --config configs/sft_t2t.yaml
-    aa fit --config configs/tiny/sft_t2t.yaml --trainer.max_steps 20 --model.init_args.optim.lr 1e-4
-    aa fit --config configs/tiny/sft_t2t.yaml --ckpt_path last      # resume exactly
-    aa fit --config configs/tiny/sft_t2t.yaml --print_config
+aa fit --config configs/sft_t2t.yaml
+aa fit --config configs/tiny/sft_t2t.yaml --trainer.max_steps 20 --model.init_args.optim.lr 1e-4
+aa fit --config configs/tiny/sft_t2t.yaml --ckpt_path last      # resume exactly
+aa fit --config configs/tiny/sft_t2t.yaml --print_config
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
-            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": DEFAULT_LOG_DIR}},
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": DEFAULT_LOG_DIR},
+            },
             "plugins": [{"class_path": "aa_lightning.checkpoint_io.AtomicCheckpointIO"}],
         },
         args=args,

@@ -15,20 +15,39 @@ import sys
 
 import pytest
 
-from benchmarks.common import BenchConfig, CountingCollator, StepTimer
-from benchmarks.run import table
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # the benchmarks folder is not part of the installed package
+    sys.path.insert(0, REPO)
+
+from benchmarks.common import BenchConfig, CountingCollator, StepTimer  # noqa: E402
+from benchmarks.run import table  # noqa: E402
+
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
 def _run(tmp_path, sides: str) -> dict:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--workloads", "sft", "--smoke", "--steps", "2",
-           "--threads", "1", "--sides", sides, "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.run",
+        "--workloads",
+        "sft",
+        "--smoke",
+        "--steps",
+        "2",
+        "--threads",
+        "1",
+        "--sides",
+        sides,
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| sft | samples/s |" in proc.stdout and "first optimizer step (warm-up) is excluded" in proc.stdout
+    assert (
+        "| sft | samples/s |" in proc.stdout and "first optimizer step (warm-up) is excluded" in proc.stdout
+    )
     return json.loads(out.read_text())
 
 
@@ -39,7 +58,9 @@ def _check_side(record: dict) -> None:
     assert record["peak_rss_mb"] > 0 and record["tokens"] > 0
 
 
-@pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed (pip install -e .[bench]); the aa-only smoke test runs")
+@pytest.mark.skipif(
+    not HAS_TRL, reason="TRL is not installed (pip install -e .[bench]); the aa-only smoke test runs"
+)
 def test_benchmark_smoke_both_sides(tmp_path) -> None:
     row = _run(tmp_path, "trl,aa")["rows"][0]
     _check_side(row["trl"])
@@ -48,7 +69,9 @@ def test_benchmark_smoke_both_sides(tmp_path) -> None:
     assert row["trl"]["tokens"] == row["aa"]["tokens"]
 
 
-@pytest.mark.skipif(HAS_TRL, reason="TRL is installed: test_benchmark_smoke_both_sides covers the aa side too")
+@pytest.mark.skipif(
+    HAS_TRL, reason="TRL is installed: test_benchmark_smoke_both_sides covers the aa side too"
+)
 def test_benchmark_smoke_aa_side_alone(tmp_path) -> None:
     row = _run(tmp_path, "aa")["rows"][0]
     assert "trl" not in row
@@ -58,9 +81,17 @@ def test_benchmark_smoke_aa_side_alone(tmp_path) -> None:
 def test_table_ratio_and_failures() -> None:
     config = BenchConfig(workload="sft", side="aa", model_path="m", work_dir="w", steps=5)
     rows = [
-        {"workload": "sft", "trl": {"rate": 2.0, "peak_rss_mb": 100.0}, "aa": {"rate": 3.0, "peak_rss_mb": 90.0}},
+        {
+            "workload": "sft",
+            "trl": {"rate": 2.0, "peak_rss_mb": 100.0},
+            "aa": {"rate": 3.0, "peak_rss_mb": 90.0},
+        },
         {"workload": "dpo_precomputed", "aa": {"rate": 4.0, "peak_rss_mb": 80.0}, "baseline_rate": 2.0},
-        {"workload": "rm", "trl": {"error": "boom\nValueError: bad"}, "aa": {"rate": 1.0, "peak_rss_mb": 1.0}},
+        {
+            "workload": "rm",
+            "trl": {"error": "boom\nValueError: bad"},
+            "aa": {"rate": 1.0, "peak_rss_mb": 1.0},
+        },
     ]
     text = table(rows, config)
     assert "| sft | samples/s | 2.00 | 3.00 | 1.50x | 100 | 90 |" in text

@@ -219,7 +219,9 @@ class _ToyLM(torch.nn.Module):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False):
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, use_cache: bool = False
+    ):
         hidden = self.embed(input_ids).cumsum(dim=1).tanh()
         if self.extra:
             hidden = torch.cat([hidden[:, :1].repeat(1, self.extra, 1), hidden], dim=1)

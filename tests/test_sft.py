@@ -53,8 +53,15 @@ def test_sft_overfits_eight_examples_and_logs_val_perplexity(tmp_path, repo_path
     module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=2e-2, warmup_steps=0, scheduler="constant"))
     recorder = LossRecorder()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    t = trainer(tmp_path, 80, [recorder], logger=logger, val_check_interval=40, log_every_n_steps=5,
-                check_val_every_n_epoch=None)
+    t = trainer(
+        tmp_path,
+        80,
+        [recorder],
+        logger=logger,
+        val_check_interval=40,
+        log_every_n_steps=5,
+        check_val_every_n_epoch=None,
+    )
     t.fit(module, alpaca(repo_path, batch_size=8))
     first, last = recorder.losses[1], recorder.losses[80]
     assert first > 6.0  # a random 2048-token model starts near log(2048) = 7.6
@@ -68,7 +75,9 @@ def test_sft_overfits_eight_examples_and_logs_val_perplexity(tmp_path, repo_path
     assert events
     accumulator = EventAccumulator(os.path.dirname(events[0]))
     accumulator.Reload()
-    assert {"train/loss", "train/lr", "val/perplexity", "train/tokens_per_s"} <= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "val/perplexity", "train/tokens_per_s"} <= set(
+        accumulator.Tags()["scalars"]
+    )
 
 
 def test_export_then_from_pretrained_gives_identical_logits(tmp_path, repo_path):
@@ -105,8 +114,9 @@ def test_resume_mid_epoch_gives_the_same_losses(tmp_path, repo_path):
         pl.seed_everything(0)
         module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=5e-3, warmup_steps=2))
         recorder = LossRecorder()
-        checkpoint = ModelCheckpoint(dirpath=str(tmp_path / root / "ckpt"), save_last=True, save_top_k=0,
-                                     every_n_train_steps=6)
+        checkpoint = ModelCheckpoint(
+            dirpath=str(tmp_path / root / "ckpt"), save_last=True, save_top_k=0, every_n_train_steps=6
+        )
         callbacks = [recorder, checkpoint] + ([StopAt(stop_at)] if stop_at else [])
         t = trainer(tmp_path / root, 12, callbacks, plugins=[AtomicCheckpointIO()])
         t.fit(module, alpaca(repo_path, batch_size=2), ckpt_path=ckpt_path)
@@ -127,9 +137,21 @@ def test_tiny_sft_config_runs_under_zero(tmp_path, repo_path, strategy):
 
     root = str(tmp_path / "run")
     build_cli(
-        ["fit", "--config", repo_path("configs", "tiny", "sft_t2t.yaml"), "--trainer.max_steps", "4",
-         "--trainer.val_check_interval", "2", "--trainer.strategy", strategy,
-         "--trainer.default_root_dir", root, "--trainer.logger.init_args.save_dir", root]
+        [
+            "fit",
+            "--config",
+            repo_path("configs", "tiny", "sft_t2t.yaml"),
+            "--trainer.max_steps",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.strategy",
+            strategy,
+            "--trainer.default_root_dir",
+            root,
+            "--trainer.logger.init_args.save_dir",
+            root,
+        ]
     )
     export = os.path.join(root, "hf_model")
     model = AutoModelForCausalLM.from_pretrained(export)
@@ -143,8 +165,12 @@ def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path, repo_pat
     from aa_lightning.algorithms import LoraConfig
 
     pl.seed_everything(0)
-    module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=5e-2, warmup_steps=0), gradient_checkpointing=True,
-                       lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"))
+    module = SFTModule(
+        "tiny-qwen2",
+        optim=OptimConfig(lr=5e-2, warmup_steps=0),
+        gradient_checkpointing=True,
+        lora=LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
+    )
     recorder = LossRecorder()
     export_dir = tmp_path / "hf"
     t = trainer(tmp_path, 12, [recorder, HFExportCallback(str(export_dir))])

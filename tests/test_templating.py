@@ -83,10 +83,15 @@ def test_template_priority_model_class_over_tokenizer_over_default():
 
         @staticmethod
         def apply_chat_template(messages, add_generation_prompt=False):
-            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
+                "<assistant>" if add_generation_prompt else ""
+            )
 
     conv = CONVERSATION[1:3]
-    assert ChatRenderer(tokenizer, model_class=WithTemplateString).render(conv) == "[user]Hi there[assistant]Hello!"
+    assert (
+        ChatRenderer(tokenizer, model_class=WithTemplateString).render(conv)
+        == "[user]Hi there[assistant]Hello!"
+    )
     method = ChatRenderer(tokenizer, model_class=WithTemplateMethod)
     assert method.source == "model class"
     assert method.render(conv[:1], add_generation_prompt=True) == "<user>Hi there<assistant>"

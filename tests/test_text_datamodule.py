@@ -51,8 +51,9 @@ def test_truncated_rows_are_reported(tmp_path):
     assert len(dm.datasets["train"]) == 2
     assert dm.reports["train"][0].truncated == [1]
     with pytest.raises(ValueError, match="row 1"):
-        datamodule(write(tmp_path, rows, "again.json"), kind="supervised", max_length=48,
-                   on_truncated="error").setup("fit")
+        datamodule(
+            write(tmp_path, rows, "again.json"), kind="supervised", max_length=48, on_truncated="error"
+        ).setup("fit")
 
 
 def test_supervised_batches_are_right_padded_and_prompt_only_left_padded(tmp_path):

@@ -134,7 +134,10 @@ class AlignModule(pl.LightningModule):
             model = get_peft_model(
                 model,
                 PeftLoraConfig(
-                    r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules,
                 ),
             )
         return model
@@ -188,7 +191,9 @@ class AlignModule(pl.LightningModule):
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
-        responses = self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        responses = self.tokenizer.batch_decode(
+            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
         metas = batch.get("meta") or [{} for _ in responses]
         return [{"prompt": p, "response": r, "meta": m} for p, r, m in zip(prompts, responses, metas)]
@@ -274,6 +279,8 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     for prefix, sub in module.named_modules():
         params = list(sub.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for name, tensor in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+            for name, tensor in list(sub.named_parameters(recurse=False)) + list(
+                sub.named_buffers(recurse=False)
+            ):
                 out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
     return out

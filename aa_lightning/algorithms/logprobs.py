@@ -146,7 +146,9 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _selective_2d(x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+def _selective_2d(
+    x: torch.Tensor, index: torch.Tensor, rows: torch.Tensor | None, chunk_size: int
+) -> torch.Tensor:
     return _SelectiveLogSoftmax.apply(x, index, rows, chunk_size).to(x.dtype)
 
 
@@ -182,7 +184,9 @@ def selective_log_softmax(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     lead_shape = logits.shape[:-1]
     if index.shape != lead_shape:
-        raise ValueError(f"index shape {tuple(index.shape)} does not match logits shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"index shape {tuple(index.shape)} does not match logits shape {tuple(logits.shape)}"
+        )
     if mask is not None and mask.shape != lead_shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits shape {tuple(logits.shape)}")
     if not _viewable_as_rows(logits):  # e.g. a causal-shift slice: one call per leading index, no copy

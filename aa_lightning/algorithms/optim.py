@@ -12,9 +12,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from aa_lightning.algorithms.config import OptimConfig
 
 
-def param_groups(
-    modules: Iterable[nn.Module], weight_decay: float, lr: float | None = None
-) -> list[dict]:
+def param_groups(modules: Iterable[nn.Module], weight_decay: float, lr: float | None = None) -> list[dict]:
     """Trainable parameters split into decayed (matrices) and non-decayed (biases, norms) groups."""
     decay, no_decay = [], []
     for module in modules:
@@ -31,7 +29,9 @@ def param_groups(
 
 def lr_lambda(config: OptimConfig, total_steps: int):  # noqa: ANN201
     """Multiplier of the peak lr at a given optimizer step."""
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
+    warmup = (
+        config.warmup_steps if config.warmup_steps is not None else int(config.warmup_ratio * total_steps)
+    )
     total = max(total_steps, 1)
 
     def factor(step: int) -> float:
@@ -46,7 +46,9 @@ def lr_lambda(config: OptimConfig, total_steps: int):  # noqa: ANN201
     return factor
 
 
-def build_optimizer(groups: list[dict], config: OptimConfig, total_steps: int) -> tuple[torch.optim.Optimizer, dict]:
+def build_optimizer(
+    groups: list[dict], config: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, dict]:
     """AdamW + a per-step LambdaLR in Lightning's ``lr_scheduler`` dict form.
 
     Groups may carry their own ``lr`` (e.g. actor and critic in one DeepSpeed optimizer); the schedule

@@ -18,7 +18,9 @@ class SampleGenerationCallback(pl.Callback):
     Works with any module that has a causal ``model`` (or ``generation_model()``) and a ``tokenizer``.
     """
 
-    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 48, print_samples: bool = True):
+    def __init__(
+        self, prompts: list[str] | None = None, max_new_tokens: int = 48, print_samples: bool = True
+    ):
         self.prompts = prompts or ["Give three tips for staying healthy."]
         self.max_new_tokens = max_new_tokens
         self.print_samples = print_samples
@@ -64,7 +66,11 @@ class SampleGenerationCallback(pl.Callback):
         for prompt, before, after in zip(self.prompts, self.before, self.after):
             rows.append(f"### Prompt\n{prompt}\n\n### Before\n{before}\n\n### After\n{after}")
             if self.print_samples:
-                print(f"\n=== prompt: {prompt}\n--- before training:\n{before.strip()}\n--- after training:\n{after.strip()}")
+                print(
+                    f"\n=== prompt: {prompt}\n--- before training:\n{before.strip()}\n--- after training:\n{after.strip()}"
+                )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text("samples/before_after", "\n\n---\n\n".join(rows), trainer.global_step)
+                logger.experiment.add_text(
+                    "samples/before_after", "\n\n---\n\n".join(rows), trainer.global_step
+                )

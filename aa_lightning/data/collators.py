@@ -68,7 +68,9 @@ class TextCollator:
         self.kind = kind
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _pad(self, ids: list[list[int]], labels: list[list[int]] | None, side: str) -> dict[str, torch.Tensor]:
+    def _pad(
+        self, ids: list[list[int]], labels: list[list[int]] | None, side: str
+    ) -> dict[str, torch.Tensor]:
         m = self.pad_to_multiple_of
         batch = {
             "input_ids": pad_sequences(ids, self.pad_token_id, side, m),
@@ -92,6 +94,8 @@ class TextCollator:
             raise ValueError(f"unknown sample kind {self.kind!r}")
         batch["extra"] = meta_tensors(metas)
         if "sample_index" in samples[0]:
-            batch["extra"]["sample_index"] = torch.tensor([s["sample_index"] for s in samples], dtype=torch.long)
+            batch["extra"]["sample_index"] = torch.tensor(
+                [s["sample_index"] for s in samples], dtype=torch.long
+            )
         batch["meta"] = metas
         return batch

@@ -23,7 +23,7 @@ from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.encoding import EMPTY_SAMPLES, SAMPLE_KINDS, ResponseTruncatedError, SampleEncoder
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters import get_formatter
-from aa_lightning.data.loader import ResumableDataLoader, ResumableSampler
+from aa_lightning.data.loader import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
 from aa_lightning.data.sources import DataSpec, as_specs, load_rows
 from aa_lightning.data.templating import ChatRenderer
 from aa_lightning.models.aliases import resolve_model_path
@@ -48,12 +48,16 @@ class DataReport:
         parts = [f"{self.source}: {kept} of {self.total} rows kept"]
         if self.bad:
             rows = ", ".join(str(r) for r, _ in self.bad[:10])
-            parts.append(f"{len(self.bad)} bad rows skipped (rows {rows}{' ...' if len(self.bad) > 10 else ''}; "
-                         f"first: {self.bad[0][1]})")
+            parts.append(
+                f"{len(self.bad)} bad rows skipped (rows {rows}{' ...' if len(self.bad) > 10 else ''}; "
+                f"first: {self.bad[0][1]})"
+            )
         if self.truncated:
             rows = ", ".join(str(r) for r in self.truncated[:10])
-            parts.append(f"{len(self.truncated)} rows dropped because max_length leaves no response token "
-                         f"(rows {rows}{' ...' if len(self.truncated) > 10 else ''})")
+            parts.append(
+                f"{len(self.truncated)} rows dropped because max_length leaves no response token "
+                f"(rows {rows}{' ...' if len(self.truncated) > 10 else ''})"
+            )
         return "; ".join(parts)
 
 
@@ -71,6 +75,9 @@ class ConversationDataModule(pl.LightningDataModule):
         batch_size / eval_batch_size: per device. Preference batches hold 2 x batch_size sequences.
         on_bad_row: ``error`` raises naming file, row and field; ``skip`` drops the row and counts it.
         seed: shuffling seed (the order depends only on seed and epoch, so resume is exact).
+        group_by_length: build training batches of similar lengths (shuffled, then sorted inside mega-batches
+            of 50 batches): much less padding, hence faster steps, at the price of batches that are less
+            random. Evaluation loaders keep the data order.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class ConversationDataModule(pl.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         trust_remote_code: bool = False,
         num_proc: int | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -230,7 +238,16 @@ class ConversationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self._split("train")
-        sampler = ResumableSampler(data, shuffle=self.hparams.shuffle, seed=self.hparams.seed)
+        if self.hparams.get("group_by_length"):
+            sampler: ResumableSampler = LengthGroupedSampler(
+                data,
+                sample_lengths(data, self.kind),
+                batch_size=self.hparams.batch_size,
+                shuffle=self.hparams.shuffle,
+                seed=self.hparams.seed,
+            )
+        else:
+            sampler = ResumableSampler(data, shuffle=self.hparams.shuffle, seed=self.hparams.seed)
         return ResumableDataLoader(
             data,
             batch_size=self.hparams.batch_size,
@@ -262,6 +279,13 @@ class ConversationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"no `{split}` data: set data.{split} (a path and a template)")
         return self.datasets[split]
+
+
+def sample_lengths(data: datasets.Dataset, kind: str) -> list[int]:
+    """Token count of every encoded sample (a preference pair counts its longer side: it sets the padding)."""
+    if kind == "preference":
+        return [max(len(c), len(r)) for c, r in zip(data["chosen_input_ids"], data["rejected_input_ids"])]
+    return [len(ids) for ids in data["input_ids"]]
 
 
 class TextToTextDataModule(ConversationDataModule):

@@ -48,10 +48,14 @@ def load_rows(spec: DataSpec) -> LoadedRows:
     ext = os.path.splitext(path)[1].lower()
     if os.path.isfile(path):
         if ext not in _FILE_BUILDERS:
-            raise ValueError(f"{path}: unsupported data file type {ext!r}; use one of {sorted(_FILE_BUILDERS)}")
+            raise ValueError(
+                f"{path}: unsupported data file type {ext!r}; use one of {sorted(_FILE_BUILDERS)}"
+            )
         rows = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
     elif os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(os.path.join(path, "dataset_dict.json")):
+        if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(
+            os.path.join(path, "dataset_dict.json")
+        ):
             loaded = datasets.load_from_disk(path)
             rows = loaded[spec.split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
@@ -70,7 +74,9 @@ def load_rows(spec: DataSpec) -> LoadedRows:
         numbers = numbers[: spec.size]
     if spec.shuffle_seed is not None or spec.size is not None:
         rows = rows.select(numbers.tolist())
-    return LoadedRows(rows=rows, source=os.path.basename(path.rstrip("/")) or path, row_numbers=numbers.tolist())
+    return LoadedRows(
+        rows=rows, source=os.path.basename(path.rstrip("/")) or path, row_numbers=numbers.tolist()
+    )
 
 
 def as_specs(value: DataSpec | list[DataSpec] | dict[str, Any] | None) -> list[DataSpec]:
@@ -78,7 +84,11 @@ def as_specs(value: DataSpec | list[DataSpec] | dict[str, Any] | None) -> list[D
         return []
     if isinstance(value, dict):
         value = DataSpec(**value)
-    return [value] if isinstance(value, DataSpec) else [DataSpec(**v) if isinstance(v, dict) else v for v in value]
+    return (
+        [value]
+        if isinstance(value, DataSpec)
+        else [DataSpec(**v) if isinstance(v, dict) else v for v in value]
+    )
 
 
 torch.serialization.add_safe_globals([DataSpec])  # saved in datamodule hyper-parameters of checkpoints

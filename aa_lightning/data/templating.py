@@ -37,7 +37,9 @@ def as_parts_messages(conversation: Conversation) -> Conversation:
     return out
 
 
-def default_chat_template(conversation: Conversation, add_generation_prompt: bool, eos_token: str = "") -> str:
+def default_chat_template(
+    conversation: Conversation, add_generation_prompt: bool, eos_token: str = ""
+) -> str:
     """``ROLE: text`` lines; assistant turns end with the EOS token so the model learns to stop."""
     text = ""
     for message in conversation:
@@ -64,7 +66,10 @@ class ChatRenderer:
         elif isinstance(custom_template, str):
             self.source = "model class"
             self.render_fn = lambda conv, gen: tokenizer.apply_chat_template(
-                as_text_messages(conv), chat_template=custom_template, add_generation_prompt=gen, tokenize=False
+                as_text_messages(conv),
+                chat_template=custom_template,
+                add_generation_prompt=gen,
+                tokenize=False,
             )
         elif processor is not None and getattr(processor, "chat_template", None):
             self.source = "processor"

@@ -21,8 +21,14 @@ def to_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     try:
-        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        return {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
 
@@ -45,8 +51,10 @@ def load_tokenizer_and_processor(
             processor = loaded
     except (OSError, ValueError, TypeError, KeyError):
         processor = None
-    tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
-        path, trust_remote_code=trust_remote_code
+    tokenizer = (
+        processor.tokenizer
+        if processor is not None
+        else AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     )
     tokenizer.padding_side = padding_side
     if model_max_length is not None:
@@ -96,6 +104,9 @@ def load_pretrained_models(
         model_class = resolve_model_class(config, auto_class)
         model = model_class.from_pretrained(path, **kwargs)
     tokenizer, processor = load_tokenizer_and_processor(
-        path, padding_side=padding_side, model_max_length=model_max_length, trust_remote_code=trust_remote_code
+        path,
+        padding_side=padding_side,
+        model_max_length=model_max_length,
+        trust_remote_code=trust_remote_code,
     )
     return model, tokenizer, processor

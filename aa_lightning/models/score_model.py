@@ -87,7 +87,9 @@ class ScoreModel(nn.Module):
         backbone_state = None
         head_state = {k: v.detach().cpu().contiguous() for k, v in self.score_head.state_dict().items()}
         if state_dict is not None:
-            backbone_state = {k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+            backbone_state = {
+                k[len("backbone.") :]: v for k, v in state_dict.items() if k.startswith("backbone.")
+            }
             head_state = {
                 k[len("score_head.") :]: v.detach().cpu().contiguous()
                 for k, v in state_dict.items()
