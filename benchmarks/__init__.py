@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of aa-lightning against TRL (see benchmarks/README.md); not part of the package."""

@@ -132,7 +132,11 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
         optim=optim_config(config),
         reward_functions=[RewardSpec(name="gsm8k_answer")],
         generation=GenerationConfig(
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=1.0, top_k=0, do_sample=True
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=1.0,
+            top_k=0,
+            do_sample=True,
         ),
         num_generations=config.num_generations,
         beta=config.grpo_beta,
@@ -185,7 +189,9 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
             return super().training_step(batch, batch_idx)
 
         def generate_rollout(self, *args: Any, **kwargs: Any) -> Any:
-            rollout = self.timed("generation", lambda: super(TimedPPO, self).generate_rollout(*args, **kwargs))
+            rollout = self.timed(
+                "generation", lambda: super(TimedPPO, self).generate_rollout(*args, **kwargs)
+            )
             self.generated.append((int(rollout.response_mask.sum()), rollout.response_ids.numel()))
             return rollout
 
@@ -202,7 +208,11 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
             self.timed("update", super().update, *args)
 
     gen = GenerationConfig(
-        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=1.0, top_k=0, do_sample=True
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        do_sample=True,
     )
     module = TimedPPO(
         model_name_or_path=config.model_path,
@@ -244,8 +254,10 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
         value = sum(t.get(name, 0.0) for t in steady) / max(len(steady), 1)
         lines.append(f"| {name} | {value:.3f} | {100 * value / step_s if step_s else 0:.0f}% |")
     whole = result["step_s"]
-    lines.append(f"| other (logging, loop) | {max(whole - step_s, 0.0):.3f} | "
-                 f"{100 * max(whole - step_s, 0.0) / whole if whole else 0:.0f}% |")
+    lines.append(
+        f"| other (logging, loop) | {max(whole - step_s, 0.0):.3f} | "
+        f"{100 * max(whole - step_s, 0.0) / whole if whole else 0:.0f}% |"
+    )
     gen_s = sum(t.get("generation", 0.0) for t in steady)
     gen_tokens = sum(g[1] for g in module.generated[1:])
     rollout_tps = gen_tokens / gen_s if gen_s else float("nan")
@@ -266,3 +278,31 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS["ppo"] = run_ppo
+
+
+def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
+    """DPO with the policy and reference log-probs from ``causal_lm_log_probs`` (LM head on labelled positions
+    only): the change proposed for ``DPOModule``, measured here through a subclass, not shipped in it."""
+    from aa_lightning.algorithms.base import model_inputs
+    from aa_lightning.algorithms.logprobs import causal_lm_log_probs
+    from aa_lightning.algorithms.preference import DPOModule
+
+    class SparseHeadDPO(DPOModule):
+        def policy_log_probs(self, batch: dict[str, Any]) -> Any:
+            return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
+
+        def reference_log_probs_live(self, batch: dict[str, Any]) -> Any:
+            with self.reference_forward_context() as ref:
+                return causal_lm_log_probs(ref, model_inputs(batch, ref), batch["labels"])
+
+    module = SparseHeadDPO(
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        optim=optim_config(config),
+        beta=config.beta,
+        loss_type="sigmoid",
+    )
+    return fit(module, datamodule(config, train_on="last_assistant"), config, "samples", config.batch_size)
+
+
+RUNNERS["dpo_sparse_head"] = run_dpo_sparse_head

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-WORKLOADS = ("sft", "dpo", "dpo_precomputed", "rm", "grpo", "ppo")
-AA_ONLY = ("dpo_precomputed", "ppo")
+WORKLOADS = ("sft", "dpo", "dpo_precomputed", "dpo_sparse_head", "rm", "grpo", "ppo")
+AA_ONLY = ("dpo_precomputed", "dpo_sparse_head", "ppo")
 
 
 @dataclass
@@ -47,10 +47,6 @@ class BenchConfig:
     log_every: int = 10
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def dtype_name(self) -> str:
-        return "float32"
-
     @classmethod
     def from_json(cls, text: str) -> BenchConfig:
         return cls(**json.loads(text))
@@ -74,6 +70,15 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mb() -> float:
+    """Resident set size now (Linux ``/proc``; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -90,10 +95,12 @@ class StepTimer:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self.ends: list[float] = []
+        self.rss: list[float] = []
 
     def step_end(self) -> None:
         synchronize(self.device)
         self.ends.append(time.perf_counter())
+        self.rss.append(current_rss_mb())
 
     @property
     def timed_steps(self) -> int:
@@ -146,6 +153,9 @@ def make_result(
         "rate": per_step * steps / seconds if steps else float("nan"),
         "step_s": seconds / steps if steps else float("nan"),
         "peak_rss_mb": peak_rss_mb(),
+        "rss_after_step1_mb": timer.rss[0] if timer.rss else float("nan"),
+        "rss_last_step_mb": timer.rss[-1] if timer.rss else float("nan"),
+        "rss_trace_mb": [round(r) for r in timer.rss],
     }
     if token_counts is not None and steps:
         tokens = sum(token_counts[1 : steps + 1])

@@ -1,7 +1,8 @@
 """Side-by-side benchmarks: every workload runs twice, in fresh processes, once with TRL and once with
 aa-lightning, on the same model files, rows, batch size, lengths, dtype and number of steps.
 
-    python -m benchmarks.run --workloads sft,dpo,dpo_precomputed,rm,grpo,ppo --steps 20
+    python -m benchmarks.run                                   # every workload, 20 steps per side
+    python -m benchmarks.run --workloads sft,dpo,rm,grpo --steps 20 --repeats 3
 
 Prints one table row per workload: each side's steady-state rate (the first step is excluded), their ratio
 and each side's peak resident memory. See ``benchmarks/README.md``.
@@ -15,7 +16,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,8 +27,15 @@ from typing import Any
 from benchmarks.common import AA_ONLY, DATA_DIR, WORKLOADS, BenchConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-UNITS = {"sft": "samples/s", "dpo": "samples/s", "dpo_precomputed": "samples/s", "rm": "samples/s",
-         "grpo": "completions/s", "ppo": "completions/s"}
+UNITS = {
+    "sft": "samples/s",
+    "dpo": "samples/s",
+    "dpo_precomputed": "samples/s",
+    "dpo_sparse_head": "samples/s",
+    "rm": "samples/s",
+    "grpo": "completions/s",
+    "ppo": "completions/s",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -51,17 +58,16 @@ def _encode_report(model_path: str, path: str, template: str, kind: str, max_len
     return dm
 
 
-def _write_json_rows(path: Path, rows: list[dict[str, Any]], jsonl: bool) -> str:
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
     with open(path, "w") as f:
-        if jsonl:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        else:
-            json.dump(rows, f)
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     return str(path)
 
 
-def prepare_data(workload: str, model_path: str, work_dir: Path, rows: int, max_length: int) -> tuple[str, str, str]:
+def prepare_data(
+    workload: str, model_path: str, work_dir: Path, rows: int, max_length: int
+) -> tuple[str, str, str]:
     """``(aa_file, trl_file, template)``: the same rows, raw for aa-lightning and formatted for TRL.
 
     Rows that either framework would drop are removed up front (aa-lightning drops rows whose prompt fills
@@ -74,13 +80,13 @@ def prepare_data(workload: str, model_path: str, work_dir: Path, rows: int, max_
     if workload == "sft":
         template, source, kind = "Alpaca", DATA_DIR / "alpaca_256.json", "supervised"
         raw = json.loads(source.read_text())[:rows]
-    elif workload in ("dpo", "dpo_precomputed", "rm"):
+    elif workload in ("dpo", "dpo_precomputed", "dpo_sparse_head", "rm"):
         template, source, kind = "HH-RLHF", DATA_DIR / "hh_rlhf_256.jsonl", "preference"
         raw = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][:rows]
     else:
         template, source, kind = "GSM8K", DATA_DIR / "gsm8k_128.jsonl", "prompt_only"
         raw = [json.loads(line) for line in source.read_text().splitlines() if line.strip()][:rows]
-    staged = _write_json_rows(work_dir / f"{workload}_staged.jsonl", raw, jsonl=True)
+    staged = _write_jsonl(work_dir / f"{workload}_staged.jsonl", raw)
     # the reward workload keeps only pairs that fit untruncated (TRL filters longer pairs out)
     limit = 10**6 if workload == "rm" else max_length
     dm = _encode_report(model_path, staged, template, kind, limit)
@@ -105,8 +111,8 @@ def prepare_data(workload: str, model_path: str, work_dir: Path, rows: int, max_
         else:
             conversation, meta = formatter.format_prompt_only_sample(row)
             trl_rows.append({"prompt": conversation, "reference_answer": meta["reference_answer"]})
-    aa_file = _write_json_rows(work_dir / f"{workload}_aa.jsonl", kept, jsonl=True)
-    trl_file = _write_json_rows(work_dir / f"{workload}_trl.jsonl", trl_rows, jsonl=True)
+    aa_file = _write_jsonl(work_dir / f"{workload}_aa.jsonl", kept)
+    trl_file = _write_jsonl(work_dir / f"{workload}_trl.jsonl", trl_rows)
     return aa_file, trl_file, template
 
 
@@ -230,43 +236,91 @@ def machine_summary() -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="TRL vs aa-lightning, side by side")
-    parser.add_argument("--workloads", default="sft,dpo,dpo_precomputed,rm,grpo,ppo",
-                        help=f"comma-separated, from {','.join(WORKLOADS)}")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per side (the first is not timed)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--rows", type=int, default=256, help="data rows (first N of each file)")
-    parser.add_argument("--model", default="bench",
-                        help="'bench' (the ~5M Qwen2 built by benchmarks.build_model), an alias such as "
-                             "smollm2-135m-instruct, or a local folder")
-    parser.add_argument("--smollm2", action="store_true", help="shortcut for --model smollm2-135m-instruct (slow)")
+    parser.add_argument(
+        "--workloads",
+        default="sft,dpo,dpo_precomputed,dpo_sparse_head,rm,grpo,ppo",
+        help=f"comma-separated, from {','.join(WORKLOADS)}",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per side, the first not timed (default 20; smoke 3)",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="default 8 (smoke 2)")
+    parser.add_argument("--max-length", type=int, default=None, help="default 256 (smoke 96)")
+    parser.add_argument(
+        "--rows", type=int, default=None, help="data rows, the first N of each file (default 256; smoke 16)"
+    )
+    parser.add_argument(
+        "--model",
+        default="bench",
+        help="'bench' (the ~5M Qwen2 built by benchmarks.build_model), an alias such as "
+        "smollm2-135m-instruct, or a local folder",
+    )
+    parser.add_argument(
+        "--smollm2", action="store_true", help="shortcut for --model smollm2-135m-instruct (slow)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run each side this many times (alternating which goes first); report the median")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads on both sides (default: 1 on CPU, where a busy shared machine makes "
+        "multi-threaded timings swing several-fold; all cores on GPU machines)",
+    )
+    parser.add_argument(
+        "--exact-memory",
+        action="store_true",
+        help="children use MALLOC_MMAP_THRESHOLD_=131072, so peak RSS measures live tensors rather "
+        "than glibc's cached heap (deterministic memory figures, a little slower on both sides)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run each side this many times (alternating which goes first); report the median",
+    )
     parser.add_argument("--sides", default="trl,aa", help="trl,aa (default) or just one of them")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="GRPO/PPO completion length")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes (3 steps, 16 rows, length 96, batch 2, 8 new tokens): checks it runs")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None, help="GRPO/PPO completion length (default 64; smoke 8)"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (3 steps, 16 rows, length 96, batch 2, 8 new tokens) unless given: checks it runs",
+    )
     parser.add_argument("--json", default=None, help="also write all result records here")
     parser.add_argument("--work-dir", default=None, help="keep prepared data and logs here")
-    parser.add_argument("--profile", default=None,
-                        help="write a torch.profiler table per side into this folder (slows the run down)")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write a torch.profiler table per side into this folder (slows the run down)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per side")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
-    if args.smoke:
-        args.steps, args.rows, args.max_length, args.batch_size = 3, 16, 96, 2
-        args.max_new_tokens = min(args.max_new_tokens, 8)
+    defaults = (
+        dict(steps=3, rows=16, max_length=96, batch_size=2, max_new_tokens=8)
+        if args.smoke
+        else dict(steps=20, rows=256, max_length=256, batch_size=8, max_new_tokens=64)
+    )
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         raise SystemExit(f"unknown workloads {unknown}; choose from {WORKLOADS}")
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    if args.threads is None:
+        args.threads = 1 if args.device == "cpu" else (os.cpu_count() or 1)
+    if args.exact_memory:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # inherited by the children
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
@@ -318,14 +372,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     )
                     result = run_side(config, args.timeout)
                     runs[side].append(result)
-                    status = result.get("error", "").splitlines()[-1:] or [f"{result['rate']:.3f} {UNITS[workload]}"]
+                    status = result.get("error", "").splitlines()[-1:] or [
+                        f"{result['rate']:.3f} {UNITS[workload]}"
+                    ]
                     print(f"# {workload:16s} {side:3s} run {repeat + 1}: {status[0]}", flush=True)
             for side in ("trl", "aa"):
                 if runs[side]:
                     row[side] = median_result(runs[side])
-            if workload == "dpo_precomputed" and "dpo" in by_name and by_name["dpo"].get("trl"):
+            if workload.startswith("dpo_") and "dpo" in by_name and by_name["dpo"].get("trl"):
                 row["baseline_rate"] = by_name["dpo"]["trl"].get("rate")
-                row["notes"].append("ratio vs TRL dpo (live reference); reference pass before step 1 not timed")
+                row["notes"].append("ratio vs TRL dpo (live reference)")
+            if workload == "dpo_precomputed":
+                row["notes"].append("reference pass before step 1 not timed")
+            if workload == "dpo_sparse_head":
+                row["notes"].append("proposed DPOModule change, measured via a benchmark subclass")
             if workload == "ppo":
                 row["notes"].append("TRL has no PPO trainer: see the PPO breakdown below")
             rows.append(row)

@@ -155,7 +155,9 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
     from trl import GRPOConfig, GRPOTrainer
 
     rows = read_jsonl(config.data_file)
-    data = Dataset.from_list([{"prompt": r["prompt"], "reference_answer": r["reference_answer"]} for r in rows])
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "reference_answer": r["reference_answer"]} for r in rows]
+    )
     per_step = config.prompts_per_step * config.num_generations
     args = GRPOConfig(
         **{**common_args(config), "per_device_train_batch_size": per_step},

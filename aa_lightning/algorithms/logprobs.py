@@ -175,7 +175,7 @@ def selective_log_softmax(
         index: ``(...)`` int64 token ids in ``[0, V)`` (no ignore-index values).
         chunk_size: number of rows (positions) processed at a time.
         mask: optional ``(...)`` bool: only these positions are computed; the others return 0 and get a zero
-            gradient (no ``exp`` over their vocabulary at all).
+            gradient (no ``exp`` over their vocabulary at all). Finding them is a host sync on accelerators.
 
     Returns:
         ``(...)`` log-probabilities, same dtype as ``logits``.
@@ -257,15 +257,20 @@ def sequence_log_probs(
     shifted_labels = labels[:, 1:]
     mask = shifted_labels != ignore_index
     safe_labels = torch.where(mask, shifted_labels, torch.zeros_like(shifted_labels))
+    # On CPU only labelled rows are computed (their selection costs nothing there); on accelerators every row
+    # is, which is cheap and avoids the host sync that selecting a data-dependent number of rows needs.
+    select = logits.device.type == "cpu"
     if _viewable_as_rows(logits):
         # the full (B, T, V) logits with the labels shifted left: a plain row view, no slice of the logits
-        # (whose backward would zero-fill and copy a full-size gradient); only labelled positions are computed
+        # (whose backward would zero-fill and copy a full-size gradient)
         no_label = torch.zeros_like(mask[:, :1])
-        full_mask = torch.cat([mask, no_label], dim=1)
+        full_mask = torch.cat([mask, no_label], dim=1) if select else None
         full_index = torch.cat([safe_labels, torch.zeros_like(safe_labels[:, :1])], dim=1)
         token_lp = selective_log_softmax(logits, full_index, chunk_size=chunk_size, mask=full_mask)[:, :-1]
     else:
-        token_lp = selective_log_softmax(logits[:, :-1], safe_labels, chunk_size=chunk_size, mask=mask)
+        token_lp = selective_log_softmax(
+            logits[:, :-1], safe_labels, chunk_size=chunk_size, mask=mask if select else None
+        )
     if token_lp.dtype in _LOW_PRECISION:
         token_lp = token_lp.float()
     token_lp = torch.where(mask, token_lp, torch.zeros_like(token_lp))
