@@ -649,3 +649,26 @@ def test_safe_rlhf_zero3_two_processes(repo_path: Any, tmp_path: Path) -> None:
         assert all(call["synced_gpus"] for call in rank["calls"])
     assert ranks[0]["rows"] == ranks[1]["rows"]  # every logged number is reduced over both ranks
     assert ranks[0]["lam"] == ranks[1]["lam"] > 1.0
+
+
+def test_rollouts_sample_from_the_full_distribution_by_default(repo_path: Any) -> None:
+    """top_k=0 / top_p=1 must reach generate: left as None, transformers would truncate to its top-k 50."""
+    from unittest import mock
+
+    module = GRPOModule(
+        model_name_or_path="tiny-qwen2",
+        reward_functions=E_SHARE,
+        num_generations=2,
+        beta=0.0,
+        generation=GenerationConfig(max_new_tokens=3),
+        sample_log_interval=0,
+    )
+    real_topk, calls = torch.topk, []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real_topk(*args, **kwargs)
+
+    with mock.patch("torch.topk", spy):
+        fit(module, datamodule(repo_path, batch_size=2, size=4), 1, Recorder())
+    assert calls == []

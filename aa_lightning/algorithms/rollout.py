@@ -741,8 +741,10 @@ class OnlineRLModule(AlignModule):
             max_new_tokens=cfg.max_new_tokens,
             do_sample=sample,
             temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample and cfg.top_p < 1.0 else None,
-            top_k=cfg.top_k if sample and cfg.top_k > 0 else None,
+            # explicit values: None would let transformers fill in its defaults (top_k=50), so the tokens would
+            # come from a truncated distribution the log-probs do not describe
+            top_p=cfg.top_p if sample else None,
+            top_k=cfg.top_k if sample else None,
             eos_token_id=self.eos_token_ids(),
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
