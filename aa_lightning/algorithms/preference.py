@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from aa_lightning.algorithms.base import AlignModule, freeze, model_inputs, unwrap
-from aa_lightning.algorithms.logprobs import SequenceLogProbs, sequence_log_probs
+from aa_lightning.algorithms.logprobs import SequenceLogProbs, causal_lm_log_probs
 from aa_lightning.algorithms.losses import PreferenceLossOutput, dpo_loss, orpo_loss, simpo_loss
 from aa_lightning.models.aliases import resolve_model_path
 
@@ -201,8 +201,8 @@ class PolicyModule(StepStatsModule):
 
     def policy_log_probs(self, batch: dict[str, Any]) -> SequenceLogProbs:
         """Log-probs of every row's labelled tokens under the policy, in one forward over all rows."""
-        logits = self.model(**model_inputs(batch, self.model), use_cache=False).logits
-        return sequence_log_probs(logits, batch["labels"])
+        # the LM head runs only on scored positions (prompt and padding never reach the vocabulary)
+        return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,8 +271,7 @@ class ReferenceModelMixin:
 
     def reference_log_probs_live(self, batch: dict[str, Any]) -> SequenceLogProbs:
         with self.reference_forward_context() as ref:
-            logits = ref(**model_inputs(batch, ref), use_cache=False).logits
-            return sequence_log_probs(logits, batch["labels"])
+            return causal_lm_log_probs(ref, model_inputs(batch, ref), batch["labels"])
 
     def release_reference(self) -> None:
         self.set_reference(None)
