@@ -93,17 +93,7 @@ class SampleEncoder:
         return {"input_ids": ids, "labels": labels, "text": text, "meta": dump_meta(meta)}
 
     def preference(self, chosen: Conversation, rejected: Conversation, meta: dict) -> dict[str, Any]:
-        c_ids, c_labels, c_text = self.encode_conversation(chosen)
-        r_ids, r_labels, r_text = self.encode_conversation(rejected)
-        return {
-            "chosen_input_ids": c_ids,
-            "chosen_labels": c_labels,
-            "rejected_input_ids": r_ids,
-            "rejected_labels": r_labels,
-            "chosen_text": c_text,
-            "rejected_text": r_text,
-            "meta": dump_meta(meta),
-        }
+        return preference_record(self.encode_conversation(chosen), self.encode_conversation(rejected), meta)
 
     def prompt_only(self, conversation: Conversation, meta: dict) -> dict[str, Any]:
         if conversation and conversation[-1]["role"] == "assistant":
@@ -116,6 +106,22 @@ class SampleEncoder:
             )
         meta = {**meta, "prompt": conversation}
         return {"input_ids": list(ids), "prompt_text": text, "meta": dump_meta(meta)}
+
+
+def preference_record(
+    chosen: tuple[list[int], list[int], str], rejected: tuple[list[int], list[int], str], meta: dict
+) -> dict[str, Any]:
+    """The encoded preference sample from the (ids, labels, text) of both conversations."""
+    (c_ids, c_labels, c_text), (r_ids, r_labels, r_text) = chosen, rejected
+    return {
+        "chosen_input_ids": c_ids,
+        "chosen_labels": c_labels,
+        "rejected_input_ids": r_ids,
+        "rejected_labels": r_labels,
+        "chosen_text": c_text,
+        "rejected_text": r_text,
+        "meta": dump_meta(meta),
+    }
 
 
 def dump_meta(meta: dict) -> str:

@@ -35,7 +35,13 @@ import torch
 from aa_lightning.data import media as media_module
 from aa_lightning.data.collators import meta_tensors, pad_sequences
 from aa_lightning.data.datamodule import ConversationDataModule
-from aa_lightning.data.encoding import IGNORE_INDEX, ResponseTruncatedError, SampleEncoder, dump_meta
+from aa_lightning.data.encoding import (
+    IGNORE_INDEX,
+    ResponseTruncatedError,
+    SampleEncoder,
+    dump_meta,
+    preference_record,
+)
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.media import MEDIA_KEYS, MediaLoader, audio_duration, resolve_media
 from aa_lightning.data.sources import DataSpec
@@ -261,17 +267,7 @@ class MultimodalSampleEncoder(SampleEncoder):
 
     def preference(self, chosen: Conversation, rejected: Conversation, meta: dict) -> dict[str, Any]:
         meta = self.prepare_meta(meta)
-        c_ids, c_labels, c_text = self.encode(chosen, meta)
-        r_ids, r_labels, r_text = self.encode(rejected, meta)
-        return {
-            "chosen_input_ids": c_ids,
-            "chosen_labels": c_labels,
-            "rejected_input_ids": r_ids,
-            "rejected_labels": r_labels,
-            "chosen_text": c_text,
-            "rejected_text": r_text,
-            "meta": dump_meta(meta),
-        }
+        return preference_record(self.encode(chosen, meta), self.encode(rejected, meta), meta)
 
     def prompt_only(self, conversation: Conversation, meta: dict) -> dict[str, Any]:
         meta = self.prepare_meta(meta)
