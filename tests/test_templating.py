@@ -46,7 +46,7 @@ def test_labels_are_exactly_the_assistant_turns(template):
         tokenizer.chat_template = template
     encoder = SampleEncoder(tokenizer, ChatRenderer(tokenizer), max_length=512)
     ids, labels, text = encoder.encode_conversation(CONVERSATION)
-    assert labelled_text(tokenizer, ids, labels) == ["Hello!<|im_end|>\n", "Blue, like the sky.<|im_end|>\n"]
+    assert labelled_text(tokenizer, ids, labels) == ["Hello!<|im_end|>", "Blue, like the sky.<|im_end|>"]
     # the token just before each labelled run is the end of the assistant header
     first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
     assert tokenizer.decode(ids[:first]).endswith("<|im_start|>assistant\n")
@@ -57,7 +57,7 @@ def test_last_assistant_only():
     tokenizer = build_tiny_tokenizer()
     encoder = SampleEncoder(tokenizer, ChatRenderer(tokenizer), max_length=512, train_on="last_assistant")
     ids, labels, _ = encoder.encode_conversation(CONVERSATION)
-    assert labelled_text(tokenizer, ids, labels) == ["Blue, like the sky.<|im_end|>\n"]
+    assert labelled_text(tokenizer, ids, labels) == ["Blue, like the sky.<|im_end|>"]
 
 
 def test_default_template_labels_include_eos():
@@ -66,9 +66,9 @@ def test_default_template_labels_include_eos():
     renderer = ChatRenderer(tokenizer)
     assert renderer.source == "default"
     ids, labels, text = SampleEncoder(tokenizer, renderer).encode_conversation(CONVERSATION[1:3])
-    assert text == "USER: Hi there\nASSISTANT: Hello!<|im_end|>\n"
+    assert text == "USER: Hi there\nASSISTANT: Hello!<|im_end|>"  # nothing after the last end of turn
     # " Hello" is one token that straddles the prompt's trailing space: it is labelled (the model must say it)
-    assert labelled_text(tokenizer, ids, labels) == [" Hello!<|im_end|>\n"]
+    assert labelled_text(tokenizer, ids, labels) == [" Hello!<|im_end|>"]
     assert default_chat_template(CONVERSATION[1:2], True) == "USER: Hi there\nASSISTANT: "
 
 

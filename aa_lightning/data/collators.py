@@ -11,6 +11,8 @@ Batch keys (all algorithms read only these; media keys are whatever the processo
 - ``extra``: dict of (B,) tensors made from the numeric and boolean meta values present in every sample
   (``margin``, ``chosen_is_safe``, ``rejected_is_safe``, ``desirable`` ...), and ``sample_index`` (B,):
   each sample's index in its split (stable across epochs and shuffles; keys for cached per-sample values).
+  Training batches also hold the label-token counts of their optimizer step (``step_label_tokens`` ...,
+  added by the training loader, see :mod:`aa_lightning.batch`).
 - media inputs (``pixel_values``, ``image_grid_thw``, ``input_features``, ...) from multimodal datamodules.
 
 Rule that keeps algorithms modality-free: every top-level tensor except ``labels`` is a model input.

@@ -19,11 +19,18 @@ import datasets
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from aa_lightning.data.auxiliary import WithAuxiliaryStream
 from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.encoding import EMPTY_SAMPLES, SAMPLE_KINDS, ResponseTruncatedError, SampleEncoder
-from aa_lightning.data.errors import DataFormatError
+from aa_lightning.data.errors import SKIP_BAD_ROWS_HINT, DataFormatError
 from aa_lightning.data.formatters import get_formatter
-from aa_lightning.data.loader import LengthGroupedSampler, ResumableDataLoader, ResumableSampler
+from aa_lightning.data.loader import (
+    LengthGroupedSampler,
+    ResumableDataLoader,
+    ResumableSampler,
+    step_token_counts,
+)
+from aa_lightning.data.reports import CutDetector, DataReport, row_notes
 from aa_lightning.data.sources import DataSpec, as_specs, load_rows
 from aa_lightning.data.templating import ChatRenderer
 from aa_lightning.models.aliases import resolve_model_path
@@ -34,31 +41,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["auto", "supervised", "preference", "prompt_only"]
 SPLITS = ("train", "val", "test", "predict")
-
-
-class DataReport:
-    """Counts of rows dropped while encoding one data set, for the log (nothing is dropped silently)."""
-
-    def __init__(self, source: str, total: int) -> None:
-        self.source, self.total = source, total
-        self.bad: list[tuple[int, str]] = []
-        self.truncated: list[int] = []
-
-    def summary(self, kept: int) -> str:
-        parts = [f"{self.source}: {kept} of {self.total} rows kept"]
-        if self.bad:
-            rows = ", ".join(str(r) for r, _ in self.bad[:10])
-            parts.append(
-                f"{len(self.bad)} bad rows skipped (rows {rows}{' ...' if len(self.bad) > 10 else ''}; "
-                f"first: {self.bad[0][1]})"
-            )
-        if self.truncated:
-            rows = ", ".join(str(r) for r in self.truncated[:10])
-            parts.append(
-                f"{len(self.truncated)} rows dropped because max_length leaves no response token "
-                f"(rows {rows}{' ...' if len(self.truncated) > 10 else ''})"
-            )
-        return "; ".join(parts)
+PTX = "ptx"  # the auxiliary supervised stream of prompt-only training
 
 
 class ConversationDataModule(pl.LightningDataModule):
@@ -69,15 +52,22 @@ class ConversationDataModule(pl.LightningDataModule):
             (linked to the model's path by the ``aa`` CLI).
         train, val, test, predict: data specs (``path`` + ``template`` + optional split/size/seed).
         kind: ``auto`` asks the LightningModule (its ``data_kind``); or force one kind.
-        max_length: tokens per sequence; longer rows are cut from the right. Rows whose response would
-            be cut away entirely are dropped and reported (``on_truncated: error`` raises instead).
+        max_length: tokens per sequence; longer rows are cut from the right and counted in the log. Rows
+            whose response would be cut away entirely are dropped and reported (``on_truncated: error``
+            raises instead). Preference pairs whose chosen and rejected are identical are counted too.
         train_on: ``all_assistant`` turns or only the ``last_assistant`` turn get labels.
         batch_size / eval_batch_size: per device. Preference batches hold 2 x batch_size sequences.
-        on_bad_row: ``error`` raises naming file, row and field; ``skip`` drops the row and counts it.
+        on_bad_row: ``error`` raises naming file, row and field (and how to skip); ``skip`` drops the row
+            and counts it. Bad rows are found when the data is prepared, media included (decoded once).
         seed: shuffling seed (the order depends only on seed and epoch, so resume is exact).
         group_by_length: build training batches of similar lengths (shuffled, then sorted inside mega-batches
             of 50 batches): much less padding, hence faster steps, at the price of batches that are less
             random. Evaluation loaders keep the data order.
+        ptx: specs of an auxiliary SUPERVISED stream for prompt-only training (the pre-training mix of
+            InstructGPT-style RLHF). The train loader then yields ``{"prompt": prompt_batch, "ptx":
+            supervised_batch}``; the prompts set the epoch and the supervised stream cycles through its own
+            shuffled epochs (see :class:`~aa_lightning.data.auxiliary.WithAuxiliaryStream`).
+        ptx_batch_size: rows per device of each ``ptx`` batch (default: ``batch_size``).
     """
 
     def __init__(
@@ -101,10 +91,13 @@ class ConversationDataModule(pl.LightningDataModule):
         trust_remote_code: bool = False,
         num_proc: int | None = None,
         group_by_length: bool = False,
+        ptx: DataSpec | list[DataSpec] | None = None,
+        ptx_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.specs = {split: as_specs(v) for split, v in zip(SPLITS, (train, val, test, predict))}
+        self.specs = {split: as_specs(v, split) for split, v in zip(SPLITS, (train, val, test, predict))}
+        self.specs[PTX] = as_specs(ptx, PTX)
         self.datasets: dict[str, datasets.Dataset] = {}
         self.reports: dict[str, list[DataReport]] = {}
         self.tokenizer: Any = None
@@ -126,7 +119,9 @@ class ConversationDataModule(pl.LightningDataModule):
         return kind
 
     def split_kind(self, split: str) -> str:
-        """Predictions are generations, so the predict split is always prompt-only."""
+        """Predictions are generations, so the predict split is always prompt-only; ``ptx`` is supervised."""
+        if split == PTX:
+            return "supervised"
         return "prompt_only" if split == "predict" else self.kind
 
     # -- tokenizer, processor, template ----------------------------------------------------------------
@@ -146,6 +141,11 @@ class ConversationDataModule(pl.LightningDataModule):
     def build_encoder(self) -> SampleEncoder:
         return SampleEncoder(self.tokenizer, self.renderer, self.hparams.max_length, self.hparams.train_on)
 
+    def sample_check(self) -> Callable[[dict[str, Any]], None] | None:
+        """What checks an encoded sample beyond its tokens when the data is prepared, raising a
+        :class:`DataFormatError` for a bad row (the media datamodules decode its media); None: nothing."""
+        return None
+
     def build_collator(self, kind: str) -> Callable[[list[dict]], dict]:
         return TextCollator(self.tokenizer.pad_token_id, kind, self.hparams.pad_to_multiple_of)
 
@@ -153,6 +153,11 @@ class ConversationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.load_processing()
         self.kind = self.resolve_kind()
+        if self.specs[PTX] and self.kind != "prompt_only":
+            raise ValueError(
+                f"data.ptx is a supervised stream yielded next to prompt-only batches, but this run's data kind "
+                f"is {self.kind!r}; remove data.ptx (or train an algorithm that reads prompts)"
+            )
         for split, specs in self.specs.items():
             if specs and split not in self.datasets:
                 parts, reports = zip(*(self.encode_spec(spec, self.split_kind(split)) for spec in specs))
@@ -164,29 +169,40 @@ class ConversationDataModule(pl.LightningDataModule):
         loaded = load_rows(spec)
         formatter = get_formatter(spec.template)
         encoder = self.build_encoder()
-        report = DataReport(loaded.source, len(loaded.rows))
+        report = DataReport(loaded.source, len(loaded.rows), self.hparams.max_length)
         skip_bad = self.hparams.on_bad_row == "skip"
         drop_truncated = self.hparams.on_truncated == "drop"
+        check = self.sample_check()
+        cut = CutDetector(encoder)
 
         def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
             row_number = loaded.row_numbers[index]
+            dropped = {**EMPTY_SAMPLES[kind], "_row": row_number, "_note": ""}
             try:
                 if kind == "supervised":
-                    out = encoder.supervised(*formatter.format_supervised_sample(row))
+                    formatted = formatter.format_supervised_sample(row)
                 elif kind == "preference":
-                    out = encoder.preference(*formatter.format_preference_sample(row))
+                    formatted = formatter.format_preference_sample(row)
                 else:
-                    out = encoder.prompt_only(*formatter.format_prompt_only_sample(row))
-                return {**out, "_row": row_number, "_drop": ""}
+                    formatted = formatter.format_prompt_only_sample(row)
+                out = getattr(encoder, kind)(*formatted)
+                if check is not None:
+                    check(out)
+                note = row_notes(kind, out, formatted, cut)
+                return {**out, "_row": row_number, "_drop": "", "_note": note}
             except DataFormatError as err:
                 err.with_location(source=loaded.source, row=row_number)
                 if not skip_bad:
+                    err.hint = err.hint or SKIP_BAD_ROWS_HINT
                     raise
-                return {**EMPTY_SAMPLES[kind], "_row": row_number, "_drop": "bad:" + str(err)}
+                return {**dropped, "_drop": "bad:" + str(err)}
             except ResponseTruncatedError as err:
                 if not drop_truncated:
-                    raise ValueError(f"{loaded.source}, row {row_number}: {err}") from None
-                return {**EMPTY_SAMPLES[kind], "_row": row_number, "_drop": "truncated"}
+                    raise ValueError(
+                        f"{loaded.source}, row {row_number}: {err} (raise max_length, or drop and count such "
+                        "rows with `on_truncated: drop` under `data.init_args`)"
+                    ) from None
+                return {**dropped, "_drop": "truncated"}
 
         fingerprint = self._fingerprint(loaded.rows, spec, kind, formatter)
         encoded = loaded.rows.map(
@@ -197,17 +213,19 @@ class ConversationDataModule(pl.LightningDataModule):
             num_proc=self.hparams.num_proc,
             desc=f"Encoding {loaded.source} ({kind})",
         )
-        drops = encoded["_drop"]
-        if any(drops):
-            rows = encoded["_row"]
-            for row, why in zip(rows, drops):
+        drops, notes = encoded["_drop"], encoded["_note"]
+        if any(drops) or any(notes):
+            for row, why, note in zip(encoded["_row"], drops, notes):
                 if why == "truncated":
                     report.truncated.append(row)
                 elif why:
                     report.bad.append((row, why[4:]))
+                elif note:
+                    report.add_note(row, note)
+        if any(drops):
             encoded = encoded.filter(lambda d: not d, input_columns="_drop", desc="Dropping reported rows")
-        log.warning(report.summary(len(encoded))) if any(drops) else log.info(report.summary(len(encoded)))
-        return encoded.remove_columns(["_drop"]), report
+        (log.warning if report.worth_a_warning else log.info)(report.summary(len(encoded)))
+        return encoded.remove_columns(["_drop", "_note"]), report
 
     def _fingerprint(self, rows: datasets.Dataset, spec: DataSpec, kind: str, formatter: Any) -> str:
         try:
@@ -227,7 +245,8 @@ class ConversationDataModule(pl.LightningDataModule):
             "tokenizer": [self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template],
             "template_source": self.renderer.source,
             "encoder": inspect.getsource(SampleEncoder),
-            "version": 1,
+            "renderer": inspect.getsource(ChatRenderer),  # where spans and texts end
+            "version": 2,  # 2: rows carry an encoding note (cut short / identical pair)
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -235,6 +254,10 @@ class ConversationDataModule(pl.LightningDataModule):
     def _progress(self) -> tuple[int, int]:
         loop = self.trainer.fit_loop
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def _step_schedule(self) -> tuple[int, float]:
+        """Micro-batches per optimizer step and trained batches per epoch (the loader's window plan)."""
+        return self.trainer.accumulate_grad_batches, self.trainer.num_training_batches
 
     def train_dataloader(self) -> DataLoader:
         data = self._split("train")
@@ -248,14 +271,27 @@ class ConversationDataModule(pl.LightningDataModule):
             )
         else:
             sampler = ResumableSampler(data, shuffle=self.hparams.shuffle, seed=self.hparams.seed)
-        return ResumableDataLoader(
+        loader = ResumableDataLoader(
             data,
             batch_size=self.hparams.batch_size,
             sampler=sampler,
             collate_fn=self.build_collator(self.kind),
             num_workers=self.hparams.num_workers,
             progress_fn=self._progress if self.trainer is not None else None,
+            step_tokens=step_token_counts(data, self.kind),
+            schedule_fn=self._step_schedule if self.trainer is not None else None,
         )
+        if PTX not in self.datasets:
+            return loader
+        ptx = self.datasets[PTX]
+        ptx_loader = ResumableDataLoader(
+            ptx,
+            batch_size=self.hparams.get("ptx_batch_size") or self.hparams.batch_size,
+            sampler=ResumableSampler(ptx, shuffle=self.hparams.shuffle, seed=self.hparams.seed),
+            collate_fn=self.build_collator(self.split_kind(PTX)),
+            num_workers=self.hparams.num_workers,
+        )
+        return WithAuxiliaryStream(loader, ptx_loader, main_key="prompt", auxiliary_key=PTX)  # type: ignore[return-value]
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(

@@ -1,5 +1,8 @@
 """Step 2 of the four (data preparation): conversation(s) + meta -> token ids and label masks.
 
+One encoder (:class:`SampleEncoder`) serves every datamodule: a text row is a row without media, so text
+and multimodal samples follow exactly the same labelling, BOS and end-of-turn rules.
+
 Encoded samples are plain lists (cached by ``datasets``); the collator turns them into tensors.
 Keys of one encoded sample, by kind:
 
@@ -15,6 +18,7 @@ safety labels, margins.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -47,7 +51,20 @@ class ResponseTruncatedError(ValueError):
 
 
 class SampleEncoder:
-    """Renders conversations with the chat template and tokenizes them, labelling assistant tokens only."""
+    """The one encoder of every datamodule: renders conversations with the chat template, tokenizes them
+    and labels the assistant turns. Text rows are rows without media; :class:`MultimodalSampleEncoder`
+    only adds the media hooks (``prepare_meta``, ``check_media_count``) and the media token ids.
+
+    Rules, the same for every modality and sample kind:
+
+    - a token is labelled when it overlaps an assistant span (a token that straddles the start of the
+      response, as ``" Hello"`` after ``"ASSISTANT: "``, carries response text the model has to produce);
+      media tokens never are;
+    - spans end at the template's end-of-turn token (see :meth:`ChatRenderer.render_with_spans`), so the
+      last token of a trained row is where rollouts stop and where score models read the end score;
+    - a tokenizer that adds BOS gets it on every row (supervised, preference and prompt-only alike), as
+      ``generate`` and the score model see it.
+    """
 
     def __init__(
         self,
@@ -55,57 +72,101 @@ class SampleEncoder:
         renderer: ChatRenderer,
         max_length: int = 512,
         train_on: str = "all_assistant",
+        media_token_ids: Collection[int] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.renderer = renderer
         self.max_length = max_length
         self.train_on = train_on
+        self.media_token_ids = np.asarray(sorted(media_token_ids), dtype=np.int64)
+        self.bos_token_id = tokenizer.bos_token_id if adds_bos(tokenizer) else None
 
-    def tokenize_with_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        """Token ids of ``text`` and labels: the id where the token overlaps a span, else -100."""
+    # -- media hooks (text rows have none) ---------------------------------------------------------
+    def prepare_meta(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The row's meta as stored; the multimodal encoder resolves and checks media references here."""
+        return dict(meta)
+
+    def check_media_count(self, text: str, meta: dict[str, Any]) -> None:
+        """Raise when the rendered text and the row's media disagree (nothing to check without media)."""
+
+    # -- tokens ------------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and their character offsets, with BOS first when the tokenizer adds one."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        starts, ends = offsets[:, 0], offsets[:, 1]
+        offsets = [(int(start), int(end)) for start, end in enc["offset_mapping"]]
+        bos = self.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):  # a template that renders BOS already has it
+            ids, offsets = [bos, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
+    def label(
+        self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+    ) -> list[int]:
+        """The id of every token that overlaps a span and is no media token, else -100."""
+        token_ids = np.asarray(ids, dtype=np.int64)
+        bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = bounds[:, 0], bounds[:, 1]
         inside = np.zeros(len(ids), dtype=bool)
         for lo, hi in spans:
-            # a token is trained on when it overlaps an assistant span: a token that straddles the start
-            # (" Hello" after "ASSISTANT:") carries response text the model has to produce
             inside |= (ends > lo) & (starts < hi)
-        labels = np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
-            ids, labels = [bos, *ids], [IGNORE_INDEX, *labels]
-        return ids, labels
+        inside &= ~np.isin(token_ids, self.media_token_ids)
+        return np.where(inside, token_ids, IGNORE_INDEX).tolist()
 
-    def encode_conversation(self, conversation: Conversation) -> tuple[list[int], list[int], str]:
+    def encode_conversation(
+        self, conversation: Conversation, meta: dict[str, Any] | None = None
+    ) -> tuple[list[int], list[int], str]:
+        """``(ids, labels, text)`` of a whole conversation; ``text`` covers exactly the (cut) ``ids``."""
         text, spans = self.renderer.render_with_spans(conversation, train_on=self.train_on)
-        ids, labels = self.tokenize_with_spans(text, spans)
-        ids, labels = ids[: self.max_length], labels[: self.max_length]
+        self.check_media_count(text, meta or {})
+        ids, offsets = self.tokenize(text)
+        labels = self.label(ids, offsets, spans)
+        if len(ids) > self.max_length:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            text = text[: offsets[self.max_length - 1][1]]  # the collator hands this text to the processor
         if all(label == IGNORE_INDEX for label in labels):
             raise ResponseTruncatedError(
                 f"the prompt fills max_length={self.max_length} tokens, so no response token is left"
             )
         return ids, labels, text
 
+    # -- the three sample kinds --------------------------------------------------------------------
     def supervised(self, conversation: Conversation, meta: dict) -> dict[str, Any]:
-        ids, labels, text = self.encode_conversation(conversation)
+        meta = self.prepare_meta(meta)
+        ids, labels, text = self.encode_conversation(conversation, meta)
         return {"input_ids": ids, "labels": labels, "text": text, "meta": dump_meta(meta)}
 
     def preference(self, chosen: Conversation, rejected: Conversation, meta: dict) -> dict[str, Any]:
-        return preference_record(self.encode_conversation(chosen), self.encode_conversation(rejected), meta)
+        meta = self.prepare_meta(meta)
+        return preference_record(
+            self.encode_conversation(chosen, meta), self.encode_conversation(rejected, meta), meta
+        )
 
     def prompt_only(self, conversation: Conversation, meta: dict) -> dict[str, Any]:
+        meta = self.prepare_meta(meta)
         if conversation and conversation[-1]["role"] == "assistant":
             conversation = conversation[:-1]
         text = self.renderer.render(conversation, add_generation_prompt=True)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.check_media_count(text, meta)
+        ids, _ = self.tokenize(text)
         if len(ids) > self.max_length:
             raise ResponseTruncatedError(
                 f"the prompt has {len(ids)} tokens, more than max_length={self.max_length}"
             )
         meta = {**meta, "prompt": conversation}
-        return {"input_ids": list(ids), "prompt_text": text, "meta": dump_meta(meta)}
+        return {"input_ids": ids, "prompt_text": text, "meta": dump_meta(meta)}
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS first when it encodes text (``add_bos_token``, or a post-processor
+    as Llama-3's): such a model has always seen BOS first, so every encoded row starts with it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    if getattr(tokenizer, "add_bos_token", False):
+        return True
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == bos
 
 
 def preference_record(

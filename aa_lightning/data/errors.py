@@ -4,13 +4,22 @@ A formatter only sees one raw row, so it can name the offending *field* but not 
 The dataset layer catches the error and adds that location with :func:`with_location`, so the final
 message points at the exact place to fix, e.g.
 ``alpaca.json, row 17, field 'output': expected a non-empty string, got None``.
+
+An error raised because ``on_bad_row`` is ``error`` carries :data:`SKIP_BAD_ROWS_HINT`, so the message also
+says how to skip such rows instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DataFormatError", "with_location"]
+__all__ = ["SKIP_BAD_ROWS_HINT", "DataFormatError", "with_location"]
+
+SKIP_BAD_ROWS_HINT = (
+    "to skip such rows and count them, set `on_bad_row: skip` under `data.init_args` in the YAML config, "
+    "or pass `--data.init_args.on_bad_row skip`"
+)
+"""How to skip bad rows, in the spelling of the ``aa`` YAML config and command line."""
 
 
 class DataFormatError(ValueError):
@@ -28,12 +37,14 @@ class DataFormatError(ValueError):
         field: str | None = None,
         source: str | None = None,
         row: int | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason: str = reason
         self.field: str | None = field
         self.source: str | None = source
         self.row: int | None = row
+        self.hint: str | None = hint  # what the user can do about it, appended to the message
 
     @property
     def location(self) -> str:
@@ -49,17 +60,18 @@ class DataFormatError(ValueError):
 
     def __str__(self) -> str:
         location = self.location
-        return f"{location}: {self.reason}" if location else self.reason
+        message = f"{location}: {self.reason}" if location else self.reason
+        return f"{message} ({self.hint})" if self.hint else message
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.reason!r}, field={self.field!r}, "
-            f"source={self.source!r}, row={self.row!r})"
+            f"source={self.source!r}, row={self.row!r}, hint={self.hint!r})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep the location across pickling (multiprocessing workers, datasets.map with num_proc).
-        return (_rebuild, (type(self), self.reason, self.field, self.source, self.row))
+        return (_rebuild, (type(self), self.reason, self.field, self.source, self.row, self.hint))
 
     def with_location(self, source: str | None = None, row: int | None = None) -> DataFormatError:
         """Fill in the file and row (only those not already set) and return ``self`` for ``raise``.
@@ -75,9 +87,14 @@ class DataFormatError(ValueError):
 
 
 def _rebuild(
-    cls: type[DataFormatError], reason: str, field: str | None, source: str | None, row: int | None
+    cls: type[DataFormatError],
+    reason: str,
+    field: str | None,
+    source: str | None,
+    row: int | None,
+    hint: str | None = None,
 ) -> DataFormatError:
-    return cls(reason, field=field, source=source, row=row)
+    return cls(reason, field=field, source=source, row=row, hint=hint)
 
 
 def with_location(err: DataFormatError, source: str | None = None, row: int | None = None) -> DataFormatError:

@@ -4,7 +4,9 @@ Encoding (cached) only *references* media: :func:`resolve_media` turns whatever 
 (a path relative to the data file, bytes, a ``datasets`` ``{bytes, path}`` dict, a PIL image, an audio
 ``{array, sampling_rate}`` dict) into a small JSON-able dict and checks what is cheap to check (the file
 exists; an audio clip is not longer than the feature extractor takes). Decoding happens in the collator
-(:class:`MediaLoader`), so a cached dataset stays small and decode errors still name the row.
+(:class:`MediaLoader`), so a cached dataset stays small. When the data is prepared every item is decoded
+once (:meth:`MediaLoader.check_sample`), so a corrupt or truncated file is a bad row of the data set found
+before training starts (not hours into a run, when a batch first touches it).
 
 Every error is a :class:`DataFormatError` whose ``field`` is the row's column (``images[1]``) and whose
 message names the media file, so the dataset layer only adds the data file and row.
@@ -14,7 +16,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +31,7 @@ __all__ = [
     "MEDIA_KEYS",
     "MediaLoader",
     "audio_duration",
+    "check_image",
     "load_audio",
     "load_image",
     "load_video",
@@ -127,6 +132,19 @@ def _source(ref: Mapping[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- image
+def check_image(ref: Mapping[str, Any]) -> None:
+    """Decode the whole image as :func:`load_image` does, but JPEGs at 1/8 scale (every byte is still
+    read, so a truncated file fails) to keep checking a large data set cheap."""
+    from PIL import Image
+
+    try:
+        with Image.open(_source(ref)) as opened:
+            opened.draft("RGB", (1, 1))  # JPEG only: the smallest DCT scale; a no-op for other formats
+            opened.load()
+    except Exception as err:  # the same errors as load_image
+        raise _error(f"cannot decode image {media_label(ref)}: {err}", ref.get("field")) from err
+
+
 def load_image(ref: Mapping[str, Any]) -> Any:
     """An RGB PIL image; transparent pixels are composited onto white (not left as arbitrary colours)."""
     from PIL import Image
@@ -161,15 +179,41 @@ def load_audio(ref: Mapping[str, Any], sampling_rate: int) -> np.ndarray:
     import torchaudio.functional as AF  # noqa: N812
 
     try:
-        data, rate = sf.read(_source(ref), dtype="float32", always_2d=True)  # (frames, channels)
+        with sf.SoundFile(_source(ref)) as opened:
+            missing = missing_audio_bytes(opened.extra_info)
+            data = opened.read(dtype="float32", always_2d=True)  # (frames, channels)
+            rate = opened.samplerate
     except Exception as err:
         raise _error(f"cannot decode audio {media_label(ref)}: {err}", ref.get("field")) from err
+    if missing is not None:
+        raise _error(
+            f"audio {media_label(ref)} is truncated: its header declares {missing[0]} bytes of samples, the "
+            f"file holds {missing[1]}",
+            ref.get("field"),
+        )
     if data.shape[0] == 0:
         raise _error(f"audio {media_label(ref)} holds no samples", ref.get("field"))
     mono = data.mean(axis=1)
     if rate != sampling_rate:
         mono = AF.resample(torch.from_numpy(mono), int(rate), int(sampling_rate)).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# libsndfile's log of a WAV/AIFF whose data chunk is shorter than its header says: "data : 92842 (should be 1956)"
+_CHUNK_SIZE_LOG = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_UNKNOWN_LENGTH = 0x7FFFF000  # streaming writers put 0xFFFFFFFF (or near) when they cannot know the size
+
+
+def missing_audio_bytes(log: str) -> tuple[int, int] | None:
+    """``(declared, present)`` sample bytes when the file ends before its header says (a cut download),
+    from libsndfile's open log; None when it is whole or its writer did not know the length.
+
+    libsndfile reads such a file without complaint, so the clip would silently lose its end.
+    """
+    for declared, present in _CHUNK_SIZE_LOG.findall(log or ""):
+        if int(present) < int(declared) < _UNKNOWN_LENGTH:
+            return int(declared), int(present)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- video
@@ -256,6 +300,21 @@ class MediaLoader:
         if key == "videos":
             return load_video(ref, self.num_frames, self.fps, self.max_frames)
         raise KeyError(f"unknown media key {key!r}; expected one of {sorted(MEDIA_KEYS)}")
+
+    def check(self, key: str, ref: Mapping[str, Any]) -> None:
+        """Raise the :class:`DataFormatError` that loading ``ref`` in the collator would raise, if any."""
+        if key == "images":
+            check_image(ref)
+        else:
+            self.load(key, ref)
+
+    def check_sample(self, meta: Mapping[str, Any] | str) -> None:
+        """Decode every media item of one encoded sample (its ``meta``, as stored or parsed) once."""
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        for key in MEDIA_KEYS:
+            for ref in meta.get(key) or []:
+                self.check(key, ref)
 
     def load_sample(self, meta: Mapping[str, Any]) -> dict[str, list[Any]]:
         """Every media item of one sample, by meta key (raises on the first that fails)."""

@@ -5,9 +5,10 @@ How a multimodal sample travels:
 1. **Encode (cached by ``datasets``)** - :class:`MultimodalSampleEncoder` renders the conversation with the
    processor's chat template, where every media part is the family's *unexpanded* placeholder
    (``<image>``, ``<|vision_start|><|image_pad|><|vision_end|>``, ``<|audio_bos|><|AUDIO|><|audio_eos|>``),
-   tokenizes it and labels assistant tokens from character spans, exactly like text. Media stay
+   tokenizes it and labels assistant tokens with the text encoder itself (one code path). Media stay
    references in ``meta`` (``images``/``audios``/``videos``: paths resolved against the data file, or
-   bytes); missing files and over-long audio are reported here, with file, row and column.
+   bytes); missing files and over-long audio are reported here, with file, row and column, and every
+   media item is decoded once (``MultimodalDataModule.sample_check``), so a corrupt file is found too.
 2. **Collate** - :class:`MultimodalCollator` decodes the media of the batch, calls the processor *once*
    on the rendered texts + media (which expands each placeholder to one token per media feature and
    builds ``pixel_values`` / ``input_features`` / ...), then aligns the cached labels to the expanded ids
@@ -21,6 +22,7 @@ up with the 2B rows. ``max_length`` counts a placeholder as one token (before ex
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -29,7 +31,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from aa_lightning.data import media as media_module
@@ -37,15 +38,12 @@ from aa_lightning.data.collators import meta_tensors, pad_sequences
 from aa_lightning.data.datamodule import ConversationDataModule
 from aa_lightning.data.encoding import (
     IGNORE_INDEX,
-    ResponseTruncatedError,
     SampleEncoder,
-    dump_meta,
-    preference_record,
 )
-from aa_lightning.data.errors import DataFormatError
+from aa_lightning.data.errors import SKIP_BAD_ROWS_HINT, DataFormatError
 from aa_lightning.data.media import MEDIA_KEYS, MediaLoader, audio_duration, resolve_media
 from aa_lightning.data.sources import DataSpec
-from aa_lightning.data.templating import ChatRenderer, Conversation
+from aa_lightning.data.templating import ChatRenderer
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +163,8 @@ def align_to_processor(
 
 
 class MultimodalSampleEncoder(SampleEncoder):
-    """:class:`SampleEncoder` that resolves media references and never labels media tokens.
+    """:class:`SampleEncoder` with media: it only resolves and checks the media references and names the
+    media tokens (never labelled); tokens, labels, BOS and truncation are the text encoder's, unchanged.
 
     The rendered text stored with a sample always covers exactly its (possibly truncated) token ids, so
     the collator can hand it to the processor; media whose placeholder was cut off are left out there.
@@ -183,7 +182,7 @@ class MultimodalSampleEncoder(SampleEncoder):
         modalities: Sequence[str] = tuple(MEDIA_KEYS),
         max_audio_seconds: float | None = None,
     ) -> None:
-        super().__init__(tokenizer, renderer, max_length, train_on)
+        super().__init__(tokenizer, renderer, max_length, train_on, media_token_ids=info.media_token_ids)
         self.info = info
         self.media_root = media_root
         self.source = source
@@ -217,7 +216,7 @@ class MultimodalSampleEncoder(SampleEncoder):
                         raise DataFormatError(
                             f"audio {media_module.media_label(ref)} is {seconds:.1f} s long, more than the "
                             f"{self.max_audio_seconds:g} s the feature extractor takes (it would be cut "
-                            "silently); split the clip, or skip such rows with on_bad_row: skip",
+                            "silently); split the clip",
                             field=ref["field"],
                         )
             meta[key] = refs
@@ -235,57 +234,6 @@ class MultimodalSampleEncoder(SampleEncoder):
                     field=key,
                 )
 
-    # -- tokens ------------------------------------------------------------------------------------
-    def encode(self, conversation: Conversation, meta: dict[str, Any]) -> tuple[list[int], list[int], str]:
-        text, spans = self.renderer.render_with_spans(conversation, train_on=self.train_on)
-        self.check_media_count(text, meta)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-        starts = np.asarray([start for start, _ in offsets], dtype=np.int64)
-        inside = np.zeros(len(ids), dtype=bool)
-        for lo, hi in spans:
-            inside |= (starts >= lo) & (starts < hi)
-        inside &= ~np.isin(np.asarray(ids, dtype=np.int64), list(self.info.media_token_ids))
-        labels = np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
-            ids, labels, offsets = [bos, *ids], [IGNORE_INDEX, *labels], [(0, 0), *offsets]
-        if len(ids) > self.max_length:
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            text = text[: offsets[self.max_length - 1][1]]
-        if all(label == IGNORE_INDEX for label in labels):
-            raise ResponseTruncatedError(
-                f"the prompt fills max_length={self.max_length} tokens, so no response token is left"
-            )
-        return ids, labels, text
-
-    def supervised(self, conversation: Conversation, meta: dict) -> dict[str, Any]:
-        meta = self.prepare_meta(meta)
-        ids, labels, text = self.encode(conversation, meta)
-        return {"input_ids": ids, "labels": labels, "text": text, "meta": dump_meta(meta)}
-
-    def preference(self, chosen: Conversation, rejected: Conversation, meta: dict) -> dict[str, Any]:
-        meta = self.prepare_meta(meta)
-        return preference_record(self.encode(chosen, meta), self.encode(rejected, meta), meta)
-
-    def prompt_only(self, conversation: Conversation, meta: dict) -> dict[str, Any]:
-        meta = self.prepare_meta(meta)
-        if conversation and conversation[-1]["role"] == "assistant":
-            conversation = conversation[:-1]
-        text = self.renderer.render(conversation, add_generation_prompt=True)
-        self.check_media_count(text, meta)
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
-            ids = [bos, *ids]
-        if len(ids) > self.max_length:
-            raise ResponseTruncatedError(
-                f"the prompt has {len(ids)} tokens, more than max_length={self.max_length}"
-            )
-        meta = {**meta, "prompt": conversation}
-        return {"input_ids": ids, "prompt_text": text, "meta": dump_meta(meta)}
-
 
 class MultimodalCollator:
     """Decodes media, runs the processor once per batch and aligns the cached labels (see module doc).
@@ -295,9 +243,11 @@ class MultimodalCollator:
     (``pixel_values``, ``image_grid_thw``, ``input_features``, ``feature_attention_mask``,
     ``pixel_values_videos``, ``video_grid_thw`` ...), ``extra`` and ``meta`` as in the text collator.
 
-    A sample whose media cannot be decoded raises a :class:`DataFormatError` naming data file, row,
-    column and media file, or with ``on_bad_row="skip"`` is left out of the batch and recorded in
-    ``skipped`` (the datamodule's ``skipped_media``; with ``num_workers > 0`` the workers log them).
+    Media were decoded once when the data was prepared, so this only happens to a file changed since: a
+    sample whose media cannot be decoded raises a :class:`DataFormatError` naming data file, row, column
+    and media file, or with ``on_bad_row="skip"`` is left out of the batch, logged with the running count
+    and recorded in ``skipped`` (the datamodule's ``skipped_media``; with ``num_workers > 0`` each worker
+    counts its own).
 
     Per-token inputs such as ``mm_token_type_ids`` have the ``(N, L)`` shape of ``input_ids`` (0 = text):
     code that appends generated tokens to a prompt-only batch pads them with zeros, as for
@@ -338,9 +288,14 @@ class MultimodalCollator:
             except DataFormatError as err:
                 err.with_location(source=meta.get("_source"), row=sample.get("_row"))
                 if self.on_bad_row != "skip":
+                    err.hint = err.hint or SKIP_BAD_ROWS_HINT
                     raise
                 self.skipped.append(str(err))
-                log.warning("skipping a sample with bad media: %s", err)
+                log.warning(
+                    "skipping a sample whose media cannot be decoded in the collator (%d so far): %s",
+                    len(self.skipped),
+                    err,
+                )
                 continue
             good.append((sample, meta, loaded))
         if not good:
@@ -470,6 +425,11 @@ class MultimodalDataModule(ConversationDataModule):
     def max_audio_seconds(self) -> float | None:
         return None
 
+    def sample_check(self) -> Callable[[dict[str, Any]], None]:
+        """Decode every media item of each row when the data is prepared (cached with the encoding), so a
+        corrupt or truncated file is a bad row now (an error, or skipped and counted), not in a batch."""
+        return functools.partial(check_media, self.media_loader())
+
     # -- processing --------------------------------------------------------------------------------
     def load_processing(self) -> None:
         super().load_processing()
@@ -521,5 +481,11 @@ class MultimodalDataModule(ConversationDataModule):
             "modalities": self.modalities,
             "max_audio_seconds": self.max_audio_seconds(),
             "placeholders": self.info.placeholders,
+            "media_check": [repr(self.media_loader()), inspect.getsource(media_module)],
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def check_media(loader: MediaLoader, sample: dict[str, Any]) -> None:
+    """Decode the media of one encoded sample with the collator's loader (raises a DataFormatError)."""
+    loader.check_sample(sample["meta"])

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
+
+from aa_lightning.config_coercion import as_config
+from aa_lightning.data.errors import DataFormatError
+from aa_lightning.data.file_diagnosis import why_unreadable
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -20,7 +25,8 @@ class DataSpec:
 
     Args:
         path: file, folder or hub name.
-        template: the registered formatter that turns a row into conversations (``@register_template``).
+        template: the formatter that turns a row into conversations: a name registered with
+            ``@register_template``, or ``package.module:ClassName`` (imported; no registration needed).
         split: split to read (hub names and data folders).
         name: subset / configuration name (hub names).
         size: keep only the first ``size`` rows (after shuffling, when ``shuffle_seed`` is set).
@@ -42,6 +48,21 @@ class LoadedRows:
     row_numbers: list[int]  # row_numbers[i] = row index in the source of rows[i]
 
 
+def load_local(path: str, load: Callable[[], datasets.Dataset]) -> datasets.Dataset:
+    """``load()`` for the local file or folder ``path``; a file it cannot read is a one-line
+    :class:`DataFormatError` naming the file and what is wrong with it (not a ``datasets`` traceback)."""
+    try:
+        return load()
+    except MemoryError:
+        raise
+    except Exception as err:
+        if os.path.isdir(path):
+            reason = f"cannot read the data folder: {why_unreadable(path, err)}"
+        else:
+            reason = f"cannot read the data file: {why_unreadable(path, err)}"
+        raise DataFormatError(reason, source=path) from None
+
+
 def load_rows(spec: DataSpec) -> LoadedRows:
     """Load the rows of ``spec`` (no formatting yet)."""
     path = os.path.expanduser(spec.path)
@@ -51,7 +72,9 @@ def load_rows(spec: DataSpec) -> LoadedRows:
             raise ValueError(
                 f"{path}: unsupported data file type {ext!r}; use one of {sorted(_FILE_BUILDERS)}"
             )
-        rows = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+        rows = load_local(
+            path, lambda: datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train")
+        )
     elif os.path.isdir(path):
         if os.path.exists(os.path.join(path, "state.json")) or os.path.exists(
             os.path.join(path, "dataset_dict.json")
@@ -59,7 +82,7 @@ def load_rows(spec: DataSpec) -> LoadedRows:
             loaded = datasets.load_from_disk(path)
             rows = loaded[spec.split] if isinstance(loaded, datasets.DatasetDict) else loaded
         else:
-            rows = datasets.load_dataset(path, name=spec.name, split=spec.split)
+            rows = load_local(path, lambda: datasets.load_dataset(path, name=spec.name, split=spec.split))
     else:
         try:
             rows = datasets.load_dataset(path, name=spec.name, split=spec.split)
@@ -79,16 +102,15 @@ def load_rows(spec: DataSpec) -> LoadedRows:
     )
 
 
-def as_specs(value: DataSpec | list[DataSpec] | dict[str, Any] | None) -> list[DataSpec]:
+def as_specs(
+    value: DataSpec | list[DataSpec] | dict[str, Any] | None, name: str = "data spec"
+) -> list[DataSpec]:
+    """One split's specs as typed :class:`DataSpec` objects (YAML gives dicts; a misspelt key fails here)."""
     if value is None:
         return []
-    if isinstance(value, dict):
-        value = DataSpec(**value)
-    return (
-        [value]
-        if isinstance(value, DataSpec)
-        else [DataSpec(**v) if isinstance(v, dict) else v for v in value]
-    )
+    if isinstance(value, (DataSpec, Mapping)):
+        return [as_config(DataSpec, value, name)]
+    return [as_config(DataSpec, v, f"{name}[{i}]") for i, v in enumerate(value)]
 
 
 torch.serialization.add_safe_globals([DataSpec])  # saved in datamodule hyper-parameters of checkpoints

@@ -3,6 +3,11 @@
 Chat template priority (as in align-anything): the model class's own template > the processor's or
 tokenizer's chat template > :func:`default_chat_template`. Assistant spans are found by rendering the
 conversation prefix by prefix, so any chat template works without ``{% generation %}`` markers.
+
+A turn's target ends at the template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, ``</s>``): the
+whitespace many templates render after it (ChatML's ``\n``) is neither trained on nor, after the last
+turn, kept at the end of the text. Rollouts stop at that token, so a score model reads the end score of a
+training row and of a rollout at the same token.
 """
 
 from __future__ import annotations
@@ -51,6 +56,15 @@ def default_chat_template(
     return text
 
 
+def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """Texts of the tokenizer's special tokens (where a template's end-of-turn marker is found)."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(getattr(token, "content", str(token)))
+    return tuple(sorted(text for text in texts if text))
+
+
 class ChatRenderer:
     """Renders conversations to text with the highest-priority template available."""
 
@@ -85,6 +99,18 @@ class ChatRenderer:
             self.source = "default"
             eos = tokenizer.eos_token or ""
             self.render_fn = lambda conv, gen: default_chat_template(conv, gen, eos)
+        self.special_tokens = special_token_texts(tokenizer)
+
+    def turn_end(self, text: str, start: int, end: int) -> int:
+        """End of the assistant turn ``text[start:end]`` without the whitespace after its end-of-turn token.
+
+        Only whitespace that follows a special token is dropped: a template with no end-of-turn token
+        keeps its own ending (then nothing else tells the model to stop).
+        """
+        stripped = start + len(text[start:end].rstrip())
+        if stripped < end and any(text.endswith(token, start, stripped) for token in self.special_tokens):
+            return stripped
+        return end
 
     def render(self, conversation: Conversation, add_generation_prompt: bool = False) -> str:
         return self.render_fn(conversation, add_generation_prompt)
@@ -94,6 +120,8 @@ class ChatRenderer:
     ) -> tuple[str, list[tuple[int, int]]]:
         """The full text and the ``[start, end)`` character spans of the assistant turns to train on.
 
+        Each span ends at the turn's end-of-turn token (:meth:`turn_end`); when the conversation ends
+        with an assistant turn, the text ends there too (only whitespace is dropped).
         ``train_on``: ``all_assistant`` (every assistant turn) or ``last_assistant``. Raises ValueError
         when the template is not prefix-stable (a prefix render is not a prefix of the full render).
         """
@@ -110,7 +138,9 @@ class ChatRenderer:
                     "is not a prefix of the whole conversation, so assistant tokens cannot be located. "
                     "Register a model class with its own chat template (see aa_lightning.models.registry)."
                 )
-            spans.append((len(prompt), len(upto)))
+            spans.append((len(prompt), self.turn_end(upto, len(prompt), len(upto))))
+        if spans and not full[spans[-1][1] :].strip():
+            full = full[: spans[-1][1]]
         if train_on == "last_assistant":
             spans = spans[-1:]
         elif train_on != "all_assistant":

@@ -2,6 +2,9 @@
 
 Reward models, cost models and PPO critics are all this one class. The end score of a sequence is the
 score at its last non-pad token, found from the attention mask, so left and right padding both work.
+That token is the end-of-turn token both for an encoded training row (the encoder ends rows there, with
+nothing after it: see :mod:`aa_lightning.data.templating`) and for a rollout that stopped at EOS, so a
+reward model is read at the same token in training and in PPO.
 """
 
 from __future__ import annotations

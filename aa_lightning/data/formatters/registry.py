@@ -1,8 +1,14 @@
-"""Name -> formatter class registry, so configs can pick a dataset layout by a string ("Alpaca")."""
+"""Name -> formatter class registry, so configs can pick a dataset layout by a string ("Alpaca").
+
+A config can also name a formatter that lives in user code as ``"package.module:ClassName"`` (as reward
+functions allow): the module is imported when the data is prepared, so no registration call has to run before
+the CLI starts.
+"""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,6 +19,7 @@ __all__ = [
     "available_templates",
     "get_formatter",
     "get_formatter_class",
+    "import_formatter_class",
     "register_template",
 ]
 
@@ -64,8 +71,38 @@ def available_templates() -> list[str]:
     return sorted(_TEMPLATES)
 
 
+def import_formatter_class(path: str) -> type[BaseFormatter]:
+    """The :class:`BaseFormatter` subclass at ``"package.module:ClassName"`` (the module is imported)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UnknownTemplateError(
+            f"template {path!r}: write an imported formatter as 'package.module:ClassName'"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name == err.name or module_name.startswith(f"{err.name}.")):
+            raise  # the user's module exists but one of its own imports is missing: keep that traceback
+        raise UnknownTemplateError(
+            f"template {path!r}: no module named {err.name!r} (is the package installed or on PYTHONPATH?)"
+        ) from None
+    if path in _TEMPLATES:  # the module registered its class under the full path
+        return _TEMPLATES[path]
+    cls = module
+    for part in attr.split("."):
+        if not hasattr(cls, part):
+            raise UnknownTemplateError(f"template {path!r}: module {module_name!r} has no attribute {attr!r}")
+        cls = getattr(cls, part)
+    if not (isinstance(cls, type) and issubclass(cls, BaseFormatter)):
+        raise TypeError(f"template {path!r} is {cls!r}, not a BaseFormatter subclass")
+    return cls
+
+
 def get_formatter_class(name: str) -> type[BaseFormatter]:
-    """The class registered under ``name``; unknown names raise :class:`UnknownTemplateError`."""
+    """The class registered under ``name``, or imported from ``"package.module:ClassName"``; unknown names raise
+    :class:`UnknownTemplateError`."""
+    if isinstance(name, str) and name not in _TEMPLATES and ":" in name:
+        return import_formatter_class(name)
     try:
         return _TEMPLATES[name]
     except (KeyError, TypeError):
@@ -78,7 +115,8 @@ def get_formatter_class(name: str) -> type[BaseFormatter]:
             if close:
                 hint = f"; did you mean {', '.join(repr(c) for c in close)}? (names are case-sensitive)"
         raise UnknownTemplateError(
-            f"unknown template {name!r}{hint}; known templates: {', '.join(known) or 'none'}"
+            f"unknown template {name!r}{hint}; known templates: {', '.join(known) or 'none'} "
+            "(or 'package.module:ClassName' for a formatter in your own code)"
         ) from None
 
 
