@@ -292,7 +292,7 @@ def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
             return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
 
         def reference_log_probs_live(self, batch: dict[str, Any]) -> Any:
-            with self.reference_forward_context() as ref:
+            with self.frozen.running("reference", self.model) as ref:
                 return causal_lm_log_probs(ref, model_inputs(batch, ref), batch["labels"])
 
     module = SparseHeadDPO(

@@ -58,7 +58,7 @@ def print_config(path: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any
 def data_specs(config: dict[str, Any]) -> list[dict[str, Any]]:
     init = config["data"]["init_args"]
     specs = []
-    for split in ("train", "val", "test", "predict"):
+    for split in ("train", "val", "test", "predict", "ptx"):
         value = init.get(split)
         specs.extend(value if isinstance(value, list) else [value] if value else [])
     return specs

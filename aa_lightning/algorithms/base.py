@@ -6,6 +6,7 @@ what modality a batch holds: every top-level tensor of a batch except ``labels``
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from typing import Any
@@ -15,8 +16,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from aa_lightning.algorithms.config import LoraConfig, OptimConfig
+from aa_lightning.algorithms.config import LoraConfig, OptimConfig, as_config
+from aa_lightning.algorithms.export import (
+    finite_or_raise,
+    lora_adapter_state_dict,
+    merged_lora_state_dict,
+    plain_state_dict,
+)
+from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze, unwrap
+from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
+from aa_lightning.algorithms.zero3 import initialise_lora_in_shards
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
 
 NON_MODEL_KEYS = frozenset({"labels"})
@@ -35,18 +45,7 @@ def model_inputs(batch: dict[str, Any], model: nn.Module | None = None) -> dict[
     return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in NON_MODEL_KEYS}
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under DeepSpeed/DDP/peft wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
-def freeze(model: nn.Module) -> nn.Module:
-    """Frozen models (reference, reward) stay in eval mode with no gradients."""
-    model.eval()
-    model.requires_grad_(False)
-    return model
+__all__ = ["AlignModule", "NonFiniteError", "freeze", "model_inputs", "unwrap"]
 
 
 class AlignModule(pl.LightningModule):
@@ -61,6 +60,10 @@ class AlignModule(pl.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         lora: train LoRA adapters (peft) instead of all weights.
         attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2``.
+        on_nonfinite: what a NaN/inf loss or gradient norm does: ``error`` stops the run naming the step and
+            the quantity; ``skip`` drops that optimizer step (its gradients are discarded) and counts it in
+            ``train/skipped_steps`` (not under DeepSpeed, whose engine steps on its own). Either way a model
+            with non-finite weights is never exported.
     """
 
     data_kind: str = "supervised"
@@ -74,11 +77,19 @@ class AlignModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         lora: LoraConfig | None = None,
         attn_implementation: str | None = None,
+        on_nonfinite: NonFinitePolicy = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # collects the init args of the whole subclass chain
+        if on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite must be 'error' or 'skip', not {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        self.frozen = FrozenModels()  # reference / reward / cost models (see algorithms/frozen.py)
         self.model_name_or_path = model_name_or_path
-        self.optim = optim or OptimConfig()
+        # typed once here: from YAML / the command line the hparams hold dicts, readers use these attributes
+        self.optim: OptimConfig = as_config(OptimConfig, optim, "optim")
+        self.lora: LoraConfig | None = None if lora is None else as_config(LoraConfig, lora, "lora")
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
         self.processor: Any = None
@@ -95,6 +106,24 @@ class AlignModule(pl.LightningModule):
             attn_implementation=hp.get("attn_implementation"),
             **kwargs,
         )
+
+    def load_frozen(self, role: str, name_or_path: str | None = None, **kwargs: Any) -> nn.Module:
+        """Load a frozen model for ``role`` into :attr:`frozen` (call from ``configure_model``: sharded under
+        ZeRO-3 like the policy)."""
+        path = name_or_path or self.model_name_or_path
+        model, tokenizer, _ = self.load_model(path, **kwargs)
+        return self.frozen.add(role, model, tokenizer, path)
+
+    def setup_reference(self, ref_model_name_or_path: str | None = None) -> None:
+        """The reference policy: ``ref_model_name_or_path``, else the initial policy loaded again from its path
+        (never a deep copy: under ZeRO-3 the loaded policy is already partitioned), else, with LoRA, the
+        policy with its adapters off."""
+        if ref_model_name_or_path:
+            self.load_frozen("reference", ref_model_name_or_path)
+        elif self.lora is not None:
+            self.frozen.use_policy_without_adapters("reference")
+        else:
+            self.load_frozen("reference")
 
     def enable_zero3_loading(self) -> None:
         """Under ZeRO-3, tell transformers so ``from_pretrained`` loads weights into partitioned parameters.
@@ -124,13 +153,11 @@ class AlignModule(pl.LightningModule):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "config"):
                 model.config.use_cache = False
-        lora: LoraConfig | None = self.hparams.get("lora")
+        lora = self.lora
         if lora is not None:
             from peft import LoraConfig as PeftLoraConfig
             from peft import get_peft_model
 
-            if isinstance(lora, dict):
-                lora = LoraConfig(**lora)
             model = get_peft_model(
                 model,
                 PeftLoraConfig(
@@ -138,8 +165,11 @@ class AlignModule(pl.LightningModule):
                     lora_alpha=lora.alpha,
                     lora_dropout=lora.dropout,
                     target_modules=lora.target_modules,
+                    # a score model's head is new: it trains in full next to the adapters
+                    modules_to_save=["score_head"] if hasattr(model, "score_head") else None,
                 ),
             )
+            initialise_lora_in_shards(model)  # under zero.Init peft's lora_B = 0 would miss the shards
         return model
 
     def trained_modules(self) -> list[nn.Module]:
@@ -158,13 +188,76 @@ class AlignModule(pl.LightningModule):
 
         Saves one gradient-sized buffer at the activation peak (540 MB for a 135M model in fp32); gradient
         accumulation is unaffected since this runs only at the end of an accumulation window. DeepSpeed
-        manages its own gradient buffers.
+        manages its own gradient buffers; its engine computes the global gradient norm inside its step, so
+        under DeepSpeed it is logged (and checked) here, before any callback can checkpoint the step.
         """
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        engine = self.deepspeed_engine()
+        if engine is None:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            norm = torch.as_tensor(norm, dtype=torch.float32)
+            self.log("train/grad_norm", norm, batch_size=1)
+            if not math.isfinite(float(norm)):
+                self.handle_nonfinite("gradient norm", norm)
+
+    def deepspeed_engine(self) -> Any:
+        """The DeepSpeed engine when the run uses DeepSpeed, else None."""
+        if self._trainer is None:
+            return None
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        if not isinstance(self.trainer.strategy, DeepSpeedStrategy):
-            optimizer.zero_grad(set_to_none=True)
+        strategy = self.trainer.strategy
+        return (
+            getattr(strategy, "deepspeed_engine", None) if isinstance(strategy, DeepSpeedStrategy) else None
+        )
+
+    # -- non-finite guard ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse, at start-up, combinations that cannot work (one clear line, never mid-run)."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if self.on_nonfinite == "skip" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise ValueError(
+                "on_nonfinite: skip is not supported under DeepSpeed (its engine applies every step itself); "
+                "use on_nonfinite: error"
+            )
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """A NaN/inf loss on any rank stops the run before its gradients reach the weights."""
+        if any_rank_nonfinite(loss, self.trainer.strategy if self._trainer is not None else None):
+            self.handle_nonfinite("loss", loss)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """``train/grad_norm``: the global gradient norm of the step before clipping (identical on every rank:
+        gradients are already all-reduced); a non-finite one stops or skips the step."""
+        if not self.automatic_optimization or self.deepspeed_engine() is not None:
+            return  # RL modules check in their own update; DeepSpeed in ``optimizer_step``
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        self.log("train/grad_norm", norm, batch_size=1)
+        if not torch.isfinite(norm):
+            self.handle_nonfinite("gradient norm", norm, optimizer)
+
+    def handle_nonfinite(self, what: str, value: torch.Tensor, optimizer: Any = None) -> None:
+        """``error``: raise naming the step and the quantity. ``skip``: drop this step's gradients."""
+        step = self.trainer.global_step + 1 if self._trainer is not None else 0
+        shown = value.detach().float().flatten()[:1].item() if value.numel() else value
+        if self.on_nonfinite == "error":
+            raise NonFiniteError(
+                f"optimizer step {step}: the {what} is {shown}. Stopping (nothing is exported). Lower the "
+                "learning rate or check the data; `--model.init_args.on_nonfinite skip` drops such steps instead."
+            )
+        if optimizer is not None:  # skip: AdamW leaves parameters without gradients untouched
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=1)
 
     def log_learning_rates(self) -> None:
         """``train/lr`` (and ``train/lr_group{i}`` for further parameter groups): plain floats, no sync."""
@@ -221,24 +314,25 @@ class AlignModule(pl.LightningModule):
     def export_pretrained(self, save_directory: str) -> None:
         """Write the trained model, tokenizer and processor in Hugging Face format (``save_pretrained``).
 
-        Under ZeRO-3 the sharded parameters are gathered first; only global rank 0 writes.
+        Every strategy takes the same path: the weights are copied to CPU first (ZeRO-3 shards gathered one
+        submodule at a time; LoRA merged into a copy unless ``lora.merge_on_export`` is False, then the
+        adapter alone is written), checked to be finite, and written by global rank 0 only.
         """
         model = unwrap(self.export_model())
-        state_dict = None
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        engine = getattr(strategy, "deepspeed_engine", None) if strategy is not None else None
-        if engine is not None and engine.zero_optimization_stage() == 3:
-            state_dict = gathered_state_dict(self.export_model())
+        lora = self.lora
+        is_peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+        merge = lora is None or lora.merge_on_export
+        if is_peft and merge:
+            state_dict, target = merged_lora_state_dict(model), model.get_base_model()
+        elif is_peft:
+            state_dict, target = lora_adapter_state_dict(model), model
+        else:
+            state_dict, target = plain_state_dict(model), model
         if self._trainer is not None and not self.trainer.is_global_zero:
             return
-        lora: LoraConfig | None = self.hparams.get("lora")
+        finite_or_raise(state_dict, save_directory)
         os.makedirs(save_directory, exist_ok=True)
-        if lora is not None and getattr(lora, "merge_on_export", True) and hasattr(model, "merge_adapter"):
-            save_merged_lora(model, save_directory)
-        elif state_dict is not None:
-            model.save_pretrained(save_directory, state_dict=state_dict)
-        else:
-            model.save_pretrained(save_directory)
+        target.save_pretrained(save_directory, state_dict=state_dict)
         for part in (self.processor, self.tokenizer):
             if part is not None:
                 part.save_pretrained(save_directory)
@@ -248,6 +342,10 @@ class AlignModule(pl.LightningModule):
 
     # -- exact resume: RNG states travel with the checkpoint -----------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):  # frozen models are reloaded from their paths, not stored again
+            for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:
+                del state[key]
         # plain types and tensors only: Lightning reloads checkpoints with weights_only=True
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         checkpoint["aa_rng"] = {
@@ -258,6 +356,13 @@ class AlignModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        weights = checkpoint.get("state_dict")
+        if isinstance(
+            weights, dict
+        ):  # strict loading: the frozen models keep the weights they were built with
+            for key, value in self.state_dict().items():
+                if key.startswith(FROZEN_PREFIX) and key not in weights:
+                    weights[key] = value
         state = checkpoint.get("aa_rng")
         if not state:
             return
@@ -268,34 +373,3 @@ class AlignModule(pl.LightningModule):
         torch.set_rng_state(state["torch"])
         if state.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_merged_lora(peft_model: nn.Module, save_directory: str) -> None:
-    """Save base weights with the adapters merged in, leaving the training model unchanged."""
-    peft_model.merge_adapter()
-    try:
-        base = peft_model.get_base_model()
-        state = {
-            k.replace(".base_layer.", "."): v.detach().cpu().clone()
-            for k, v in base.state_dict().items()
-            if "lora_" not in k
-        }
-        base.save_pretrained(save_directory, state_dict=state)
-    finally:
-        peft_model.unmerge_adapter()
-
-
-def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full state dict of a ZeRO-3 partitioned module, gathered one submodule at a time (CPU copies)."""
-    import deepspeed
-
-    module = unwrap(module)
-    out: dict[str, torch.Tensor] = {}
-    for prefix, sub in module.named_modules():
-        params = list(sub.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            for name, tensor in list(sub.named_parameters(recurse=False)) + list(
-                sub.named_buffers(recurse=False)
-            ):
-                out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
-    return out

@@ -1,4 +1,9 @@
-"""Small config dataclasses shared by the algorithm modules (they appear as YAML sections)."""
+"""Small config dataclasses shared by the algorithm modules (they appear as YAML sections).
+
+Modules coerce them once, in ``__init__``, with :func:`as_config`: from Python they arrive as dataclasses,
+from YAML or the command line the hyper-parameters hold plain dicts, and every reader must see the same typed
+object whatever the entry point.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from aa_lightning.config_coercion import as_config
+
+__all__ = ["GenerationConfig", "LoraConfig", "OptimConfig", "as_config"]
 
 
 @dataclass

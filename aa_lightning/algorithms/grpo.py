@@ -144,7 +144,9 @@ class GRPOModule(OnlineRLModule):
                 self.optimizer_update(stats)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        prompt_batch, _ = self.split_batch(batch)
+        prompt_batch, ptx_batch = self.split_batch(batch)
+        if ptx_batch is not None:
+            raise ValueError("GRPO has no ptx loss: remove the ptx data stream (data.ptx) or train PPO")
         rollout, stats = self.experience(prompt_batch)
         self.update(rollout, stats)
         self.log_metrics(stats, rollout, {"score": rollout["scores"], "advantage": rollout["advantages"]})

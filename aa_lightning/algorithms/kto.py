@@ -17,10 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from aa_lightning.algorithms.losses import kto_kl_estimate, kto_loss
-from aa_lightning.algorithms.preference import IGNORE_INDEX, PolicyModule, ReferenceModelMixin
+from aa_lightning.algorithms.preference import IGNORE_INDEX, ReferencePolicyModule
 
 __all__ = ["KTOModule", "mismatched_pairs"]
 
@@ -68,7 +67,7 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
     return out
 
 
-class KTOModule(ReferenceModelMixin, PolicyModule):
+class KTOModule(ReferencePolicyModule):
     """KTO (Ethayarajh et al. 2024) with a frozen reference and an in-batch KL reference point.
 
     Args:
@@ -103,15 +102,11 @@ class KTOModule(ReferenceModelMixin, PolicyModule):
         kl_estimate: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, ref_model_name_or_path=ref_model_name_or_path, **kwargs)
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
         self.kl_estimate = kl_estimate
-
-    def configure_reference(self, initial_policy: nn.Module) -> None:
-        if self.reference_model is None:
-            self.load_reference(initial_policy)
 
     def reference_point(self, batch: dict[str, Any]) -> torch.Tensor:
         """``z0``: detached mean policy/reference log-ratio of mismatched pairs (0 if it cannot be estimated)."""

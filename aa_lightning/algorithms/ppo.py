@@ -10,8 +10,9 @@ actor). One training step = one rollout:
 3. per-token rewards: ``-kl_coef * KL_t`` (k1 or k3 estimator against the reference) plus the (optionally
    normalised / clipped) score on the last response token, minus ``missing_eos_penalty`` for responses cut
    at ``max_new_tokens``; GAE advantages over response tokens (whitened) and returns for the critic;
-4. ``ppo_epochs`` passes over shuffled minibatches: clipped surrogate (+ entropy bonus, + ptx loss), clipped
-   value loss, gradient accumulation over ``gradient_accumulation_steps`` minibatches, gradient clipping.
+4. ``ppo_epochs`` passes over shuffled minibatches: clipped surrogate (+ entropy bonus), clipped value loss,
+   gradient accumulation over ``gradient_accumulation_steps`` minibatches, gradient clipping; the ptx loss
+   (supervised batch of the rollout's step, weight ``ptx_coef``) once per optimizer update.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from aa_lightning.algorithms.base import model_inputs
-from aa_lightning.algorithms.logprobs import masked_mean, masked_whiten, sequence_log_probs
+from aa_lightning.algorithms.logprobs import causal_lm_log_probs, masked_mean, masked_whiten
 from aa_lightning.algorithms.losses import compute_gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from aa_lightning.algorithms.rollout import (
     MetricAccumulator,
@@ -61,7 +63,8 @@ class PPOModule(OnlineRLModule):
         score_clip: clip the (normalised) score to ``[-score_clip, score_clip]``.
         loss_aggregation: policy-loss reduction: ``token_mean``, ``sequence_mean`` or ``constant``.
         ptx_coef: weight of the supervised (pre-training mix) loss on a ``ptx`` batch, when the train loader
-            yields ``{"prompt": prompt_batch, "ptx": supervised_batch}`` (a dict of loaders).
+            yields ``{"prompt": prompt_batch, "ptx": supervised_batch}`` (the datamodule's ``ptx`` data spec,
+            or a dict of loaders). The rollout's ptx batch enters each optimizer update once.
         **kwargs: see :class:`OnlineRLModule` and :class:`AlignModule` (``optim`` is the actor's).
     """
 
@@ -182,32 +185,38 @@ class PPOModule(OnlineRLModule):
     def gae(
         self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(advantages, returns)``; advantages whitened over response tokens when configured."""
-        advantages, returns = compute_gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
-        if self.hparams.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
-        return advantages, returns
+        """``(advantages, returns)`` of one stream, raw (not whitened: see :meth:`whiten`)."""
+        return compute_gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
+
+    def whiten(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The actor's advantages, whitened over response tokens when configured (once, after any mixing)."""
+        return masked_whiten(advantages, mask) if self.hparams.whiten_advantages else advantages
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> None:
+        rollout["advantages"] = self.whiten(self.reward_advantages(rollout, stats), rollout.response_mask)
+
+    @torch.no_grad()
+    def reward_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> torch.Tensor:
+        """Raw GAE advantages of the reward stream; fills ``returns`` and ``sequence_rewards``."""
         hp = self.hparams
         mask = rollout.response_mask
         moments = self.score_moments if hp.normalize_score else None
         score = self.shaped_score(rollout["scores"], rollout.has_eos, moments, stats)
         rewards, kl = self.token_rewards(score, rollout)
         advantages, returns = self.gae(rewards, rollout["old_values"], mask)
-        rollout["advantages"], rollout["returns"] = advantages, returns
+        rollout["returns"] = returns
         rollout["sequence_rewards"] = torch.where(mask, rewards, torch.zeros_like(rewards)).sum(dim=1)
         stats.add_std("rollout/reward", rollout["sequence_rewards"])
         stats.add_mean("rollout/kl_penalty", -hp.kl_coef * kl.sum(dim=1))
         stats.add_mean("rollout/return", returns, mask)
         stats.add("train/explained_variance", explained_variance(rollout["old_values"], returns, mask), 1)
+        return advantages
 
     # -- update ----------------------------------------------------------------------------------------
     def ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Token-mean NLL of a supervised batch (the InstructGPT pre-training mix)."""
-        logits = self.model(**model_inputs(batch, self.model), use_cache=False).logits
-        logps = sequence_log_probs(logits, batch["labels"])
+        """Token-mean NLL of a supervised batch (the InstructGPT pre-training mix); LM head on labelled rows only."""
+        logps = causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
         return -logps.sum.sum() / logps.token_count.sum().clamp(min=1)
 
     def actor_loss(
@@ -261,24 +270,35 @@ class PPOModule(OnlineRLModule):
         return self.hparams.value_loss_coef * out.loss * token_weight
 
     def update(self, rollout: Rollout, ptx_batch: dict[str, Any] | None, stats: MetricAccumulator) -> None:
+        """``ppo_epochs`` passes over the rollout's minibatch groups, one optimizer update per group.
+
+        A ``ptx`` batch enters every optimizer update ONCE, with weight ``ptx_coef``: its loss joins the last
+        minibatch of the group (one backward per minibatch, so DDP sees every trained parameter in each).
+        """
         hp = self.hparams
         mask = rollout.response_mask
+        use_ptx = ptx_batch is not None and bool(hp.ptx_coef)
+        if ptx_batch is not None and not use_ptx:
+            rank_zero_warn(
+                "the train loader yields ptx batches but ptx_coef is 0: they are loaded and ignored"
+            )
         for epoch in range(hp.ppo_epochs):
             for group in self.minibatch_groups(len(rollout), seed_offset=epoch + 1):
                 group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
                 group_seqs = sum(len(idx) for idx in group)
                 for i, idx in enumerate(group):
+                    last = i == len(group) - 1
                     self.start_minibatch()
                     mb = rollout.select(idx)
                     token_weight = mb.response_mask.sum() / group_tokens
                     seq_weight = len(idx) / group_seqs
                     loss = self.actor_loss(mb, stats, token_weight, seq_weight)
-                    if ptx_batch is not None and hp.ptx_coef:
+                    if use_ptx and last:
                         ptx = self.ptx_loss(ptx_batch)
                         stats.add("train/ptx_loss", ptx.detach(), 1)
-                        loss = loss + hp.ptx_coef * ptx / len(group)
+                        loss = loss + hp.ptx_coef * ptx
                     loss = loss + self.critic_loss(mb, stats, token_weight)
-                    self.backward_minibatch(loss, last_in_group=i == len(group) - 1)
+                    self.backward_minibatch(loss, last_in_group=last)
                 self.optimizer_update(stats)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:

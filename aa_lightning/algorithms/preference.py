@@ -20,24 +20,23 @@ followed by the ``B`` rejected rows (see :mod:`aa_lightning.data.collators`).
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import gc
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics import MeanMetric
 
-from aa_lightning.algorithms.base import AlignModule, freeze, model_inputs, unwrap
+from aa_lightning.algorithms.base import AlignModule, model_inputs
+from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.logprobs import SequenceLogProbs, causal_lm_log_probs
 from aa_lightning.algorithms.losses import PreferenceLossOutput, dpo_loss, orpo_loss, simpo_loss
+from aa_lightning.algorithms.token_mean import StepTokenMean
+from aa_lightning.batch import STEP_CHOSEN_LABEL_TOKENS
 from aa_lightning.models.aliases import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ __all__ = [
     "DPOModule",
     "PREFERENCE_METRICS",
     "ReferenceFreeModule",
-    "ReferenceModelMixin",
+    "ReferencePolicyModule",
     "StageMeans",
     "StepStatsModule",
     "pair_stats",
@@ -71,27 +70,42 @@ IGNORE_INDEX = -100
 
 
 class StageMeans(nn.Module):
-    """Per-example means of named statistics over a whole val/test epoch (torchmetrics: synced across ranks).
+    """Per-example means of named statistics over a whole val/test epoch, exact over all ranks.
 
-    A statistic never updated in an epoch (e.g. ORPO's ``or_loss`` in a SimPO run) is simply not reported.
+    A statistic with one value per row of the batch is kept per sample (:class:`UniqueSampleSums`), so the
+    rows a distributed sampler hands out twice to even out the ranks count once; other statistics (a subset
+    of the rows, a batch-level scalar) are pooled as they come. Every rank updates every statistic each batch
+    (possibly with nothing), so all ranks take part in the same collectives at the epoch's end. A statistic
+    with no value in an epoch (e.g. ORPO's ``or_loss`` in a SimPO run) is simply not reported.
     """
 
     def __init__(self, names: Iterable[str], stages: Iterable[str] = ("val", "test")) -> None:
         super().__init__()
         self.names = list(names)
         self.metrics = nn.ModuleDict(
-            {stage: nn.ModuleDict({self._key(n): MeanMetric() for n in self.names}) for stage in stages}
+            {
+                stage: nn.ModuleDict({self._key(n): UniqueSampleSums(["sum", "count"]) for n in self.names})
+                for stage in stages
+            }
         )
 
     @staticmethod
     def _key(name: str) -> str:
         return name.replace("/", "__")
 
-    def update(self, stage: str, stats: dict[str, torch.Tensor]) -> None:
-        for name, value in stats.items():
-            key = self._key(name)
-            if key in self.metrics[stage] and value.numel():
-                self.metrics[stage][key].update(value.detach().float())
+    def update(self, stage: str, stats: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> None:
+        """``index``: the dataset index of each row of the batch (``sample_indices``); None: no dedup."""
+        for name in self.names:
+            metric = self.metrics[stage][self._key(name)]
+            value = stats.get(name)
+            value = value.detach().double().reshape(-1) if value is not None else torch.zeros(0)
+            value = value.to(metric.device)
+            if index is not None and value.numel() == index.numel():
+                metric.update(index, {"sum": value, "count": torch.ones_like(value)})
+            else:
+                rows = torch.full((1,), -1, dtype=torch.long, device=metric.device)
+                count = torch.full((1,), float(value.numel()), dtype=torch.float64, device=metric.device)
+                metric.update(rows, {"sum": value.sum().reshape(1), "count": count})
 
     def compute(self, stage: str) -> dict[str, torch.Tensor]:
         """Means of the statistics updated this epoch; resets them."""
@@ -99,7 +113,9 @@ class StageMeans(nn.Module):
         for name in self.names:
             metric = self.metrics[stage][self._key(name)]
             if metric.update_called:
-                out[name] = metric.compute().clone()
+                sums = metric.compute()
+                if sums["count"] > 0:
+                    out[name] = (sums["sum"] / sums["count"]).float()
             # fresh states must be normal tensors, not inference tensors: `trainer.validate` runs under
             # inference_mode while validation inside `fit` runs under no_grad and updates them in place
             with torch.inference_mode(False):
@@ -142,11 +158,11 @@ class StepStatsModule(AlignModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         _, stats = self.compute_loss(batch, "val" if not dataloader_idx else f"val_{dataloader_idx}")
-        self.eval_means.update("val", stats)
+        self.eval_means.update("val", stats, sample_indices(batch, self.batch_size_of(batch)))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         _, stats = self.compute_loss(batch, "test" if not dataloader_idx else f"test_{dataloader_idx}")
-        self.eval_means.update("test", stats)
+        self.eval_means.update("test", stats, sample_indices(batch, self.batch_size_of(batch)))
 
     def epoch_stats(self, stage: str) -> dict[str, torch.Tensor]:
         """The set-level statistics logged at the end of a val/test epoch (subclasses may add derived ones)."""
@@ -193,11 +209,11 @@ class PolicyModule(StepStatsModule):
         if self.model is not None:
             return
         model, self.tokenizer, self.processor = self.load_model()
-        self.configure_reference(model)
         self.model = self.prepare_trainable(model)
+        self.configure_reference()
 
-    def configure_reference(self, initial_policy: nn.Module) -> None:
-        """Hook run on the freshly loaded policy before it is made trainable (no reference by default)."""
+    def configure_reference(self) -> None:
+        """Hook run in ``configure_model`` after the policy is built (no reference by default)."""
 
     def policy_log_probs(self, batch: dict[str, Any]) -> SequenceLogProbs:
         """Log-probs of every row's labelled tokens under the policy, in one forward over all rows."""
@@ -210,74 +226,32 @@ class PolicyModule(StepStatsModule):
 # --------------------------------------------------------------------------------------------------
 
 
-class ReferenceModelMixin:
-    """A frozen reference policy kept OUT of the module tree.
+class ReferencePolicyModule(PolicyModule):
+    """A policy trained against a frozen reference policy (DPO, KTO).
 
-    It is not a submodule, so it is never written into checkpoints, never handed to the optimizer and never
-    wrapped or sharded by the strategy; it is moved to the module's device when used. Without
-    ``ref_model_name_or_path`` the reference is a copy of the initial policy, or, with LoRA, the policy
-    itself with its adapters switched off (no second copy of the weights).
+    The reference lives in :attr:`frozen` (see :mod:`aa_lightning.algorithms.frozen`): loaded from
+    ``ref_model_name_or_path`` or again from the policy's own path in ``configure_model`` (so it is sharded,
+    cast and placed exactly like the policy under every strategy), or, with LoRA, the policy itself with its
+    adapters switched off (no second copy of the weights).
     """
 
-    _ref_box: dict[str, Any]
+    def __init__(self, *args: Any, ref_model_name_or_path: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ref_model_name_or_path = ref_model_name_or_path
 
-    def _reference_box(self) -> dict[str, Any]:
-        box = self.__dict__.get("_ref_box")
-        if box is None:
-            box = {"model": None, "via_adapter": False}
-            self.__dict__["_ref_box"] = box
-        return box
+    def configure_reference(self) -> None:
+        if "reference" not in self.frozen:
+            self.setup_reference(self.ref_model_name_or_path)
 
     @property
     def reference_model(self) -> nn.Module | None:
-        return self._reference_box()["model"]
-
-    def set_reference(self, model: nn.Module | None, via_adapter: bool = False) -> None:
-        box = self._reference_box()
-        box["model"] = freeze(model) if model is not None else None
-        box["via_adapter"] = via_adapter
-
-    def load_reference(self, initial_policy: nn.Module | None) -> nn.Module | None:
-        """Build the live reference from ``ref_model_name_or_path``, the initial policy, or the LoRA base."""
-        hp = self.hparams
-        if hp.get("ref_model_name_or_path"):
-            model, _, _ = self.load_model(hp["ref_model_name_or_path"])
-            self.set_reference(model)
-        elif hp.get("lora") is not None:
-            self.set_reference(None, via_adapter=True)
-        elif initial_policy is not None:
-            self.set_reference(copy.deepcopy(initial_policy))
-        else:
-            model, _, _ = self.load_model()
-            self.set_reference(model)
-        return self.reference_model
-
-    @contextlib.contextmanager
-    def reference_forward_context(self) -> Iterator[nn.Module]:
-        """Yields the model to run as the reference, under ``torch.no_grad``."""
-        box = self._reference_box()
-        with torch.no_grad():
-            if box["via_adapter"]:
-                with unwrap(self.model).disable_adapter():
-                    yield self.model
-                return
-            model = box["model"]
-            if model is None:
-                raise RuntimeError("no reference model is loaded")
-            device = self.device
-            if next(model.parameters()).device != device:
-                model.to(device)
-            yield model
+        """The stored reference model (None when there is none, or when LoRA's adapters-off policy serves)."""
+        return self.frozen.get("reference")
 
     def reference_log_probs_live(self, batch: dict[str, Any]) -> SequenceLogProbs:
-        with self.reference_forward_context() as ref:
+        """Log-probs of the batch's labelled tokens under the reference, in one no-grad forward."""
+        with self.frozen.running("reference", self.model) as ref:
             return causal_lm_log_probs(ref, model_inputs(batch, ref), batch["labels"])
-
-    def release_reference(self) -> None:
-        self.set_reference(None)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _label_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -318,7 +292,7 @@ def dataset_fingerprint(dataset: Any) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class DPOModule(ReferenceModelMixin, PolicyModule):
+class DPOModule(ReferencePolicyModule):
     """Direct Preference Optimisation against a frozen reference, with IPO / hinge / cDPO variants.
 
     Args:
@@ -351,7 +325,7 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
         ref_cache_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, ref_model_name_or_path=ref_model_name_or_path, **kwargs)
         if loss_type not in ("sigmoid", "ipo", "hinge"):
             raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid', 'ipo' or 'hinge'")
         if label_smoothing and loss_type != "sigmoid":
@@ -401,11 +375,31 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
             out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.losses
         )
 
-    # -- reference: live model -------------------------------------------------------------------------
-    def configure_reference(self, initial_policy: nn.Module) -> None:
-        if self.precompute_ref_log_probs or self.reference_model is not None:
-            return  # precomputation loads its own reference, only while it runs
-        self.load_reference(initial_policy)
+    # -- reference: live model, or only while its log-probs are precomputed ---------------------------
+    def configure_reference(self) -> None:
+        """Live reference: always. Precomputed: built here only when some needed table is not on disk yet,
+        so under ZeRO-3 it is sharded like the policy; it is released once the tables are filled."""
+        if (
+            self.precompute_ref_log_probs
+            and self._trainer is not None
+            and self.trainer.datamodule is not None
+        ):
+            if not self._missing_reference_tables(self._precompute_splits()):
+                return
+        super().configure_reference()
+
+    def _precompute_splits(self) -> tuple[str, ...]:
+        fn = str(getattr(self.trainer.state.fn, "value", self.trainer.state.fn))
+        return {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(fn, ())
+
+    def _missing_reference_tables(self, splits: Iterable[str]) -> list[str]:
+        loaders = self._datamodule_loaders(splits)
+        return [
+            split
+            for split, loader in loaders.items()
+            if split not in self.ref_cache
+            and not os.path.exists(self.reference_cache_file(split, loader.dataset))
+        ]
 
     def reference_log_probs(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(2B,)`` reference log-prob sums and means of the batch rows (live model or cache)."""
@@ -498,12 +492,17 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
             else:
                 todo[split] = (loader, path)
         if not todo:
+            self.frozen.release("reference")
             return
-        temporary = self.reference_model is None and not self._reference_box()["via_adapter"]
-        if temporary:
-            model, _, _ = self.load_model(self.hparams.get("ref_model_name_or_path") or None)
-            self.set_reference(model)
-        try:
+        if "reference" not in self.frozen:
+            if self.deepspeed_engine() is not None and self.deepspeed_engine().zero_optimization_stage() == 3:
+                raise RuntimeError(
+                    f"reference log-probs of {sorted(todo)} are not cached and, under ZeRO-3, the reference can "
+                    "only be built in configure_model: run fit/validate/test on a fresh module"
+                )
+            self.setup_reference(self.ref_model_name_or_path)  # outside ZeRO-3 a plain load is fine here
+        context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else None
+        with context if context is not None else torch.no_grad():
             for split, (loader, path) in todo.items():
                 self.ref_cache[split] = self._compute_reference_table(loader)
                 if self._trainer is None or self.trainer.is_global_zero:
@@ -512,9 +511,7 @@ class DPOModule(ReferenceModelMixin, PolicyModule):
                     torch.save(self.ref_cache[split], tmp)
                     os.replace(tmp, path)
                     log.info("reference log-probs of %r cached in %s", split, path)
-        finally:
-            if temporary:
-                self.release_reference()
+        self.frozen.release("reference")  # training holds the policy only
         if self._trainer is not None:
             self.trainer.strategy.barrier("ref_logps")
 
@@ -576,6 +573,9 @@ class ReferenceFreeModule(PolicyModule):
 
     Logs the preference statistics of :class:`DPOModule` (rewards are ``beta`` x mean log-probs for SimPO,
     ``orpo_lambda`` x mean log-probs for ORPO), and for ORPO also ``nll_loss``, ``or_loss``, ``log_odds_ratio``.
+    ORPO's training NLL is a mean over every chosen token of the optimizer step, across gradient accumulation
+    and ranks (:class:`~aa_lightning.algorithms.token_mean.StepTokenMean`); ``train/{loss,nll_loss,or_loss}``
+    are that step's values.
     """
 
     data_kind = "preference"
@@ -599,6 +599,7 @@ class ReferenceFreeModule(PolicyModule):
         self.gamma = gamma
         self.label_smoothing = label_smoothing
         self.orpo_lambda = orpo_lambda
+        self.step_nll = StepTokenMean(STEP_CHOSEN_LABEL_TOKENS)
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         policy = self.policy_log_probs(batch)
@@ -609,12 +610,43 @@ class ReferenceFreeModule(PolicyModule):
             return out.loss, pair_stats(
                 out.chosen_rewards, out.rejected_rewards, chosen_sum, rejected_sum, out.losses
             )
-        # ORPO: token-level NLL over all chosen tokens (the SFT loss), odds ratio on mean log-probs (< 0)
+        # ORPO: token-level NLL over all chosen tokens (the SFT loss; in training a token mean over the whole
+        # optimizer step, see StepTokenMean), odds ratio on mean log-probs (< 0)
         chosen_count, _ = split_pairs(policy.token_count)
-        nll = -chosen_sum.sum() / chosen_count.sum().clamp(min=1)
+        nll_sum, tokens = -chosen_sum.sum(), chosen_count.sum()
+        training = stage == "train" and self._trainer is not None
+        if training:
+            nll = nll_sum * self.step_nll.scale(self.trainer, batch, tokens)
+        else:
+            nll = nll_sum / tokens.clamp(min=1)
         out = orpo_loss(chosen_mean.clamp(max=-1e-6), rejected_mean.clamp(max=-1e-6), nll, self.orpo_lambda)
         stats = pair_stats(out.chosen_rewards, out.rejected_rewards, chosen_sum, rejected_sum, out.loss)
         stats.update(
             nll_loss=out.nll_loss.detach(), or_loss=out.or_loss.detach(), log_odds_ratio=out.log_odds_ratio
         )
+        if training:
+            stats.update(nll_sum=nll_sum.detach(), nll_tokens=tokens)
         return out.loss, stats
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """ORPO logs ``train/{loss,nll_loss,or_loss}`` once per optimizer step, as values of the whole step.
+
+        (A micro-batch's NLL is only its share of the step's token mean.) The other statistics are batch means.
+        """
+        if self.loss_type != "orpo" or self._trainer is None:
+            return super().training_step(batch, batch_idx)
+        loss, stats = self.compute_loss(batch, "train")
+        nll_sum, tokens, or_loss = stats.pop("nll_sum"), stats.pop("nll_tokens"), stats.pop("or_loss")
+        del stats["loss"], stats["nll_loss"]
+        size = self.batch_size_of(batch)
+        means = {f"train/{k}": v.float().mean() for k, v in stats.items() if v.numel()}
+        self.log_dict(means, batch_size=size)
+        step = self.step_nll.add(
+            self.trainer, tokens, nll=nll_sum, or_loss=or_loss, batches=torch.ones_like(or_loss)
+        )
+        if step is not None:
+            nll_loss = (step["nll"] / step["tokens"].clamp(min=1)).float()
+            or_loss = (step["or_loss"] / step["batches"]).float()
+            self.log("train/loss", nll_loss + self.orpo_lambda * or_loss, prog_bar=True, batch_size=size)
+            self.log_dict({"train/nll_loss": nll_loss, "train/or_loss": or_loss}, batch_size=size)
+        return loss

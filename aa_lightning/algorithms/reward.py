@@ -48,6 +48,12 @@ class RewardModule(StepStatsModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        lora = self.lora
+        if lora is not None and not lora.merge_on_export:
+            raise ValueError(
+                "a score model trained with LoRA is exported merged (PPO/Safe-RLHF load full score models): "
+                "set lora.merge_on_export: true"
+            )
         self.center_coef = center_coef
         self.use_margin = use_margin
         self.score_head_init_std = score_head_init_std

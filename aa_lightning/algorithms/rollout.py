@@ -41,8 +41,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import nn
 
-from aa_lightning.algorithms.base import AlignModule, freeze, model_inputs, unwrap
-from aa_lightning.algorithms.config import GenerationConfig
+from aa_lightning.algorithms.base import AlignModule, model_inputs, unwrap
+from aa_lightning.algorithms.config import GenerationConfig, as_config
+from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.logprobs import entropy_from_logits, masked_mean, selective_log_softmax
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.models.aliases import resolve_model_path
@@ -479,18 +480,13 @@ class OnlineRLModule(AlignModule):
                 f"gradient_accumulation_steps={gradient_accumulation_steps} must divide "
                 f"num_mini_batches={num_mini_batches}"
             )
-        self.generation = (
-            generation if isinstance(generation, GenerationConfig) else GenerationConfig(**(generation or {}))
-        )
+        self.generation: GenerationConfig = as_config(GenerationConfig, generation, "generation")
         self.reward_fns = WeightedRewards(reward_functions)
         if reward_model_name_or_path is None and not len(self.reward_fns):
             raise ValueError("give a reward_model_name_or_path and/or reward_functions")
-        self.reward_model: nn.Module | None = None
-        self.reward_tokenizer: Any = None
-        self.ref_model: nn.Module | None = None
         self._rollout_index = 0
         self._base_seed: int | None = rollout_seed
-        self._val_metrics = MetricAccumulator()
+        self._val_sums: dict[str, UniqueSampleSums] = {}  # the current validation epoch's table
 
     # -- models ----------------------------------------------------------------------------------------
     def build_actor(self) -> None:
@@ -501,24 +497,25 @@ class OnlineRLModule(AlignModule):
             disable_dropout(model)
         self.model = self.prepare_trainable(model)
         if hp.get("reward_model_name_or_path"):
-            self.reward_model, self.reward_tokenizer = self.load_frozen_score_model(
-                hp.reward_model_name_or_path
-            )
+            self.load_frozen("reward", hp.reward_model_name_or_path, score_model=True)
 
     def build_reference(self) -> None:
-        """A frozen copy of the initial actor (loaded again from its path; sharded too under ZeRO-3).
+        """The frozen initial actor (loaded again from its path, so sharded like the actor under ZeRO-3; with
+        LoRA the actor with its adapters off)."""
+        self.setup_reference()
 
-        With LoRA the reference is the base model with the adapters switched off: no second copy.
-        """
-        if self.hparams.get("lora") is not None:
-            return
-        ref, _, _ = self.load_model()
-        self.ref_model = freeze(ref)
+    # frozen models by role (they live in ``self.frozen``, see :mod:`aa_lightning.algorithms.frozen`)
+    @property
+    def ref_model(self) -> nn.Module | None:
+        return self.frozen.get("reference")
 
-    def load_frozen_score_model(self, path: str) -> tuple[nn.Module, Any]:
-        model, tokenizer, _ = self.load_model(path, score_model=True)
-        model.name_or_path = path  # where a critic initialised "from the reward/cost model" loads from
-        return freeze(model), tokenizer
+    @property
+    def reward_model(self) -> nn.Module | None:
+        return self.frozen.get("reward")
+
+    @property
+    def reward_tokenizer(self) -> Any:
+        return self.frozen.tokenizer("reward")
 
     def critic_init_path(self, explicit: str | None, score_model: nn.Module | None, tokenizer: Any) -> str:
         """Where a critic starts: ``explicit``, else the matching frozen score model (when it reads the actor's
@@ -526,7 +523,9 @@ class OnlineRLModule(AlignModule):
         if explicit:
             return explicit
         if score_model is not None and self._same_tokenizer(tokenizer):
-            return score_model.name_or_path
+            for role in ("reward", "cost"):
+                if self.frozen.get(role) is score_model:
+                    return self.frozen.path(role)
         return self.model_name_or_path
 
     def load_trainable_score_model(self, path: str, head_init_std: float | None = None) -> nn.Module:
@@ -542,15 +541,10 @@ class OnlineRLModule(AlignModule):
             init_score_head(model.score_head, head_init_std)
         if self.hparams.get("disable_dropout", True):
             disable_dropout(model)
-        lora = self.hparams.get("lora")
-        if lora is not None:  # critics train fully: LoRA is applied to the actor only
+        if self.lora is not None:  # critics train fully: LoRA is applied to the actor only
             model.train()
             return model
         return self.prepare_trainable(model)
-
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes of frozen models: left out of (non-DeepSpeed) checkpoints, reloaded from paths."""
-        return ("ref_model.", "reward_model.")
 
     def critic_modules(self) -> list[nn.Module]:
         """Trained models other than the actor (their optimizer / parameter group uses ``critic_lr``)."""
@@ -565,9 +559,6 @@ class OnlineRLModule(AlignModule):
     # -- strategy helpers ------------------------------------------------------------------------------
     def uses_deepspeed(self) -> bool:
         return self._trainer is not None and isinstance(self.trainer.strategy, DeepSpeedStrategy)
-
-    def deepspeed_engine(self) -> Any:
-        return getattr(self.trainer.strategy, "deepspeed_engine", None) if self.uses_deepspeed() else None
 
     def zero_stage(self) -> int:
         engine = self.deepspeed_engine()
@@ -658,18 +649,30 @@ class OnlineRLModule(AlignModule):
         self.manual_backward(loss)
 
     def optimizer_update(self, stats: MetricAccumulator) -> None:
-        """Clip, step every optimizer, zero grads, step the schedules. Counts ONE global step."""
+        """Clip, step every optimizer, zero grads, step the schedules. Counts ONE global step.
+
+        ``train/grad_norm`` is the global norm over every trained model before clipping (actor and critics
+        together, as DeepSpeed's one optimizer reports it), so it reads the same under every strategy; a
+        non-finite norm stops the run before any weight changes (outside DeepSpeed) or right after the step.
+        """
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         max_norm = self.hparams.get("max_grad_norm") or 0.0
         engine = self.deepspeed_engine()
         if engine is None:
+            norms = []
             for name, opt in zip(("actor", "critic"), optimizers):
                 params = [p for g in opt.optimizer.param_groups for p in g["params"] if p.grad is not None]
                 if not params:
                     continue
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
                 stats.add(f"train/{name}_grad_norm", norm, 1)
+                norms.append(norm)
+            if norms:
+                total = torch.stack(norms).float().square().sum().sqrt()
+                stats.add("train/grad_norm", total, 1)
+                if not torch.isfinite(total):
+                    self.handle_nonfinite("gradient norm", total)
         optimizers[0].step()
         for opt in optimizers[1:]:
             # critic optimizers step through the strategy directly, so Lightning's step counter (global_step)
@@ -678,7 +681,10 @@ class OnlineRLModule(AlignModule):
         if engine is not None:
             norm = engine.get_global_grad_norm()
             if norm is not None:  # a tensor stays on its device (no host sync); DeepSpeed may give a float
-                stats.add("train/grad_norm", torch.as_tensor(norm, device=self.device), 1)
+                norm = torch.as_tensor(norm, device=self.device, dtype=torch.float32)
+                stats.add("train/grad_norm", norm, 1)
+                if not torch.isfinite(norm):
+                    self.handle_nonfinite("gradient norm", norm)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         schedulers = self.lr_schedulers()
@@ -836,15 +842,14 @@ class OnlineRLModule(AlignModule):
         logits = model(**inputs, **kwargs).logits
         logits = logits[:, -(r + 1) : -1]
         temperature = self.generation.temperature if self.generation.do_sample else 1.0
-        if temperature != 1.0:
-            logits = logits / temperature
-        logprobs = selective_log_softmax(logits, rollout.response_ids).float()
+        # float32 results, the division by the temperature included (done per chunk, after the upcast)
+        logprobs = selective_log_softmax(logits, rollout.response_ids, temperature=temperature)
         entropy = None
         if entropy_grad:
-            entropy = entropy_from_logits(logits).float()
+            entropy = entropy_from_logits(logits, temperature=temperature).float()
         elif with_entropy:
             with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach()).float()
+                entropy = entropy_from_logits(logits.detach(), temperature=temperature).float()
         return logprobs, entropy
 
     def value_forward(self, critic: nn.Module, rollout: Rollout) -> torch.Tensor:
@@ -863,12 +868,8 @@ class OnlineRLModule(AlignModule):
         return torch.cat(outs)
 
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        if self.ref_model is not None:
-            return self.chunked(lambda ro: self.policy_logprobs(self.ref_model, ro)[0], rollout)
-        if self.hparams.get("lora") is not None:
-            with self.model.disable_adapter():
-                return self.chunked(lambda ro: self.policy_logprobs(self.model, ro)[0], rollout)
-        raise RuntimeError("no reference model is loaded")
+        with self.frozen.running("reference", self.model) as ref:
+            return self.chunked(lambda ro: self.policy_logprobs(ref, ro)[0], rollout)
 
     # -- scoring ---------------------------------------------------------------------------------------
     def _same_tokenizer(self, tokenizer: Any) -> bool:
@@ -988,22 +989,28 @@ class OnlineRLModule(AlignModule):
 
     # -- validation: score the policy on held-out prompts ----------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompts = self.split_batch(batch)[0]
         rollout = self.generate_rollout(
-            self.split_batch(batch)[0],
-            do_sample=self.hparams.get("eval_do_sample", False),
-            seed_offset=1_000_000 + batch_idx,
+            prompts, do_sample=self.hparams.get("eval_do_sample", False), seed_offset=1_000_000 + batch_idx
         )
         scores, parts = self.compute_scores(rollout)
-        self._val_metrics.add_mean("val/score", scores)
-        for name, values in parts.items():
-            self._val_metrics.add_mean(f"val/score/{name}", values)
-        self._val_metrics.add_mean("val/response_length", rollout.response_mask.sum(dim=1).float())
+        columns = {
+            "val/score": scores,
+            **{f"val/score/{name}": values for name, values in parts.items()},
+            "val/response_length": rollout.response_mask.sum(dim=1).float(),
+        }
+        if "val" not in self._val_sums:  # a plain dict: the metric is not registered as a submodule
+            self._val_sums["val"] = UniqueSampleSums(list(columns)).to(self.device)
+        self._val_sums["val"].update(sample_indices(prompts, len(rollout)), columns)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self._val_metrics.compute(self.reduce_sum)
-        self._val_metrics = MetricAccumulator()
-        if metrics:
-            self.log_dict(metrics, sync_dist=False, prog_bar=False)
+        """Means over the distinct validation prompts of all ranks (a prompt handed out twice counts once)."""
+        table = self._val_sums.pop("val", None)
+        if table is None:
+            return
+        sums = table.compute()
+        rows = sums.pop("rows").clamp(min=1)
+        self.log_dict({k: (v / rows).float() for k, v in sums.items()}, sync_dist=False, prog_bar=False)
 
     # -- checkpoint state ------------------------------------------------------------------------------
     def rl_state_dict(self) -> dict[str, Any]:
@@ -1016,22 +1023,11 @@ class OnlineRLModule(AlignModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["aa_rl_state"] = self.rl_state_dict()
-        state = checkpoint.get("state_dict")
-        if isinstance(state, dict):  # frozen models are reloaded from their paths, not stored again
-            prefixes = self.frozen_prefixes()
-            for key in [k for k in state if k.startswith(prefixes)]:
-                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         if "aa_rl_state" in checkpoint:
             self.load_rl_state_dict(checkpoint["aa_rl_state"])
-        state = checkpoint.get("state_dict")
-        if isinstance(state, dict):
-            prefixes = self.frozen_prefixes()
-            for key, value in self.state_dict().items():
-                if key.startswith(prefixes) and key not in state:
-                    state[key] = value
 
 
 def _no_closure() -> None:

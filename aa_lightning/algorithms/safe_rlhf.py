@@ -9,7 +9,8 @@ while episodes cost more than ``cost_limit`` and shrinks once they cost less.
 Reward and cost each get their own per-token stream and GAE. The KL penalty ``kl_coef * KL_t`` is taken
 from the reward stream and added to the cost stream, so the combined actor advantage
 ``(A_r - lambda * A_c) / (1 + lambda)`` (:func:`losses.lagrangian_advantage`) carries the KL penalty with the
-same weight ``kl_coef`` whatever lambda is.
+same weight ``kl_coef`` whatever lambda is. The two streams are mixed raw and the mix is whitened once
+(``whiten_advantages``), so lambda weighs reward against cost in their own units.
 """
 
 from __future__ import annotations
@@ -72,8 +73,6 @@ class SafeRLHFModule(PPOModule):
         self.cost_fns = WeightedRewards(cost_functions)
         if cost_model_name_or_path is None and not len(self.cost_fns):
             raise ValueError("give a cost_model_name_or_path and/or cost_functions")
-        self.cost_model: nn.Module | None = None
-        self.cost_tokenizer: Any = None
         self.cost_critic: nn.Module | None = None
         self.cost_moments = RunningMoments()
         # float64 tensor attribute, not a buffer: bf16 precision would cast a buffer (see RunningMoments)
@@ -87,15 +86,20 @@ class SafeRLHFModule(PPOModule):
         super().configure_model()
         hp = self.hparams
         if hp.cost_model_name_or_path:
-            self.cost_model, self.cost_tokenizer = self.load_frozen_score_model(hp.cost_model_name_or_path)
+            self.load_frozen("cost", hp.cost_model_name_or_path, score_model=True)
         path = self.critic_init_path(hp.cost_critic_model_name_or_path, self.cost_model, self.cost_tokenizer)
         self.cost_critic = self.load_trainable_score_model(path, hp.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.critic, self.cost_critic]
 
-    def frozen_prefixes(self) -> tuple[str, ...]:
-        return (*super().frozen_prefixes(), "cost_model.")
+    @property
+    def cost_model(self) -> nn.Module | None:
+        return self.frozen.get("cost")
+
+    @property
+    def cost_tokenizer(self) -> Any:
+        return self.frozen.tokenizer("cost")
 
     # -- Lagrange multiplier ---------------------------------------------------------------------------
     @property
@@ -155,7 +159,12 @@ class SafeRLHFModule(PPOModule):
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> None:
-        super().compute_advantages(rollout, stats)  # reward stream: advantages, returns
+        """Raw reward and cost advantages, mixed as ``(A_r - lambda A_c) / (1 + lambda)``, then whitened once.
+
+        Whitening each stream first would make lambda trade standardised quantities: a cost stream with a
+        tiny spread would weigh as much as one with a large spread, whatever the costs are.
+        """
+        reward_adv = self.reward_advantages(rollout, stats)  # also fills returns, sequence_rewards
         hp = self.hparams
         mask = rollout.response_mask
         moments = self.cost_moments if hp.normalize_cost else None
@@ -174,8 +183,9 @@ class SafeRLHFModule(PPOModule):
             )
         )
         lam = self.update_lagrange_multiplier(totals[0] / totals[1])
-        rollout["reward_advantages"] = rollout["advantages"]
-        rollout["advantages"] = lagrangian_advantage(rollout["advantages"], cost_adv, lam.to(cost_adv.dtype))
+        rollout["reward_advantages"], rollout["cost_advantages"] = reward_adv, cost_adv
+        mixed = lagrangian_advantage(reward_adv, cost_adv, lam.to(cost_adv.dtype))
+        rollout["advantages"] = self.whiten(mixed, mask)
         stats.add("train/lambda", lam, 1)
         stats.add("rollout/episode_cost", torch.stack(list(self._episode_costs)).mean(), 1)
         stats.add_mean("rollout/cost_return", cost_returns, mask)
