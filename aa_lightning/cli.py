@@ -2,23 +2,82 @@
 
 aa fit --config configs/sft_t2t.yaml
 aa fit --config configs/tiny/sft_t2t.yaml --trainer.max_steps 20 --model.init_args.optim.lr 1e-4
+aa fit --config configs/tiny/sft_t2t.yaml --model.init_args.optim.warmup_steps null
 aa fit --config configs/tiny/sft_t2t.yaml --ckpt_path last      # resume exactly
 aa fit --config configs/tiny/sft_t2t.yaml --print_config
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
 from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter
+from aa_lightning.checkpoint_io import remove_stale_partial_saves
 
 DEFAULT_LOG_DIR = "runs"
+log = logging.getLogger(__name__)
+
+# Lightning's DeepSpeed names -> the same strategy with atomic checkpoint directories (identical on GPUs)
+ATOMIC_DEEPSPEED = {
+    "deepspeed": "deepspeed_cpu",
+    "deepspeed_stage_1": "deepspeed_cpu_stage_1",
+    "deepspeed_stage_2": "deepspeed_cpu_stage_2",
+    "deepspeed_stage_2_offload": "deepspeed_cpu_stage_2_offload",
+    "deepspeed_stage_3": "deepspeed_cpu_stage_3",
+    "deepspeed_stage_3_offload": "deepspeed_cpu_stage_3_offload",
+}
+
+
+class CLIError(Exception):
+    """A mistake in the command itself: ``aa`` prints it as one line (no traceback) and exits with status 2."""
+
+
+def keep_nested_null_overrides() -> None:
+    """Make ``--model.init_args.optim.warmup_steps null`` set None (jsonargparse 4.x refuses it).
+
+    Why: an override two levels below a class (``model`` -> ``optim`` -> ``warmup_steps``) reaches jsonargparse's
+    ``adapt_class_type`` as ``NestedArg(key="optim.warmup_steps", val=None)``, the value already parsed from
+    YAML, and is parsed again from the text ``f"--{key}={val}"``, i.e. ``--optim.warmup_steps=None``; the
+    string "None" is not YAML's null, so ``int | None`` rejects it (and a ``str | None`` field would get the
+    string "None"). Parsed values are written back as JSON (``null``, ``true``, ``[0.9, 0.99]``), which YAML
+    reads back unchanged. Strings are passed through as they are, so nothing else changes.
+    """
+    import json
+
+    from jsonargparse import Namespace
+    from jsonargparse import _typehints as typehints
+
+    original = getattr(typehints, "adapt_class_type", None)
+    nested_arg = getattr(typehints, "NestedArg", None)
+    if original is None or nested_arg is None or getattr(original, "_keeps_nested_null", False):
+        return
+
+    def adapt_class_type(value: Any, *args: Any, **kwargs: Any) -> Any:
+        init_args = value.get("init_args") if isinstance(value, Namespace) else None
+        if isinstance(init_args, nested_arg) and not isinstance(init_args.val, str):
+            try:
+                text = json.dumps(init_args.val)
+            except (TypeError, ValueError):
+                text = None
+            if text is not None:
+                value = value.clone()
+                value["init_args"] = nested_arg(key=init_args.key, val=text)
+        return original(value, *args, **kwargs)
+
+    adapt_class_type._keeps_nested_null = True  # type: ignore[attr-defined]
+    typehints.adapt_class_type = adapt_class_type
+
+
+keep_nested_null_overrides()
 
 
 class AACLI(LightningCLI):
@@ -46,6 +105,61 @@ class AACLI(LightningCLI):
         if config.get("checkpoint") is not None and not config.checkpoint.get("dirpath"):
             # fixed (not per-version) so that `--ckpt_path last` finds the last checkpoint of the run
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        strategy = config.trainer.get("strategy")
+        if isinstance(strategy, str) and strategy in ATOMIC_DEEPSPEED:
+            config.trainer.strategy = ATOMIC_DEEPSPEED[strategy]
+
+    # -- `--ckpt_path last` ------------------------------------------------------------------------------
+    def before_fit(self) -> None:
+        self.resolve_last_checkpoint(start_fresh_without_one=True)
+
+    def before_validate(self) -> None:
+        self.resolve_last_checkpoint()
+
+    def before_test(self) -> None:
+        self.resolve_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self.resolve_last_checkpoint()
+
+    def checkpoint_dirs(self) -> list[str]:
+        return [
+            os.fspath(cb.dirpath)
+            for cb in self.trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is not None
+        ]
+
+    def resolve_last_checkpoint(self, start_fresh_without_one: bool = False) -> None:
+        """Turn ``ckpt_path: last`` into the newest ``last*.ckpt``, clearing partial saves first.
+
+        Without one, ``fit`` starts a new run (so the same command can launch and resume a job) and says so in
+        one line; ``validate``/``test``/``predict`` stop with one line rather than evaluate untrained weights.
+        """
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        dirs = self.checkpoint_dirs()
+        if rank_zero_only.rank == 0:
+            for directory in dirs:
+                remove_stale_partial_saves(directory)
+        found: set[str] = set()
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                found |= callback._find_last_checkpoints(self.trainer)
+        existing = [path for path in found if os.path.exists(path)]
+        if existing:
+            config.ckpt_path = max(existing, key=os.path.getmtime)
+            return
+        where = " or ".join(dirs) if dirs else "the run (no `checkpoint` callback is configured)"
+        if start_fresh_without_one:
+            config.ckpt_path = None
+            if rank_zero_only.rank == 0:
+                log.warning("--ckpt_path last: no checkpoint in %s yet; starting a new run", where)
+            return
+        raise CLIError(
+            f"--ckpt_path last: no checkpoint in {where} to {self.subcommand} from; run `aa fit` with the same "
+            "--trainer.default_root_dir first, or pass --ckpt_path PATH"
+        )
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
@@ -71,7 +185,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
 
 def main() -> None:
     """Entry point of the ``aa`` console script."""
-    build_cli()
+    try:
+        build_cli()
+    except CLIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

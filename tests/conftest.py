@@ -9,6 +9,9 @@ os.environ.setdefault("AA_LIGHTNING_CACHE", os.path.join(os.path.expanduser("~")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Lightning's launchers call torch.set_num_threads(OMP_NUM_THREADS or their own guess) for every strategy setup;
+# an unset OMP_NUM_THREADS lets one in-process DeepSpeed test switch the rest of the session to 2 threads
+os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("AA_TEST_THREADS", "1"))
 
 import pytest  # noqa: E402
 

@@ -62,13 +62,16 @@ from lightning.pytorch.accelerators.cpu import CPUAccelerator  # noqa: E402
 from lightning.pytorch.strategies.ddp import DDPStrategy  # noqa: E402
 from lightning.pytorch.strategies.deepspeed import DeepSpeedStrategy  # noqa: E402
 
+from aa_lightning.checkpoint_io import AtomicDeepSpeedCheckpoints  # noqa: E402
 
-class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+
+class CPUDeepSpeedStrategy(AtomicDeepSpeedCheckpoints, DeepSpeedStrategy):
     """``DeepSpeedStrategy`` that also accepts ``CPUAccelerator`` (gloo backend, DeepSpeed's CPU accelerator).
 
     Only the CUDA-only checks are bypassed, and only when the accelerator is a CPU one; everything else
-    (ZeRO-3 ``deepspeed.zero.Init`` around ``configure_model``, checkpoint directories, manual optimization)
-    is inherited unchanged.
+    (ZeRO-3 ``deepspeed.zero.Init`` around ``configure_model``, manual optimization) is inherited unchanged,
+    except that checkpoint directories are written atomically (:class:`AtomicDeepSpeedCheckpoints`), on GPUs
+    too.
     """
 
     strategy_name = "deepspeed_cpu"
