@@ -309,3 +309,76 @@ def test_lora_zero3_reference_equals_policy_at_step0(pairs: str, tmp_path: Any) 
         steps=1,
     ).rows
     assert math.isclose(rows[0]["train/loss"], math.log(2), abs_tol=1e-6)
+
+
+def test_lora_reference_is_deterministic_while_the_policy_trains(pairs: str) -> None:
+    """The adapters-off reference runs in eval mode (no dropout) even though the policy is in train mode."""
+    module = DPOModule(lora=LoraConfig(r=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    module.configure_model()
+    for sub in module.model.modules():
+        if hasattr(sub, "attention_dropout"):
+            sub.attention_dropout = 0.5  # a model trained with dropout
+    module.train()
+    dm = TextToTextDataModule(
+        "tiny-qwen2", train={"path": pairs, "template": "HH-RLHF"}, max_length=48, batch_size=4, kind="preference"
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    first = module.reference_log_probs_live(batch).sum
+    second = module.reference_log_probs_live(batch).sum
+    assert torch.equal(first, second)
+    assert module.model.training, "the policy goes back to train mode"
+    with torch.no_grad():  # the policy itself does drop out in train mode: the check above is not trivial
+        a = module.policy_log_probs(batch).sum
+        b = module.policy_log_probs(batch).sum
+    assert not torch.equal(a, b)
+
+
+def test_reference_cache_depends_on_precision(pairs: str, tmp_path: Any) -> None:
+    """A table cached by an fp32 run is not reused by a bf16 run (its step-0 log-ratio would not be 0)."""
+    cache = str(tmp_path / "cache")
+    fit(
+        DPOModule(precompute_ref_log_probs=True, ref_cache_dir=cache),
+        datamodule(pairs, "HH-RLHF"),
+        tmp_path,
+        steps=1,
+    )
+    module = DPOModule(precompute_ref_log_probs=True, ref_cache_dir=cache, optim=constant_lr())
+    rows = fit(module, datamodule(pairs, "HH-RLHF"), tmp_path, steps=1, precision="bf16-mixed").rows
+    assert rows[0]["train/rewards/chosen"] == 0.0
+    assert len(os.listdir(cache)) == 2
+
+
+def test_reference_loaded_after_fit_matches_the_policy_device_and_dtype(pairs: str, tmp_path: Any) -> None:
+    """fit releases the precomputed reference; a later test loads it again, cast like the (bf16) policy."""
+    seen: list[torch.dtype] = []
+
+    class Spy(DPOModule):
+        def _compute_reference_table(self, loader: Any) -> Any:
+            ref = self.frozen.get("reference")
+            seen.append(next(ref.parameters()).dtype)
+            return super()._compute_reference_table(loader)
+
+    module = Spy(precompute_ref_log_probs=True, ref_cache_dir=str(tmp_path / "cache"), optim=constant_lr())
+    dm = TextToTextDataModule(
+        "tiny-qwen2",
+        train={"path": pairs, "template": "HH-RLHF"},
+        test={"path": pairs, "template": "HH-RLHF"},
+        max_length=48,
+        batch_size=4,
+    )
+    trainer = pl.Trainer(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-true",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm)
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    assert module.reference_model is None  # released again after the test table

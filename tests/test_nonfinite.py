@@ -181,3 +181,18 @@ def test_cli_run_with_nan_loss_fails_loudly(repo_path: Any, tmp_path: Any, monke
             ]
         )
     assert not os.path.exists(root / "hf_model")
+
+
+def test_rl_skip_drops_the_bad_update_and_trains_on(repo_path: Any, tmp_path: Any) -> None:
+    module = GRPOModule(
+        reward_functions=[RewardSpec("response_length")],
+        num_generations=2,
+        generation=GenerationConfig(max_new_tokens=4),
+        on_nonfinite="skip",
+    )
+    losses = Losses()
+    trainer(tmp_path, [PoisonGradient(times=1), losses], steps=2).fit(module, datamodule(repo_path, size=8))
+    assert module.skipped_steps == 1
+    assert losses.metrics[-1]["train/skipped_steps"] == 1.0
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+    assert os.path.exists(tmp_path / "hf" / "config.json")

@@ -18,9 +18,9 @@ from torch import nn
 
 from aa_lightning.algorithms.config import LoraConfig, OptimConfig, as_config
 from aa_lightning.algorithms.export import (
-    finite_or_raise,
     lora_adapter_state_dict,
     merged_lora_state_dict,
+    nonfinite_export_problem,
     plain_state_dict,
 )
 from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze, unwrap
@@ -219,10 +219,22 @@ class AlignModule(pl.LightningModule):
         """Refuse, at start-up, combinations that cannot work (one clear line, never mid-run)."""
         from lightning.pytorch.strategies import DeepSpeedStrategy
 
-        if self.on_nonfinite == "skip" and isinstance(self.trainer.strategy, DeepSpeedStrategy):
+        from aa_lightning.strategies import CPUDeepSpeedStrategy
+
+        strategy = self.trainer.strategy
+        if self.on_nonfinite == "skip" and isinstance(strategy, DeepSpeedStrategy):
             raise ValueError(
                 "on_nonfinite: skip is not supported under DeepSpeed (its engine applies every step itself); "
                 "use on_nonfinite: error"
+            )
+        if (
+            isinstance(strategy, DeepSpeedStrategy)
+            and not isinstance(strategy, CPUDeepSpeedStrategy)
+            and self.trainer.accumulate_grad_batches > 1
+        ):
+            raise ValueError(
+                "Lightning's DeepSpeedStrategy divides the loss by accumulate_grad_batches twice (Lightning and "
+                "the engine); use aa_lightning.strategies.CPUDeepSpeedStrategy (GPUs too; the `aa` command does)"
             )
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -235,6 +247,8 @@ class AlignModule(pl.LightningModule):
         gradients are already all-reduced); a non-finite one stops or skips the step."""
         if not self.automatic_optimization or self.deepspeed_engine() is not None:
             return  # RL modules check in their own update; DeepSpeed in ``optimizer_step``
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16: inf gradients are the GradScaler's normal overflow steps, which it skips itself
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
@@ -322,15 +336,21 @@ class AlignModule(pl.LightningModule):
         lora = self.lora
         is_peft = hasattr(model, "get_base_model") and hasattr(model, "peft_config")
         merge = lora is None or lora.merge_on_export
+        writer = self._trainer is None or self.trainer.is_global_zero
+        # every rank joins the gathers (collectives under ZeRO-3); only the writer keeps a CPU copy
         if is_peft and merge:
-            state_dict, target = merged_lora_state_dict(model), model.get_base_model()
+            state_dict, target = merged_lora_state_dict(model, keep=writer), model.get_base_model()
         elif is_peft:
-            state_dict, target = lora_adapter_state_dict(model), model
+            state_dict, target = lora_adapter_state_dict(model, keep=writer), model
         else:
-            state_dict, target = plain_state_dict(model), model
-        if self._trainer is not None and not self.trainer.is_global_zero:
+            state_dict, target = plain_state_dict(model, keep=writer), model
+        problem = nonfinite_export_problem(state_dict, save_directory) if writer else None
+        if self._trainer is not None:
+            problem = self.trainer.strategy.broadcast(problem, src=0)  # every rank stops, none waits
+        if problem:
+            raise NonFiniteError(problem)
+        if not writer:
             return
-        finite_or_raise(state_dict, save_directory)
         os.makedirs(save_directory, exist_ok=True)
         target.save_pretrained(save_directory, state_dict=state_dict)
         for part in (self.processor, self.tokenizer):

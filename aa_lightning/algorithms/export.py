@@ -12,56 +12,72 @@ import torch
 from torch import nn
 
 from aa_lightning.algorithms.frozen import FROZEN_PREFIX, unwrap
-from aa_lightning.algorithms.nonfinite import NonFiniteError
-from aa_lightning.algorithms.zero3 import gathered
+from aa_lightning.algorithms.zero3 import gathered, is_partitioned
 
-__all__ = ["finite_or_raise", "lora_adapter_state_dict", "merged_lora_state_dict", "plain_state_dict"]
+__all__ = ["lora_adapter_state_dict", "merged_lora_state_dict", "nonfinite_export_problem", "plain_state_dict"]
 
 
 def _local_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
 
 
+def _nothing_to_join(module: nn.Module, keep: bool) -> bool:
+    """A rank that keeps no copy only has to take part when the gathers are collectives (ZeRO-3)."""
+    return not keep and not is_partitioned(module.parameters())
+
+
 def plain_state_dict(
-    module: nn.Module, skip_prefixes: tuple[str, ...] = (FROZEN_PREFIX,)
+    module: nn.Module, skip_prefixes: tuple[str, ...] = (FROZEN_PREFIX,), keep: bool = True
 ) -> dict[str, torch.Tensor]:
-    """CPU copy of ``module``'s parameters and buffers (ZeRO-3 shards gathered submodule by submodule)."""
+    """CPU copy of ``module``'s parameters and buffers (ZeRO-3 shards gathered submodule by submodule).
+
+    ``keep=False`` (ranks that do not write): join the gathers, copy nothing, return ``{}``.
+    """
+    module = unwrap(module)
     out: dict[str, torch.Tensor] = {}
-    for prefix, sub in unwrap(module).named_modules():
+    if _nothing_to_join(module, keep):
+        return out
+    for prefix, sub in module.named_modules():
         if prefix.startswith(skip_prefixes) or f"{prefix}.".startswith(skip_prefixes):
             continue
         with gathered(sub.parameters(recurse=False)):
-            for name, tensor in _local_tensors(sub):
-                out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+            if keep:
+                for name, tensor in _local_tensors(sub):
+                    out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
     return out
 
 
-def merged_lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The base model's state dict with every active LoRA adapter merged in, keys as the base model names them.
 
     Uses each layer's own ``get_delta_weight`` (peft's merge maths) on a gathered copy, so neither the training
-    weights nor the shards change.
+    weights nor the shards change. ``keep`` as in :func:`plain_state_dict`.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
     base = unwrap(peft_model).get_base_model()
     out: dict[str, torch.Tensor] = {}
-    lora_prefixes: list[str] = []
+    if _nothing_to_join(base, keep):
+        return out
+    handled: list[str] = []
     for prefix, sub in base.named_modules():
-        if any(prefix.startswith(f"{p}.") for p in lora_prefixes):
-            continue  # lora_A / lora_B / base_layer of a layer handled below
+        if any(prefix.startswith(f"{p}.") for p in handled):
+            continue  # lora_A / lora_B / base_layer / the copies of a layer handled below
         if isinstance(sub, ModulesToSaveWrapper):  # a fully trained module (a score head): its trained copy
-            lora_prefixes.append(prefix)
+            handled.append(prefix)
             trained = sub.modules_to_save[sub.active_adapters[0]]
             with gathered(trained.parameters()):
-                for name, tensor in _local_tensors(trained):
-                    out[f"{prefix}.{name}"] = tensor.detach().cpu().clone()
+                if keep:
+                    for name, tensor in _local_tensors(trained):
+                        out[f"{prefix}.{name}"] = tensor.detach().cpu().clone()
             continue
         if isinstance(sub, BaseTunerLayer):
-            lora_prefixes.append(prefix)
+            handled.append(prefix)
             base_layer = sub.get_base_layer()
             with gathered(sub.parameters()), torch.no_grad():
+                if not keep:
+                    continue
                 tensors = dict(_local_tensors(base_layer))
                 weight = tensors["weight"].detach().float().clone()
                 for adapter in sub.active_adapters:
@@ -72,25 +88,27 @@ def merged_lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
                     out[f"{prefix}.{name}"] = tensor.detach().cpu().clone()
             continue
         with gathered(sub.parameters(recurse=False)):
-            for name, tensor in _local_tensors(sub):
-                out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+            if keep:
+                for name, tensor in _local_tensors(sub):
+                    out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
     return out
 
 
-def lora_adapter_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_adapter_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """The full (gathered) state dict of a peft model, keys as peft names them; ``save_pretrained`` keeps
     only the adapter weights of it."""
-    return plain_state_dict(unwrap(peft_model), skip_prefixes=())
+    return plain_state_dict(unwrap(peft_model), skip_prefixes=(), keep=keep)
 
 
-def finite_or_raise(state_dict: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse to write a model with NaN/inf weights (an export is what users deploy)."""
+def nonfinite_export_problem(state_dict: dict[str, torch.Tensor], where: str) -> str | None:
+    """Why ``state_dict`` must not be written (NaN/inf weights, or only empty shards), or None.
+
+    An export is what users deploy: a model with non-finite weights is never written.
+    """
     bad = [name for name, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise NonFiniteError(f"not exporting to {where}: {len(bad)} tensors hold NaN/inf values ({shown})")
-    empty = [name for name, t in state_dict.items() if t.numel() == 0]
-    if empty and len(empty) == len(state_dict):
-        raise RuntimeError(
-            f"not exporting to {where}: every tensor is empty (ZeRO-3 shards were not gathered)"
-        )
+        return f"not exporting to {where}: {len(bad)} tensors hold NaN/inf values ({shown})"
+    if state_dict and all(t.numel() == 0 for t in state_dict.values()):
+        return f"not exporting to {where}: every tensor is empty (ZeRO-3 shards were not gathered)"
+    return None

@@ -110,8 +110,13 @@ class FrozenModels(nn.Module):
             if role in self.adapter_roles:
                 if policy is None:
                     raise RuntimeError(f"the {role!r} model is the policy without adapters: pass the policy")
-                with unwrap(policy).disable_adapter():
-                    yield policy
+                was_training = policy.training
+                policy.eval()  # a reference is deterministic: no dropout, as for stored frozen models
+                try:
+                    with unwrap(policy).disable_adapter():
+                        yield policy
+                finally:
+                    policy.train(was_training)
                 return
             if role not in self.models:
                 raise RuntimeError(f"no {role!r} model is loaded")

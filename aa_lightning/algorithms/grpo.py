@@ -73,6 +73,11 @@ class GRPOModule(OnlineRLModule):
         if self.hparams.beta != 0:
             self.build_reference()
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if getattr(self.trainer.datamodule, "ptx", None):
+            raise ValueError("GRPO has no ptx loss: remove the ptx data stream (data.ptx) or train PPO")
+
     def updates_per_rollout(self) -> int:
         return self.hparams.num_iterations * super().updates_per_rollout()
 
@@ -111,7 +116,7 @@ class GRPOModule(OnlineRLModule):
         mask = rollout.response_mask
         for iteration in range(hp.num_iterations):
             for group in self.minibatch_groups(len(rollout), seed_offset=iteration + 1):
-                group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
+                group_tokens = self.tokens_per_rank(torch.stack([mask[idx].sum() for idx in group]).sum())
                 group_seqs = sum(len(idx) for idx in group)
                 for i, idx in enumerate(group):
                     self.start_minibatch()

@@ -284,7 +284,7 @@ class PPOModule(OnlineRLModule):
             )
         for epoch in range(hp.ppo_epochs):
             for group in self.minibatch_groups(len(rollout), seed_offset=epoch + 1):
-                group_tokens = torch.stack([mask[idx].sum() for idx in group]).sum().clamp(min=1)
+                group_tokens = self.tokens_per_rank(torch.stack([mask[idx].sum() for idx in group]).sum())
                 group_seqs = sum(len(idx) for idx in group)
                 for i, idx in enumerate(group):
                     last = i == len(group) - 1

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from aa_lightning.algorithms.base import AlignModule, model_inputs
+from aa_lightning.algorithms.base import AlignModule, model_inputs, unwrap
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.logprobs import SequenceLogProbs, causal_lm_log_probs
 from aa_lightning.algorithms.losses import PreferenceLossOutput, dpo_loss, orpo_loss, simpo_loss
@@ -468,6 +468,8 @@ class DPOModule(ReferencePolicyModule):
         key = {
             "reference": model_identity(hp.get("ref_model_name_or_path") or self.model_name_or_path),
             "dtype": str(hp.get("dtype")),
+            # the same weights compute other log-probs under another precision (bf16 vs fp32)
+            "precision": str(self.trainer.precision) if self._trainer is not None else "32-true",
             "data": dataset_fingerprint(dataset),
             "split": split,
             "version": 1,
@@ -501,6 +503,10 @@ class DPOModule(ReferencePolicyModule):
                     "only be built in configure_model: run fit/validate/test on a fresh module"
                 )
             self.setup_reference(self.ref_model_name_or_path)  # outside ZeRO-3 a plain load is fine here
+            late = self.frozen.get("reference")
+            if late is not None:  # built after the strategy set the policy up: match its device and dtype
+                policy_param = next(unwrap(self.model).parameters())
+                late.to(device=policy_param.device, dtype=policy_param.dtype)
         context = self.trainer.precision_plugin.forward_context() if self._trainer is not None else None
         with context if context is not None else torch.no_grad():
             for split, (loader, path) in todo.items():

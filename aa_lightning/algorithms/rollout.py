@@ -564,6 +564,12 @@ class OnlineRLModule(AlignModule):
         engine = self.deepspeed_engine()
         return int(engine.zero_optimization_stage()) if engine is not None else 0
 
+    def tokens_per_rank(self, local_tokens: torch.Tensor) -> torch.Tensor:
+        """The step's token count over every rank divided by the world size: normalising each rank's token sum
+        by it makes the ranks' averaged gradient a token mean over ALL ranks' tokens (not a mean of means)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return (self.reduce_sum(local_tokens.float()) / world).clamp(min=1)
+
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self._trainer is None or self.trainer.world_size == 1:
             return tensor
@@ -672,7 +678,12 @@ class OnlineRLModule(AlignModule):
                 total = torch.stack(norms).float().square().sum().sqrt()
                 stats.add("train/grad_norm", total, 1)
                 if not torch.isfinite(total):
-                    self.handle_nonfinite("gradient norm", total)
+                    self.handle_nonfinite("gradient norm", total)  # raises unless on_nonfinite: skip
+                    for opt in optimizers:  # skip: this update's gradients are dropped, nothing steps
+                        opt.zero_grad(set_to_none=True)
+                    self.skipped_steps += 1
+                    stats.add("train/skipped_steps", torch.tensor(float(self.skipped_steps), device=self.device), 1)
+                    return
         optimizers[0].step()
         for opt in optimizers[1:]:
             # critic optimizers step through the strategy directly, so Lightning's step counter (global_step)

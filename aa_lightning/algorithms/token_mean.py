@@ -5,7 +5,7 @@ accumulation or several ranks the objective becomes a mean of means that favours
 micro-batches. :class:`StepTokenMean` makes each micro-batch return ``sum_tokens(loss) * divisor / N``:
 ``N`` is the labelled-token count of the whole step (every micro-batch of the accumulation window on
 every rank) and ``divisor`` undoes what the training stack divides by (Lightning: ``accumulate_grad_batches``;
-DeepSpeed's engine: its ``gradient_accumulation_steps`` again; DDP and DeepSpeed: the world size, by
+DDP and DeepSpeed: the world size, by
 averaging gradients). The step's gradient is then exactly ``grad(sum of the step's token losses) / N``.
 
 ``N`` must be known at the window's first micro-batch: the training loader plans the windows ahead and
@@ -34,10 +34,12 @@ def _deepspeed_engine(trainer: pl.Trainer) -> Any:
 
 
 def loss_divisor(trainer: pl.Trainer) -> int:
-    """What the returned loss's gradient gets divided by before the optimizer sees it."""
-    engine = _deepspeed_engine(trainer)
-    engine_steps = engine.gradient_accumulation_steps() if engine is not None else 1
-    return int(trainer.accumulate_grad_batches) * int(engine_steps) * int(trainer.world_size)
+    """What the returned loss's gradient gets divided by before the optimizer sees it: Lightning's
+    ``accumulate_grad_batches`` and the ranks' gradient averaging. (DeepSpeed's engine would divide by its
+    accumulation steps once more; :class:`~aa_lightning.strategies.CPUDeepSpeedStrategy` turns that off, and
+    :class:`~aa_lightning.algorithms.base.AlignModule` refuses Lightning's plain DeepSpeed strategy with
+    accumulation at start-up.)"""
+    return int(trainer.accumulate_grad_batches) * int(trainer.world_size)
 
 
 def closes_step(trainer: pl.Trainer) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,10 +72,18 @@ class CPUDeepSpeedStrategy(AtomicDeepSpeedCheckpoints, DeepSpeedStrategy):
     Only the CUDA-only checks are bypassed, and only when the accelerator is a CPU one; everything else
     (ZeRO-3 ``deepspeed.zero.Init`` around ``configure_model``, manual optimization) is inherited unchanged,
     except that checkpoint directories are written atomically (:class:`AtomicDeepSpeedCheckpoints`), on GPUs
-    too.
+    too, and that a loss is divided by the accumulation steps once, not twice (:meth:`backward`).
     """
 
     strategy_name = "deepspeed_cpu"
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Lightning already divides each micro-batch's loss by ``accumulate_grad_batches``; DeepSpeed's engine
+        would divide it again (``scale_wrt_gas``), so every gradient under accumulation came out ``k`` times
+        too small (for every loss: clipping and ``train/grad_norm`` saw it even where Adam hid it). Manual
+        optimization runs with ``accumulate_grad_batches == 1``, where the flag changes nothing."""
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @property
     def _on_cpu(self) -> bool:
