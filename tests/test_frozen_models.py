@@ -320,7 +320,11 @@ def test_lora_reference_is_deterministic_while_the_policy_trains(pairs: str) -> 
             sub.attention_dropout = 0.5  # a model trained with dropout
     module.train()
     dm = TextToTextDataModule(
-        "tiny-qwen2", train={"path": pairs, "template": "HH-RLHF"}, max_length=48, batch_size=4, kind="preference"
+        "tiny-qwen2",
+        train={"path": pairs, "template": "HH-RLHF"},
+        max_length=48,
+        batch_size=4,
+        kind="preference",
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

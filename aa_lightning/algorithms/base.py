@@ -237,6 +237,17 @@ class AlignModule(pl.LightningModule):
                 "the engine); use aa_lightning.strategies.CPUDeepSpeedStrategy (GPUs too; the `aa` command does)"
             )
 
+    def on_train_start(self) -> None:
+        """DeepSpeed steps only at its own accumulation boundary: an epoch shorter than the window never
+        steps, and a ``max_steps`` run would loop forever. Refuse that before the first batch."""
+        accumulate = self.trainer.accumulate_grad_batches
+        batches = self.trainer.num_training_batches
+        if self.deepspeed_engine() is not None and accumulate > 1 and batches < accumulate:
+            raise ValueError(
+                f"accumulate_grad_batches={accumulate} but an epoch has only {batches} training batches: "
+                "DeepSpeed would never take a step. Lower accumulate_grad_batches or the batch size"
+            )
+
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """A NaN/inf loss on any rank stops the run before its gradients reach the weights."""
         if any_rank_nonfinite(loss, self.trainer.strategy if self._trainer is not None else None):

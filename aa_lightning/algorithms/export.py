@@ -14,11 +14,20 @@ from torch import nn
 from aa_lightning.algorithms.frozen import FROZEN_PREFIX, unwrap
 from aa_lightning.algorithms.zero3 import gathered, is_partitioned
 
-__all__ = ["lora_adapter_state_dict", "merged_lora_state_dict", "nonfinite_export_problem", "plain_state_dict"]
+__all__ = [
+    "lora_adapter_state_dict",
+    "merged_lora_state_dict",
+    "nonfinite_export_problem",
+    "plain_state_dict",
+]
 
 
 def _local_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+    """Parameters and persistent buffers (what ``state_dict`` holds; non-persistent ones, e.g. rotary
+    ``inv_freq``, are rebuilt by the model and would be "unexpected" keys on reload)."""
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    buffers = [(n, b) for n, b in module.named_buffers(recurse=False) if n not in skip]
+    return list(module.named_parameters(recurse=False)) + buffers
 
 
 def _nothing_to_join(module: nn.Module, keep: bool) -> bool:

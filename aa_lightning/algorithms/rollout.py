@@ -682,7 +682,9 @@ class OnlineRLModule(AlignModule):
                     for opt in optimizers:  # skip: this update's gradients are dropped, nothing steps
                         opt.zero_grad(set_to_none=True)
                     self.skipped_steps += 1
-                    stats.add("train/skipped_steps", torch.tensor(float(self.skipped_steps), device=self.device), 1)
+                    stats.add(
+                        "train/skipped_steps", torch.tensor(float(self.skipped_steps), device=self.device), 1
+                    )
                     return
         optimizers[0].step()
         for opt in optimizers[1:]:

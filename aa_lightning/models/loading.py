@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
 from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.family_repairs import repair_loaded_model
 from aa_lightning.models.registry import MODEL_REGISTRY, load_config, resolve_model_class
 from aa_lightning.models.score_model import ScoreModel
 
@@ -103,6 +104,7 @@ def load_pretrained_models(
     else:
         model_class = resolve_model_class(config, auto_class)
         model = model_class.from_pretrained(path, **kwargs)
+    repair_loaded_model(model)
     tokenizer, processor = load_tokenizer_and_processor(
         path,
         padding_side=padding_side,
