@@ -26,6 +26,18 @@ def _quiet_warnings():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_env():
+    """Strategies export RANK/WORLD_SIZE/MASTER_ADDR/...; later tests must not take themselves for launched ranks.
+
+    (The world-size-1 process group itself stays alive: DeepSpeed caches process groups in module globals.)
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def repo_path():
     def path(*parts: str) -> str:

@@ -15,13 +15,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from launch_env import DIST_ENV
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -29,28 +29,10 @@ from aa_lightning import checkpoint_io
 from aa_lightning.checkpoint_io import AtomicCheckpointIO
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-)
-
-
-@pytest.fixture(autouse=True)
-def _restore_env() -> Iterator[None]:
-    """DeepSpeed runs export RANK/LOCAL_RANK/...; later tests must not take them for launched ranks."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 

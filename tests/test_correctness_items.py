@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from launch_env import DIST_ENV
 from transformers import AutoModelForCausalLM
 
 from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule, SafeRLHFModule
@@ -37,15 +38,6 @@ from aa_lightning.rewards import RewardSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 E_SHARE = [RewardSpec("target_token_share", kwargs={"target": "e"})]
-_DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-)
 
 
 class Recorder(pl.Callback):
@@ -531,7 +523,7 @@ def test_validation_metrics_are_means_over_all_rows_on_two_ranks(tmp_path: Path,
             data_dir=repo_path("configs", "data"), out_dir=str(tmp_path)
         )
     )
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.Popen(

@@ -9,24 +9,13 @@ accumulated give the same first gradient.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 import synthetic_preferences
 
 from aa_lightning.algorithms import DPOModule, OptimConfig
 from aa_lightning.data import TextToTextDataModule
-
-
-@pytest.fixture(autouse=True)
-def _restore_env() -> Iterator[None]:
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 class FirstGradNorm(pl.Callback):

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from launch_env import DIST_ENV
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -30,29 +30,6 @@ from aa_lightning.strategies import CPUDeepSpeedStrategy, zero_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Env vars the strategy writes for torch.distributed; they must not leak into later tests or child runs.
-_DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-)
-
-
-@pytest.fixture(autouse=True)
-def _restore_env() -> Iterator[None]:
-    """Undo the RANK/LOCAL_RANK/... the strategy exports, so later tests are not mistaken for launched ranks.
-
-    The (world size 1) process group is deliberately left alive: DeepSpeed caches process groups in module
-    globals (``deepspeed.utils.groups``), so destroying it makes the next in-process DeepSpeed run fail with
-    "Group ... is not registered".
-    """
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 class TinyModule(pl.LightningModule):
@@ -251,7 +228,7 @@ def test_zero3_two_processes(tmp_path: Path) -> None:
             tests_dir=str(Path(__file__).parent), out_dir=str(tmp_path)
         )
     )
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     # Own session so a hang can be killed together with the rank-1 child Lightning's launcher starts.
     proc = subprocess.Popen(

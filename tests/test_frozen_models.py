@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -35,24 +34,6 @@ from aa_lightning.strategies import CPUDeepSpeedStrategy, zero_config
 
 GOOD = "{t} are lovely. Sure, I am happy to help!"
 BAD = "{t} are awful. No, go away now."
-_DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-)
-
-
-@pytest.fixture(autouse=True)
-def _restore_env() -> Iterator[None]:
-    """DeepSpeed runs export RANK/WORLD_SIZE/...; later tests must not mistake themselves for launched ranks."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def write_jsonl(path: Any, rows: list[dict]) -> str:

@@ -7,7 +7,6 @@ turns one parameter's gradient into NaN (finite loss, non-finite gradient norm).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,14 +19,6 @@ from aa_lightning.callbacks import HFExportCallback
 from aa_lightning.cli import build_cli
 from aa_lightning.data import TextToTextDataModule
 from aa_lightning.rewards import RewardSpec
-
-
-@pytest.fixture(autouse=True)
-def _restore_env() -> Iterator[None]:
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def datamodule(repo_path: Any, size: int = 16) -> TextToTextDataModule:

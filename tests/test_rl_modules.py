@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from launch_env import DIST_ENV
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule, SafeRLHFModule
@@ -38,15 +39,6 @@ from aa_lightning.rewards import RewardSpec
 
 E_SHARE = [RewardSpec("target_token_share", kwargs={"target": "e"})]
 # set by DeepSpeed / Lightning for launched ranks; must not leak into later tests or child runs
-_DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-)
 
 
 class Recorder(pl.Callback):
@@ -625,7 +617,7 @@ def test_safe_rlhf_zero3_two_processes(repo_path: Any, tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(_TWO_RANKS).format(out=str(tmp_path), data=repo_path("configs/data/alpaca_200.json"))
     )
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo_path(), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [sys.executable, str(script)],

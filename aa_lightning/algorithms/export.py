@@ -30,6 +30,14 @@ def _local_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(module.named_parameters(recurse=False)) + buffers
 
 
+def _copy_local(out: dict[str, torch.Tensor], prefix: str, module: nn.Module, keep: bool) -> None:
+    """CPU copies of ``module``'s own tensors under ``prefix`` (gathered first when they are ZeRO-3 shards)."""
+    with gathered(module.parameters(recurse=False)):
+        if keep:
+            for name, tensor in _local_tensors(module):
+                out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+
+
 def _nothing_to_join(module: nn.Module, keep: bool) -> bool:
     """A rank that keeps no copy only has to take part when the gathers are collectives (ZeRO-3)."""
     return not keep and not is_partitioned(module.parameters())
@@ -47,12 +55,8 @@ def plain_state_dict(
     if _nothing_to_join(module, keep):
         return out
     for prefix, sub in module.named_modules():
-        if prefix.startswith(skip_prefixes) or f"{prefix}.".startswith(skip_prefixes):
-            continue
-        with gathered(sub.parameters(recurse=False)):
-            if keep:
-                for name, tensor in _local_tensors(sub):
-                    out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+        if not (prefix.startswith(skip_prefixes) or f"{prefix}.".startswith(skip_prefixes)):
+            _copy_local(out, prefix, sub, keep)
     return out
 
 
@@ -76,10 +80,8 @@ def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str
         if isinstance(sub, ModulesToSaveWrapper):  # a fully trained module (a score head): its trained copy
             handled.append(prefix)
             trained = sub.modules_to_save[sub.active_adapters[0]]
-            with gathered(trained.parameters()):
-                if keep:
-                    for name, tensor in _local_tensors(trained):
-                        out[f"{prefix}.{name}"] = tensor.detach().cpu().clone()
+            for inner, part in trained.named_modules():
+                _copy_local(out, f"{prefix}.{inner}" if inner else prefix, part, keep)
             continue
         if isinstance(sub, BaseTunerLayer):
             handled.append(prefix)
@@ -96,10 +98,7 @@ def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str
                 for name, tensor in tensors.items():
                     out[f"{prefix}.{name}"] = tensor.detach().cpu().clone()
             continue
-        with gathered(sub.parameters(recurse=False)):
-            if keep:
-                for name, tensor in _local_tensors(sub):
-                    out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+        _copy_local(out, prefix, sub, keep)
     return out
 
 

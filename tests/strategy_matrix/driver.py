@@ -21,19 +21,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from launch_env import DIST_ENV
+
 from strategy_matrix.cells import COLUMNS, REPO, TINY_REWARD_MODEL, column_cells
 
 CELL_TIMEOUT_S = 420.0  # the first DeepSpeed cell of a fresh machine JIT-builds a CPU op (~2 min)
 LOG_TAIL_CHARS = 3000
-_DIST_ENV = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "LOCAL_WORLD_SIZE",
-)
 
 
 @dataclass
@@ -62,7 +55,7 @@ def prepare(out: str) -> None:
 
 
 def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     tests = os.path.join(REPO, "tests")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, tests, env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
