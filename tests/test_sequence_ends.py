@@ -176,3 +176,25 @@ def test_score_model_reads_a_training_row_and_its_rollout_at_the_same_end_of_tur
         assert rollout.sequences[i, scored.end_index[i]] == tokenizer.eos_token_id
         assert int(trained.end_index[i]) == len(row) - 1
     torch.testing.assert_close(scored.end_scores, trained.end_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("template,expected", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>")])
+def test_rollouts_stop_at_the_end_of_turn_token_when_the_eos_is_another_token(template, expected):
+    """A base tokenizer (EOS ``<|endoftext|>``) with a chat template: generation must still stop where trained
+    rows end, at the template's end-of-turn token."""
+    from aa_lightning.algorithms import PPOModule
+    from aa_lightning.models.turns import end_of_turn_token_ids
+    from aa_lightning.rewards import RewardSpec
+
+    tokenizer = tokenizer_for(template)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    tokenizer.eos_token = "<|endoftext|>"
+    turn_end = tokenizer.convert_tokens_to_ids(expected)
+    assert turn_end != tokenizer.eos_token_id
+    assert end_of_turn_token_ids(tokenizer) == [turn_end]
+    module = PPOModule(reward_functions=[RewardSpec("response_length")])
+    module.configure_model()
+    module.tokenizer = tokenizer
+    assert {turn_end, tokenizer.eos_token_id} <= set(module.eos_token_ids())
+    no_template = tokenizer_for("default")
+    assert end_of_turn_token_ids(no_template) == []  # no template: nothing guessed

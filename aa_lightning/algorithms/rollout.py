@@ -48,6 +48,7 @@ from aa_lightning.algorithms.logprobs import entropy_from_logits, masked_mean, s
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head
+from aa_lightning.models.turns import end_of_turn_token_ids
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
 __all__ = [
@@ -740,6 +741,9 @@ class OnlineRLModule(AlignModule):
             ids.add(gen_eos)
         elif isinstance(gen_eos, (list, tuple)):
             ids.update(int(i) for i in gen_eos)
+        if "_turn_end_ids" not in self.__dict__:  # where trained rows end (read once from the chat template)
+            self.__dict__["_turn_end_ids"] = end_of_turn_token_ids(self.tokenizer, self.processor)
+        ids.update(self.__dict__["_turn_end_ids"])
         if not ids:
             raise ValueError("the tokenizer has no EOS token: responses could never end")
         return sorted(ids)
