@@ -58,7 +58,16 @@ def keep_nested_null_overrides() -> None:
 
     original = getattr(typehints, "adapt_class_type", None)
     nested_arg = getattr(typehints, "NestedArg", None)
-    if original is None or nested_arg is None or getattr(original, "_keeps_nested_null", False):
+    if original is not None and getattr(original, "_keeps_nested_null", False):
+        return
+    if original is None or nested_arg is None:  # jsonargparse moved its internals: say so, once, at import
+        import warnings
+
+        warnings.warn(
+            "aa_lightning.cli: this jsonargparse version has no _typehints.adapt_class_type/NestedArg; "
+            "`null` for nested fields on the command line (e.g. optim.warmup_steps) may be refused",
+            stacklevel=2,
+        )
         return
 
     def adapt_class_type(value: Any, *args: Any, **kwargs: Any) -> Any:
