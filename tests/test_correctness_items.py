@@ -31,7 +31,8 @@ from aa_lightning.algorithms.logprobs import (
     selective_log_softmax,
     sequence_log_probs,
 )
-from aa_lightning.algorithms.rollout import MetricAccumulator, Rollout
+from aa_lightning.algorithms.rl.metrics import MetricAccumulator
+from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.data import TextToTextDataModule
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.rewards import RewardSpec

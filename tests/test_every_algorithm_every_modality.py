@@ -34,7 +34,7 @@ from aa_lightning.algorithms import (
     SFTModule,
 )
 from aa_lightning.algorithms.base import model_inputs
-from aa_lightning.algorithms.rollout import extend_per_token_inputs, repeat_batch_inputs
+from aa_lightning.algorithms.rl.rollout import extend_per_token_inputs, repeat_batch_inputs
 from aa_lightning.data import (
     DataSpec,
     TextAudioToTextDataModule,

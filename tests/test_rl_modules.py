@@ -28,12 +28,8 @@ from launch_env import DIST_ENV
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule, SafeRLHFModule
-from aa_lightning.algorithms.rollout import (
-    MetricAccumulator,
-    RunningMoments,
-    response_mask_from_eos,
-    samples_markdown,
-)
+from aa_lightning.algorithms.rl.metrics import MetricAccumulator, RunningMoments, samples_markdown
+from aa_lightning.algorithms.rl.rollout import response_mask_from_eos
 from aa_lightning.data import TextToTextDataModule
 from aa_lightning.rewards import RewardSpec
 

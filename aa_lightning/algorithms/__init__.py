@@ -2,12 +2,10 @@
 
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, LoraConfig, OptimConfig
-from aa_lightning.algorithms.grpo import GRPOModule
 from aa_lightning.algorithms.kto import KTOModule
-from aa_lightning.algorithms.ppo import PPOModule
 from aa_lightning.algorithms.preference import DPOModule, ReferenceFreeModule
 from aa_lightning.algorithms.reward import CostModule, RewardModule
-from aa_lightning.algorithms.safe_rlhf import SafeRLHFModule
+from aa_lightning.algorithms.rl import GRPOModule, PPOModule, SafeRLHFModule
 from aa_lightning.algorithms.sft import SFTModule
 
 __all__ = [

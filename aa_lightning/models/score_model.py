@@ -48,6 +48,22 @@ def gathered(module: nn.Module) -> Iterator[None]:
         yield
 
 
+def init_score_head(head: nn.Linear, std: float) -> None:
+    """Draw a score head ``N(0, std)`` (``std`` 0: all zeros) with a zero bias, also when ZeRO-3 has partitioned
+    it: the draw happens on gathered weights with ``modifier_rank=0`` (rank 0's values are broadcast).
+
+    Critics call it again after loading (:meth:`OnlineRLModule.load_trainable_score_model`): under
+    ``deepspeed.zero.Init`` the head the constructor drew may not survive the loading.
+    """
+    with gathered(head), torch.no_grad():
+        if std > 0:
+            nn.init.normal_(head.weight, std=std)
+        else:
+            nn.init.zeros_(head.weight)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last position whose mask is 1, per row (works for left and right padding)."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
@@ -63,11 +79,9 @@ class ScoreModel(nn.Module):
         self.config = backbone.config
         hidden = self.config.get_text_config().hidden_size
         self.score_head = nn.Linear(hidden, 1, bias=head_bias)
-        std = head_init_std if head_init_std is not None else 1.0 / (hidden + 1) ** 0.5
-        with gathered(self.score_head), torch.no_grad():
-            nn.init.normal_(self.score_head.weight, std=std)
-            if head_bias:
-                nn.init.zeros_(self.score_head.bias)
+        init_score_head(
+            self.score_head, head_init_std if head_init_std is not None else 1.0 / (hidden + 1) ** 0.5
+        )
 
     def forward(self, **inputs: Any) -> ScoreModelOutput:
         inputs.pop("labels", None)

@@ -26,14 +26,10 @@ from torch import nn
 from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.logprobs import causal_lm_log_probs, masked_mean, masked_whiten
 from aa_lightning.algorithms.losses import compute_gae, kl_penalty, ppo_policy_loss, ppo_value_loss
-from aa_lightning.algorithms.rollout import (
-    MetricAccumulator,
-    OnlineRLModule,
-    Rollout,
-    RunningMoments,
-    explained_variance,
-    rollout_mean_kl,
-)
+from aa_lightning.algorithms.rl.metrics import MetricAccumulator, RunningMoments, explained_variance
+from aa_lightning.algorithms.rl.module import OnlineRLModule
+from aa_lightning.algorithms.rl.rollout import Rollout, rollout_mean_kl
+from aa_lightning.algorithms.rl.update import MinibatchWeights
 
 __all__ = ["PPOModule"]
 
@@ -93,6 +89,23 @@ class PPOModule(OnlineRLModule):
         super().__init__(*args, **kwargs)
         if ppo_epochs < 1:
             raise ValueError("ppo_epochs must be >= 1")
+        self.critic_model_name_or_path = critic_model_name_or_path
+        self.critic_lr_override = critic_lr
+        self.critic_head_init_std = critic_head_init_std
+        self.kl_coef = kl_coef
+        self.kl_estimator = kl_estimator
+        self.ppo_epochs = ppo_epochs
+        self.clip_range = clip_range
+        self.clip_range_value = clip_range_value
+        self.value_loss_coef = value_loss_coef
+        self.entropy_coef = entropy_coef
+        self.gamma = gamma
+        self.lam = lam
+        self.whiten_advantages = whiten_advantages
+        self.normalize_score = normalize_score
+        self.score_clip = score_clip
+        self.loss_aggregation = loss_aggregation
+        self.ptx_coef = ptx_coef
         self.critic: nn.Module | None = None
         self.score_moments = RunningMoments()
 
@@ -100,22 +113,21 @@ class PPOModule(OnlineRLModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        hp = self.hparams
         self.build_actor()
         self.build_reference()
         critic_path = self.critic_init_path(
-            hp.critic_model_name_or_path, self.reward_model, self.reward_tokenizer
+            self.critic_model_name_or_path, self.reward_model, self.reward_tokenizer
         )
-        self.critic = self.load_trainable_score_model(critic_path, hp.critic_head_init_std)
+        self.critic = self.load_trainable_score_model(critic_path, self.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.critic]
 
     def critic_lr(self) -> float:
-        return self.hparams.critic_lr if self.hparams.critic_lr is not None else self.optim.lr
+        return self.critic_lr_override if self.critic_lr_override is not None else self.optim.lr
 
     def updates_per_rollout(self) -> int:
-        return self.hparams.ppo_epochs * super().updates_per_rollout()
+        return self.ppo_epochs * super().updates_per_rollout()
 
     # -- experience ------------------------------------------------------------------------------------
     def experience(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
@@ -157,17 +169,16 @@ class PPOModule(OnlineRLModule):
     ) -> torch.Tensor:
         """Score as it enters the rewards: running normalisation, clipping, then the missing-EOS penalty
         (in normalised units, so the penalty keeps its configured size)."""
-        hp = self.hparams
         out = scores
         if moments is not None:
             moments.update(self.all_gather(scores).flatten())
             out = moments.normalize(out)
             stats.add(f"rollout/{name}_running_mean", moments.mean.to(self.device), 1)
             stats.add(f"rollout/{name}_running_std", moments.std.to(self.device), 1)
-        if hp.score_clip is not None:
-            out = out.clamp(-hp.score_clip, hp.score_clip)
-        if eos_penalty and hp.missing_eos_penalty:
-            out = out - hp.missing_eos_penalty * (~has_eos).to(out.dtype)
+        if self.score_clip is not None:
+            out = out.clamp(-self.score_clip, self.score_clip)
+        if eos_penalty and self.missing_eos_penalty:
+            out = out - self.missing_eos_penalty * (~has_eos).to(out.dtype)
         return out
 
     def token_rewards(
@@ -175,9 +186,9 @@ class PPOModule(OnlineRLModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rewards (N, R), kl (N, R))``: ``kl_sign * kl_coef * KL_t`` per token + ``score`` at the last one."""
         mask = rollout.response_mask
-        kl = kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], self.hparams.kl_estimator)
+        kl = kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], self.kl_estimator)
         kl = torch.where(mask, kl, torch.zeros_like(kl))
-        rewards = kl_sign * self.hparams.kl_coef * kl
+        rewards = kl_sign * self.kl_coef * kl
         last = (mask.long().sum(dim=1) - 1).clamp(min=0).unsqueeze(1)
         rewards = rewards.scatter_add(1, last, score.to(rewards.dtype).unsqueeze(1))
         return rewards, kl
@@ -186,11 +197,11 @@ class PPOModule(OnlineRLModule):
         self, rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(advantages, returns)`` of one stream, raw (not whitened: see :meth:`whiten`)."""
-        return compute_gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
+        return compute_gae(rewards, values, mask, self.gamma, self.lam)
 
     def whiten(self, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The actor's advantages, whitened over response tokens when configured (once, after any mixing)."""
-        return masked_whiten(advantages, mask) if self.hparams.whiten_advantages else advantages
+        return masked_whiten(advantages, mask) if self.whiten_advantages else advantages
 
     @torch.no_grad()
     def compute_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> None:
@@ -199,16 +210,15 @@ class PPOModule(OnlineRLModule):
     @torch.no_grad()
     def reward_advantages(self, rollout: Rollout, stats: MetricAccumulator) -> torch.Tensor:
         """Raw GAE advantages of the reward stream; fills ``returns`` and ``sequence_rewards``."""
-        hp = self.hparams
         mask = rollout.response_mask
-        moments = self.score_moments if hp.normalize_score else None
+        moments = self.score_moments if self.normalize_score else None
         score = self.shaped_score(rollout["scores"], rollout.has_eos, moments, stats)
         rewards, kl = self.token_rewards(score, rollout)
         advantages, returns = self.gae(rewards, rollout["old_values"], mask)
         rollout["returns"] = returns
         rollout["sequence_rewards"] = torch.where(mask, rewards, torch.zeros_like(rewards)).sum(dim=1)
         stats.add_std("rollout/reward", rollout["sequence_rewards"])
-        stats.add_mean("rollout/kl_penalty", -hp.kl_coef * kl.sum(dim=1))
+        stats.add_mean("rollout/kl_penalty", -self.kl_coef * kl.sum(dim=1))
         stats.add_mean("rollout/return", returns, mask)
         stats.add("train/explained_variance", explained_variance(rollout["old_values"], returns, mask), 1)
         return advantages
@@ -223,24 +233,23 @@ class PPOModule(OnlineRLModule):
         self, mb: Rollout, stats: MetricAccumulator, token_weight: torch.Tensor, seq_weight: float
     ) -> torch.Tensor:
         """Clipped surrogate (+ entropy bonus) of one minibatch, weighted for accumulation."""
-        hp = self.hparams
         mask = mb.response_mask
         logprobs, entropy = self.policy_logprobs(
-            self.model, mb, with_entropy=True, entropy_grad=hp.entropy_coef != 0
+            self.model, mb, with_entropy=True, entropy_grad=self.entropy_coef != 0
         )
         out = ppo_policy_loss(
             logprobs,
             mb["old_logprobs"],
             mb["advantages"],
             mask,
-            hp.clip_range,
-            hp.loss_aggregation,
+            self.clip_range,
+            self.loss_aggregation,
             self.generation.max_new_tokens,
         )
-        weight = token_weight if hp.loss_aggregation == "token_mean" else seq_weight
+        weight = token_weight if self.loss_aggregation == "token_mean" else seq_weight
         loss = out.loss * weight
-        if hp.entropy_coef:
-            loss = loss - hp.entropy_coef * masked_mean(entropy, mask) * token_weight
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * masked_mean(entropy, mask) * token_weight
         tokens = mask.sum()
         stats.add("train/policy_loss", out.loss.detach() * tokens, tokens)
         stats.add("train/policy_clip_fraction", out.clip_fraction * tokens, tokens)
@@ -263,11 +272,11 @@ class PPOModule(OnlineRLModule):
     ) -> torch.Tensor:
         mask = mb.response_mask
         values = self.value_forward(critic, mb)
-        out = ppo_value_loss(values, mb[old_key], mb[returns_key], mask, self.hparams.clip_range_value)
+        out = ppo_value_loss(values, mb[old_key], mb[returns_key], mask, self.clip_range_value)
         tokens = mask.sum()
         stats.add(f"train/{name}_loss", out.loss.detach() * tokens, tokens)
         stats.add(f"train/{name}_clip_fraction", out.clip_fraction * tokens, tokens)
-        return self.hparams.value_loss_coef * out.loss * token_weight
+        return self.value_loss_coef * out.loss * token_weight
 
     def update(self, rollout: Rollout, ptx_batch: dict[str, Any] | None, stats: MetricAccumulator) -> None:
         """``ppo_epochs`` passes over the rollout's minibatch groups, one optimizer update per group.
@@ -275,31 +284,21 @@ class PPOModule(OnlineRLModule):
         A ``ptx`` batch enters every optimizer update ONCE, with weight ``ptx_coef``: its loss joins the last
         minibatch of the group (one backward per minibatch, so DDP sees every trained parameter in each).
         """
-        hp = self.hparams
-        mask = rollout.response_mask
-        use_ptx = ptx_batch is not None and bool(hp.ptx_coef)
+        use_ptx = ptx_batch is not None and bool(self.ptx_coef)
         if ptx_batch is not None and not use_ptx:
             rank_zero_warn(
                 "the train loader yields ptx batches but ptx_coef is 0: they are loaded and ignored"
             )
-        for epoch in range(hp.ppo_epochs):
-            for group in self.minibatch_groups(len(rollout), seed_offset=epoch + 1):
-                group_tokens = self.tokens_per_rank(torch.stack([mask[idx].sum() for idx in group]).sum())
-                group_seqs = sum(len(idx) for idx in group)
-                for i, idx in enumerate(group):
-                    last = i == len(group) - 1
-                    self.start_minibatch()
-                    mb = rollout.select(idx)
-                    token_weight = mb.response_mask.sum() / group_tokens
-                    seq_weight = len(idx) / group_seqs
-                    loss = self.actor_loss(mb, stats, token_weight, seq_weight)
-                    if use_ptx and last:
-                        ptx = self.ptx_loss(ptx_batch)
-                        stats.add("train/ptx_loss", ptx.detach(), 1)
-                        loss = loss + hp.ptx_coef * ptx
-                    loss = loss + self.critic_loss(mb, stats, token_weight)
-                    self.backward_minibatch(loss, last_in_group=last)
-                self.optimizer_update(stats)
+
+        def minibatch_loss(mb: Rollout, weights: MinibatchWeights) -> torch.Tensor:
+            loss = self.actor_loss(mb, stats, weights.token, weights.sequence)
+            if use_ptx and weights.last:
+                ptx = self.ptx_loss(ptx_batch)
+                stats.add("train/ptx_loss", ptx.detach(), 1)
+                loss = loss + self.ptx_coef * ptx
+            return loss + self.critic_loss(mb, stats, weights.token)
+
+        self.run_updates(rollout, self.ppo_epochs, minibatch_loss, stats)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         prompt_batch, ptx_batch = self.split_batch(batch)

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from aa_lightning.algorithms.losses import lagrange_multiplier_loss, lagrangian_advantage
-from aa_lightning.algorithms.ppo import PPOModule
-from aa_lightning.algorithms.rollout import MetricAccumulator, Rollout, RunningMoments, explained_variance
+from aa_lightning.algorithms.rl.metrics import MetricAccumulator, RunningMoments, explained_variance
+from aa_lightning.algorithms.rl.ppo import PPOModule
+from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
 __all__ = ["SafeRLHFModule"]
@@ -70,6 +71,14 @@ class SafeRLHFModule(PPOModule):
             raise ValueError("lambda_init must be > 0 (lambda is learned as log_lambda)")
         if episode_cost_window_size < 1:
             raise ValueError("episode_cost_window_size must be >= 1")
+        self.cost_model_name_or_path = cost_model_name_or_path
+        self.cost_model_weight = cost_model_weight
+        self.cost_critic_model_name_or_path = cost_critic_model_name_or_path
+        self.cost_limit = cost_limit
+        self.lambda_lr = lambda_lr
+        self.lambda_max = lambda_max
+        self.lambda_update_delay_steps = lambda_update_delay_steps
+        self.normalize_cost = normalize_cost
         self.cost_fns = WeightedRewards(cost_functions)
         if cost_model_name_or_path is None and not len(self.cost_fns):
             raise ValueError("give a cost_model_name_or_path and/or cost_functions")
@@ -84,11 +93,12 @@ class SafeRLHFModule(PPOModule):
         if self.model is not None:
             return
         super().configure_model()
-        hp = self.hparams
-        if hp.cost_model_name_or_path:
-            self.load_frozen("cost", hp.cost_model_name_or_path, score_model=True)
-        path = self.critic_init_path(hp.cost_critic_model_name_or_path, self.cost_model, self.cost_tokenizer)
-        self.cost_critic = self.load_trainable_score_model(path, hp.critic_head_init_std)
+        if self.cost_model_name_or_path:
+            self.load_frozen("cost", self.cost_model_name_or_path, score_model=True)
+        path = self.critic_init_path(
+            self.cost_critic_model_name_or_path, self.cost_model, self.cost_tokenizer
+        )
+        self.cost_critic = self.load_trainable_score_model(path, self.critic_head_init_std)
 
     def critic_modules(self) -> list[nn.Module]:
         return [self.critic, self.cost_critic]
@@ -112,35 +122,27 @@ class SafeRLHFModule(PPOModule):
         ``log_lambda <- log_lambda - lambda_lr * d/dlog_lambda[-lambda * (J_c - d)]``
         ``= log_lambda + lambda_lr * lambda * (J_c - d)``, so lambda rises while ``J_c > d``.
         """
-        hp = self.hparams
         device = episode_cost.device if isinstance(episode_cost, torch.Tensor) else self.log_lambda.device
         self.log_lambda = self.log_lambda.to(device)
         self._episode_costs.append(torch.as_tensor(episode_cost, dtype=torch.float64, device=device).detach())
         window_cost = torch.stack([c.to(device) for c in self._episode_costs]).mean()
-        if self._rollout_index >= hp.lambda_update_delay_steps:
+        if self._rollout_index >= self.lambda_update_delay_steps:
             with torch.enable_grad():
                 log_lambda = self.log_lambda.detach().clone().requires_grad_(True)
-                loss = lagrange_multiplier_loss(log_lambda, window_cost, hp.cost_limit)
+                loss = lagrange_multiplier_loss(log_lambda, window_cost, self.cost_limit)
                 (grad,) = torch.autograd.grad(loss, log_lambda)
-            new = log_lambda.detach() - hp.lambda_lr * grad
-            if hp.lambda_max is not None:
-                new = new.clamp(max=math.log(hp.lambda_max))
+            new = log_lambda.detach() - self.lambda_lr * grad
+            if self.lambda_max is not None:
+                new = new.clamp(max=math.log(self.lambda_max))
             self.log_lambda = new
         return self.log_lambda.exp()
 
     # -- experience ------------------------------------------------------------------------------------
     def compute_costs(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = torch.zeros(len(rollout), device=self.device)
-        parts: dict[str, torch.Tensor] = {}
-        if self.cost_model is not None:
-            cm = self.score_with_model(self.cost_model, self.cost_tokenizer, rollout)
-            parts["cost_model"] = cm
-            total = total + self.hparams.cost_model_weight * cm
-        if len(self.cost_fns):
-            fn_total, fn_parts = self.cost_fns(rollout.prompts, rollout.responses, rollout.metas)
-            total = total + fn_total.to(self.device)
-            parts.update({k: v.to(self.device) for k, v in fn_parts.items()})
-        return total, parts
+        """Weighted sum of the cost model's end score and the cost functions: ``(total (N,), parts)``."""
+        return self.weighted_scores(
+            rollout, self.cost_model, self.cost_tokenizer, self.cost_model_weight, self.cost_fns, "cost_model"
+        )
 
     def score_rollout(self, rollout: Rollout, stats: MetricAccumulator) -> None:
         super().score_rollout(rollout, stats)
@@ -165,9 +167,8 @@ class SafeRLHFModule(PPOModule):
         tiny spread would weigh as much as one with a large spread, whatever the costs are.
         """
         reward_adv = self.reward_advantages(rollout, stats)  # also fills returns, sequence_rewards
-        hp = self.hparams
         mask = rollout.response_mask
-        moments = self.cost_moments if hp.normalize_cost else None
+        moments = self.cost_moments if self.normalize_cost else None
         cost_score = self.shaped_score(
             rollout["costs"], rollout.has_eos, moments, stats, name="cost", eos_penalty=False
         )

@@ -29,7 +29,10 @@ from typing import Any, Literal
 import torch
 
 from aa_lightning.algorithms.losses import grpo_advantages, grpo_loss
-from aa_lightning.algorithms.rollout import MetricAccumulator, OnlineRLModule, Rollout
+from aa_lightning.algorithms.rl.metrics import MetricAccumulator
+from aa_lightning.algorithms.rl.module import OnlineRLModule
+from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.algorithms.rl.update import MinibatchWeights
 
 __all__ = ["GRPOModule"]
 
@@ -65,12 +68,19 @@ class GRPOModule(OnlineRLModule):
             raise ValueError("GRPO needs num_generations >= 2 (advantages are relative within a group)")
         if num_iterations < 1:
             raise ValueError("num_iterations must be >= 1")
+        self.num_generations = num_generations
+        self.beta = beta
+        self.clip_range = clip_range
+        self.clip_range_high = clip_range_high
+        self.scale = scale
+        self.loss_aggregation = loss_aggregation
+        self.num_iterations = num_iterations
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         self.build_actor()
-        if self.hparams.beta != 0:
+        if self.beta != 0:
             self.build_reference()
 
     def setup(self, stage: str) -> None:
@@ -79,25 +89,24 @@ class GRPOModule(OnlineRLModule):
             raise ValueError("GRPO has no ptx loss: remove the ptx data stream (data.ptx) or train PPO")
 
     def updates_per_rollout(self) -> int:
-        return self.hparams.num_iterations * super().updates_per_rollout()
+        return self.num_iterations * super().updates_per_rollout()
 
     def needs_old_logprobs(self) -> bool:
         return self.updates_per_rollout() > 1
 
     @torch.no_grad()
     def experience(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
-        hp = self.hparams
         stats = MetricAccumulator()
-        rollout = self.generate_rollout(batch, num_samples=hp.num_generations)
+        rollout = self.generate_rollout(batch, num_samples=self.num_generations)
         scores, parts = self.compute_scores(rollout)
         rollout["scores"] = scores
         self.rollout_stats(stats, rollout, scores, parts)
         rewards = scores
-        if hp.missing_eos_penalty:
-            rewards = rewards - hp.missing_eos_penalty * (~rollout.has_eos).to(rewards.dtype)
+        if self.missing_eos_penalty:
+            rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).to(rewards.dtype)
         rollout["rewards"] = rewards
-        rollout["advantages"] = grpo_advantages(rewards.float(), hp.num_generations, hp.scale)
-        grouped = rewards.float().view(-1, hp.num_generations)
+        rollout["advantages"] = grpo_advantages(rewards.float(), self.num_generations, self.scale)
+        grouped = rewards.float().view(-1, self.num_generations)
         group_std = grouped.std(dim=1, correction=1)
         stats.add_mean("rollout/group_reward_std", group_std)
         stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
@@ -107,46 +116,36 @@ class GRPOModule(OnlineRLModule):
             )
             rollout["old_logprobs"] = old
             stats.add_mean("rollout/entropy", entropy, rollout.response_mask)
-        if hp.beta != 0:
+        if self.beta != 0:
             rollout["ref_logprobs"] = self.reference_logprobs(rollout)
         return rollout, stats
 
     def update(self, rollout: Rollout, stats: MetricAccumulator) -> None:
-        hp = self.hparams
-        mask = rollout.response_mask
-        for iteration in range(hp.num_iterations):
-            for group in self.minibatch_groups(len(rollout), seed_offset=iteration + 1):
-                group_tokens = self.tokens_per_rank(torch.stack([mask[idx].sum() for idx in group]).sum())
-                group_seqs = sum(len(idx) for idx in group)
-                for i, idx in enumerate(group):
-                    self.start_minibatch()
-                    mb = rollout.select(idx)
-                    mb_mask = mb.response_mask
-                    logprobs, entropy = self.policy_logprobs(self.model, mb, with_entropy=True)
-                    out = grpo_loss(
-                        logprobs,
-                        mb.data.get("old_logprobs"),
-                        mb.data.get("ref_logprobs"),
-                        mb["advantages"],
-                        mb_mask,
-                        clip_range=hp.clip_range,
-                        beta=hp.beta,
-                        aggregation=hp.loss_aggregation,
-                        max_completion_length=self.generation.max_new_tokens,
-                        clip_range_high=hp.clip_range_high,
-                    )
-                    tokens = mb_mask.sum()
-                    weight = (
-                        tokens / group_tokens
-                        if hp.loss_aggregation == "token_mean"
-                        else len(idx) / group_seqs
-                    )
-                    self.backward_minibatch(out.loss * weight, last_in_group=i == len(group) - 1)
-                    stats.add("train/loss", out.loss.detach() * tokens, tokens)
-                    stats.add("train/clip_fraction", out.clip_fraction * tokens, tokens)
-                    stats.add("train/kl", out.kl * tokens, tokens)
-                    stats.add_mean("train/entropy", entropy, mb_mask)
-                self.optimizer_update(stats)
+        """``num_iterations`` passes over the rollout's minibatch groups (the shared loop of :mod:`.update`)."""
+
+        def minibatch_loss(mb: Rollout, weights: MinibatchWeights) -> torch.Tensor:
+            mask = mb.response_mask
+            logprobs, entropy = self.policy_logprobs(self.model, mb, with_entropy=True)
+            out = grpo_loss(
+                logprobs,
+                mb.data.get("old_logprobs"),
+                mb.data.get("ref_logprobs"),
+                mb["advantages"],
+                mask,
+                clip_range=self.clip_range,
+                beta=self.beta,
+                aggregation=self.loss_aggregation,
+                max_completion_length=self.generation.max_new_tokens,
+                clip_range_high=self.clip_range_high,
+            )
+            tokens = mask.sum()
+            stats.add("train/loss", out.loss.detach() * tokens, tokens)
+            stats.add("train/clip_fraction", out.clip_fraction * tokens, tokens)
+            stats.add("train/kl", out.kl * tokens, tokens)
+            stats.add_mean("train/entropy", entropy, mask)
+            return out.loss * (weights.token if self.loss_aggregation == "token_mean" else weights.sequence)
+
+        self.run_updates(rollout, self.num_iterations, minibatch_loss, stats)
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         prompt_batch, ptx_batch = self.split_batch(batch)

@@ -1,0 +1,78 @@
+"""Training-time forwards of a rollout: token log-probs from temperature-scaled logits, critic values,
+and the chunked no-grad passes (``forward_batch_size`` sequences at a time)."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from aa_lightning.algorithms.base import unwrap
+from aa_lightning.algorithms.logprobs import entropy_from_logits, selective_log_softmax
+from aa_lightning.algorithms.rl.rollout import Rollout
+
+__all__ = ["ForwardsMixin"]
+
+
+class ForwardsMixin:
+    """Mixed into :class:`~aa_lightning.algorithms.rl.module.OnlineRLModule` (reads ``generation``,
+    ``forward_batch_size``, ``position_ids_from_mask`` and ``frozen``)."""
+
+    # -- forwards --------------------------------------------------------------------------------------
+    def chunks(self, n: int) -> list[torch.Tensor]:
+        size = self.forward_batch_size or n
+        return list(torch.arange(n).split(size))
+
+    def _supports_logits_to_keep(self, model: nn.Module) -> bool:
+        target = unwrap(model)
+        base = target.get_base_model() if hasattr(target, "get_base_model") else target
+        try:
+            return "logits_to_keep" in inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def policy_logprobs(
+        self, model: nn.Module, rollout: Rollout, with_entropy: bool = False, entropy_grad: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(log p(response token) (N, R), entropy (N, R) | None)`` from temperature-scaled logits.
+
+        The entropy is detached unless ``entropy_grad`` (an entropy bonus needs its gradient).
+        """
+        inputs = rollout.model_inputs(self.position_ids_from_mask)
+        r = rollout.response_length
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self._supports_logits_to_keep(model):
+            kwargs["logits_to_keep"] = r + 1
+        logits = model(**inputs, **kwargs).logits
+        logits = logits[:, -(r + 1) : -1]
+        temperature = self.generation.temperature if self.generation.do_sample else 1.0
+        # float32 results, the division by the temperature included (done per chunk, after the upcast)
+        logprobs = selective_log_softmax(logits, rollout.response_ids, temperature=temperature)
+        entropy = None
+        if entropy_grad:
+            entropy = entropy_from_logits(logits, temperature=temperature).float()
+        elif with_entropy:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach(), temperature=temperature).float()
+        return logprobs, entropy
+
+    def value_forward(self, critic: nn.Module, rollout: Rollout) -> torch.Tensor:
+        """Critic values ``(N, R)``: the value of the state *before* each response token."""
+        inputs = rollout.model_inputs(self.position_ids_from_mask)
+        scores = critic(**inputs).scores
+        r = rollout.response_length
+        return scores[:, -(r + 1) : -1].float()
+
+    @torch.no_grad()
+    def chunked(self, fn: Any, rollout: Rollout) -> Any:
+        """Apply ``fn(sub_rollout)`` to chunks of ``forward_batch_size`` and concatenate the outputs."""
+        outs = [fn(rollout.select(idx)) for idx in self.chunks(len(rollout))]
+        if isinstance(outs[0], tuple):
+            return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
+        return torch.cat(outs)
+
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        with self.frozen.running("reference", self.model) as ref:
+            return self.chunked(lambda ro: self.policy_logprobs(ref, ro)[0], rollout)

@@ -1,0 +1,141 @@
+"""Sampling of the rollouts: seeding, ``generate`` arguments, the ZeRO-3 generation context, one batched call.
+
+One KV-cached ``generate`` call per rollout with every model input of the prompt batch (all top-level tensors
+except ``labels``, so media inputs flow through untouched); the response mask keeps tokens up to and
+including the first EOS. Per-token inputs of the prompt are extended with zeros over the response
+(:func:`~aa_lightning.algorithms.rl.rollout.extend_per_token_inputs`), so the training forwards see what
+``generate`` saw. Sampling is seeded per rollout from ``(rollout_seed, rollout index, rank)`` inside
+``torch.random.fork_rng``, so a resumed run samples exactly what the uninterrupted run would have, and the
+global RNG is left alone. Under ZeRO-3 the actor is gathered once per rollout
+(``zero3_gather_for_generation``); with more than one process ``generate`` runs with ``synced_gpus=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from aa_lightning.algorithms.base import model_inputs, unwrap
+from aa_lightning.algorithms.rl.rollout import (
+    TEXT_KEYS,
+    Rollout,
+    extend_per_token_inputs,
+    repeat_batch_inputs,
+    response_mask_from_eos,
+)
+from aa_lightning.models.turns import end_of_turn_token_ids
+
+__all__ = ["GenerationMixin"]
+
+
+class GenerationMixin:
+    """Mixed into :class:`~aa_lightning.algorithms.rl.module.OnlineRLModule` (reads ``generation``,
+    ``zero3_gather_for_generation``, ``_base_seed`` and ``_rollout_index``)."""
+
+    # -- RNG -------------------------------------------------------------------------------------------
+    def rollout_seed(self, offset: int = 0) -> int:
+        base = self._base_seed if self._base_seed is not None else int(torch.initial_seed()) % (2**31)
+        rank = self.global_rank if self._trainer is not None else 0
+        return (base * 1_000_003 + self._rollout_index * 10_007 + rank * 101 + offset) % (2**63 - 1)
+
+    @contextlib.contextmanager
+    def seeded(self, offset: int = 0) -> Iterator[None]:
+        """Run with the torch RNG seeded for this rollout; the global RNG state is restored afterwards."""
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.rollout_seed(offset))
+            yield
+
+    # -- generation ------------------------------------------------------------------------------------
+    def eos_token_ids(self) -> list[int]:
+        ids: set[int] = set()
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(unwrap(self.model), "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, (list, tuple)):
+            ids.update(int(i) for i in gen_eos)
+        if "_turn_end_ids" not in self.__dict__:  # where trained rows end (read once from the chat template)
+            self.__dict__["_turn_end_ids"] = end_of_turn_token_ids(self.tokenizer, self.processor)
+        ids.update(self.__dict__["_turn_end_ids"])
+        if not ids:
+            raise ValueError("the tokenizer has no EOS token: responses could never end")
+        return sorted(ids)
+
+    def generation_kwargs(self, do_sample: bool | None = None) -> dict[str, Any]:
+        """``generate`` arguments: a fresh ``GenerationConfig`` with exactly the configured sampling settings.
+
+        The checkpoint's own generation config (repetition penalties, default top-k ...) is deliberately
+        not used: the log-probs of the update must describe the distribution the tokens were drawn from.
+        (``top_p``/``top_k`` truncation is the one usual exception, ignored in the log-probs as in most RLHF
+        systems.)
+        """
+        from transformers import GenerationConfig as HFGenerationConfig
+
+        cfg = self.generation
+        sample = cfg.do_sample if do_sample is None else do_sample
+        config = HFGenerationConfig(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=sample,
+            temperature=cfg.temperature if sample else None,
+            # explicit values: None would let transformers fill in its defaults (top_k=50), so the tokens would
+            # come from a truncated distribution the log-probs do not describe
+            top_p=cfg.top_p if sample else None,
+            top_k=cfg.top_k if sample else None,
+            eos_token_id=self.eos_token_ids(),
+            pad_token_id=self.tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        kwargs: dict[str, Any] = {"generation_config": config}
+        if self.zero_stage() == 3 and self.trainer.world_size > 1:
+            kwargs["synced_gpus"] = True
+        return kwargs
+
+    def generation_context(self) -> contextlib.AbstractContextManager:
+        return self.deepspeed_adapter().generation_context(self.model, self.zero3_gather_for_generation)
+
+    @torch.no_grad()
+    def generate_rollout(
+        self, batch: dict[str, Any], num_samples: int = 1, do_sample: bool | None = None, seed_offset: int = 0
+    ) -> Rollout:
+        """Sample ``num_samples`` responses per prompt (groups are contiguous) in ONE ``generate`` call."""
+        inputs = model_inputs(batch, self.model)
+        for key in TEXT_KEYS:
+            if key not in inputs:
+                raise ValueError(f"a prompt-only batch needs {key!r}")
+        batch_size = inputs["input_ids"].shape[0]
+        metas = list(batch.get("meta") or [{} for _ in range(batch_size)])
+        prompt_texts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+        inputs = repeat_batch_inputs(inputs, num_samples, batch_size)
+        prompt_length = inputs["input_ids"].shape[1]
+        actor = self.model
+        was_training = actor.training
+        actor.eval()
+        try:
+            with self.seeded(seed_offset), self.generation_context():
+                sequences = actor.generate(**inputs, **self.generation_kwargs(do_sample))
+        finally:
+            actor.train(was_training)
+        response = sequences[:, prompt_length:]
+        mask, has_eos = response_mask_from_eos(response, self.eos_token_ids())
+        response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
+        sequences = torch.cat([sequences[:, :prompt_length], response], dim=1)
+        attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
+        extras = extend_per_token_inputs(
+            {k: v for k, v in inputs.items() if k not in TEXT_KEYS}, inputs["input_ids"], response.shape[1]
+        )
+        return Rollout(
+            sequences=sequences,
+            attention_mask=attention_mask,
+            response_mask=mask,
+            has_eos=has_eos,
+            prompt_length=prompt_length,
+            extra_inputs=extras,
+            prompts=[p for p in prompt_texts for _ in range(num_samples)],
+            responses=self.tokenizer.batch_decode(response, skip_special_tokens=True),
+            metas=[m for m in metas for _ in range(num_samples)],
+        )

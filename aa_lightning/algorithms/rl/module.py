@@ -1,0 +1,314 @@
+"""The base LightningModule of the on-policy RL algorithms (PPO, GRPO, Safe-RLHF).
+
+:class:`OnlineRLModule` composes what every on-policy algorithm shares, one job per mixin, so the algorithm
+modules only add their advantages and losses:
+
+* sampling (:mod:`.generation`), token log-probs and values (:mod:`.forwards`), reward scoring
+  (:mod:`.scoring`), the optimizer plumbing (:mod:`.engine`, DeepSpeed behind :mod:`.deepspeed_adapter`) and
+  the one minibatch update loop (:mod:`.update`);
+* here: the models (actor, frozen reward model and reference, critics), metric and sample logging (sums and
+  counts reduced in one collective per rollout; a markdown table of samples every ``sample_log_interval``
+  rollouts, each sample's media next to its own text), validation on held-out prompts, and the RL state of
+  checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from aa_lightning.algorithms.base import AlignModule, unwrap
+from aa_lightning.algorithms.config import GenerationConfig, as_config
+from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
+from aa_lightning.algorithms.rl.engine import RLEngineMixin
+from aa_lightning.algorithms.rl.forwards import ForwardsMixin
+from aa_lightning.algorithms.rl.generation import GenerationMixin
+from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdown
+from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.algorithms.rl.scoring import ScoringMixin
+from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
+from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.score_model import has_score_head, init_score_head
+from aa_lightning.rewards import RewardSpec, WeightedRewards
+
+__all__ = ["OnlineRLModule", "disable_dropout"]
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout: RL ratios and KL terms must compare the same function at rollout and update."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout_rate"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(unwrap(model), "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+
+
+class OnlineRLModule(
+    GenerationMixin, ForwardsMixin, ScoringMixin, MinibatchUpdatesMixin, RLEngineMixin, AlignModule
+):
+    """Base of the on-policy RL modules (manual optimization, prompt-only data).
+
+    Args:
+        reward_model_name_or_path: frozen reward model (a :class:`ScoreModel` folder); optional when
+            ``reward_functions`` are given.
+        reward_model_weight: weight of the reward model's end score in the summed score.
+        reward_functions: registered reward functions with weights and kwargs (:class:`RewardSpec`).
+        generation: sampling settings of the rollouts (``max_new_tokens``, ``temperature``, ``top_p``,
+            ``top_k`` (0 = off), ``do_sample``).
+        num_mini_batches: minibatches each rollout is split into for the updates (one forward/backward each).
+        gradient_accumulation_steps: minibatches whose gradients are summed into one optimizer step; must
+            divide ``num_mini_batches``.
+        forward_batch_size: sequences per no-grad forward while scoring a rollout (None: all at once).
+        max_grad_norm: clip the gradient norm of each optimizer (actor and critic separately; under DeepSpeed
+            the one optimizer's global norm). None or 0 turns clipping off.
+        missing_eos_penalty: subtracted from the score of responses that reached ``max_new_tokens`` without EOS.
+        rollout_seed: seed of the sampling; rollout ``k`` on rank ``r`` draws from a seed derived from
+            ``(rollout_seed, k, r)``. None uses ``torch.initial_seed()`` (set by ``seed_everything``).
+        disable_dropout: set every dropout of the trained models to 0 (the usual choice for RL fine-tuning).
+        position_ids_from_mask: pass ``position_ids`` that skip left padding in training forwards (as
+            ``generate`` does). Turn off for models that compute their own positions (e.g. M-RoPE VLMs).
+        zero3_gather_for_generation: under ZeRO-3 gather the whole actor once per rollout for ``generate``.
+        eval_do_sample: sample (True) or decode greedily (False) on validation prompts.
+        sample_log_interval: write a table of samples to TensorBoard every this many rollouts (0: never);
+            samples with media also get their media logged next to their text.
+        num_logged_samples: rows of that table.
+    """
+
+    data_kind = "prompt_only"
+
+    def __init__(
+        self,
+        *args: Any,
+        reward_model_name_or_path: str | None = None,
+        reward_model_weight: float = 1.0,
+        reward_functions: list[RewardSpec] | None = None,
+        generation: GenerationConfig | None = None,
+        num_mini_batches: int = 1,
+        gradient_accumulation_steps: int = 1,
+        forward_batch_size: int | None = None,
+        max_grad_norm: float | None = 1.0,
+        missing_eos_penalty: float = 0.0,
+        rollout_seed: int | None = None,
+        disable_dropout: bool = True,
+        position_ids_from_mask: bool = True,
+        zero3_gather_for_generation: bool = True,
+        eval_do_sample: bool = False,
+        sample_log_interval: int = 10,
+        num_logged_samples: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        if num_mini_batches < 1 or gradient_accumulation_steps < 1:
+            raise ValueError("num_mini_batches and gradient_accumulation_steps must be >= 1")
+        if num_mini_batches % gradient_accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps={gradient_accumulation_steps} must divide "
+                f"num_mini_batches={num_mini_batches}"
+            )
+        self.generation: GenerationConfig = as_config(GenerationConfig, generation, "generation")
+        self.reward_fns = WeightedRewards(reward_functions)
+        if reward_model_name_or_path is None and not len(self.reward_fns):
+            raise ValueError("give a reward_model_name_or_path and/or reward_functions")
+        self.reward_model_name_or_path = reward_model_name_or_path
+        self.reward_model_weight = reward_model_weight
+        self.num_mini_batches = num_mini_batches
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.forward_batch_size = forward_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.missing_eos_penalty = missing_eos_penalty
+        self.disable_dropout = disable_dropout
+        self.position_ids_from_mask = position_ids_from_mask
+        self.zero3_gather_for_generation = zero3_gather_for_generation
+        self.eval_do_sample = eval_do_sample
+        self.sample_log_interval = sample_log_interval
+        self.num_logged_samples = num_logged_samples
+        self._rollout_index = 0
+        self._base_seed: int | None = rollout_seed
+        self._val_sums: dict[str, UniqueSampleSums] = {}  # the current validation epoch's table
+
+    # -- models ----------------------------------------------------------------------------------------
+    def build_actor(self) -> None:
+        """Actor (``self.model``), tokenizer/processor, and the frozen reward model."""
+        model, self.tokenizer, self.processor = self.load_model()
+        if self.disable_dropout:
+            disable_dropout(model)
+        self.model = self.prepare_trainable(model)
+        if self.reward_model_name_or_path:
+            self.load_frozen("reward", self.reward_model_name_or_path, score_model=True)
+
+    def build_reference(self) -> None:
+        """The frozen initial actor (loaded again from its path, so sharded like the actor under ZeRO-3; with
+        LoRA the actor with its adapters off)."""
+        self.setup_reference()
+
+    # frozen models by role (they live in ``self.frozen``, see :mod:`aa_lightning.algorithms.frozen`)
+    @property
+    def ref_model(self) -> nn.Module | None:
+        return self.frozen.get("reference")
+
+    @property
+    def reward_model(self) -> nn.Module | None:
+        return self.frozen.get("reward")
+
+    @property
+    def reward_tokenizer(self) -> Any:
+        return self.frozen.tokenizer("reward")
+
+    def critic_init_path(self, explicit: str | None, score_model: nn.Module | None, tokenizer: Any) -> str:
+        """Where a critic starts: ``explicit``, else the matching frozen score model (when it reads the actor's
+        token ids, i.e. shares its vocabulary), else the actor."""
+        if explicit:
+            return explicit
+        if score_model is not None and self._same_tokenizer(tokenizer):
+            for role in ("reward", "cost"):
+                if self.frozen.get(role) is score_model:
+                    return self.frozen.path(role)
+        return self.model_name_or_path
+
+    def load_trainable_score_model(self, path: str, head_init_std: float | None = None) -> nn.Module:
+        """A critic: a score model from ``path`` (its trained head when it has one, else a new head with
+        weights drawn with ``head_init_std``). It reads the actor's token ids, so it must share its vocabulary."""
+        model, tokenizer, _ = self.load_model(path, score_model=True, score_head_init_std=head_init_std)
+        if not self._same_tokenizer(tokenizer):
+            raise ValueError(
+                f"critic {path!r} has a different tokenizer than the actor; critics score the actor's "
+                "token ids, so start them from a checkpoint with the same vocabulary"
+            )
+        if head_init_std is not None and not has_score_head(resolve_model_path(path)):
+            init_score_head(model.score_head, head_init_std)
+        if self.disable_dropout:
+            disable_dropout(model)
+        if self.lora is not None:  # critics train fully: LoRA is applied to the actor only
+            model.train()
+            return model
+        return self.prepare_trainable(model)
+
+    # -- fit ---------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                "fp16 mixed precision (GradScaler) is not supported by the RL modules; use bf16-mixed"
+            )
+        if self._base_seed is None:
+            self._base_seed = int(torch.initial_seed()) % (2**31)
+
+    # -- training loop glue ----------------------------------------------------------------------------
+    def split_batch(self, batch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """``(prompt batch, ptx batch | None)``: a dict of loaders ``{"prompt": ..., "ptx": ...}`` gives both."""
+        if isinstance(batch, dict) and "prompt" in batch and isinstance(batch["prompt"], dict):
+            return batch["prompt"], batch.get("ptx")
+        return batch, None
+
+    def log_metrics(
+        self,
+        stats: MetricAccumulator,
+        rollout: Rollout | None = None,
+        columns: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        metrics = stats.compute(self.reduce_sum)
+        self.log_dict(
+            metrics,
+            on_step=True,
+            on_epoch=False,
+            prog_bar=False,
+            sync_dist=False,
+            batch_size=len(rollout) if rollout is not None else None,
+        )
+        interval = self.sample_log_interval
+        if rollout is not None and interval and self._rollout_index % interval == 0:
+            self.log_samples(rollout, columns or {})
+
+    def log_samples(self, rollout: Rollout, columns: dict[str, torch.Tensor]) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        n = min(self.num_logged_samples, len(rollout))
+        table = samples_markdown(
+            rollout.prompts[:n], rollout.responses[:n], {k: v[:n].tolist() for k, v in columns.items()}
+        )
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        for logger in loggers:
+            logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
+        metas = rollout.metas[:n]
+        if loggers and any(metas):
+            # the media each response answered, next to its own text; the helper reads the data layer's
+            # media references from the metas, so nothing here names a modality
+            from aa_lightning.callbacks.media_logging import log_sample_media
+
+            texts = [
+                samples_markdown(
+                    [rollout.prompts[i]],
+                    [rollout.responses[i]],
+                    {k: [float(v[i])] for k, v in columns.items()},
+                )
+                for i in range(n)
+            ]
+            for logger in loggers:
+                log_sample_media(
+                    logger.experiment,
+                    "rollout",
+                    metas,
+                    self.trainer.global_step,
+                    texts=texts,
+                    processor=getattr(self, "processor", None),
+                )
+
+    def rollout_stats(
+        self, stats: MetricAccumulator, rollout: Rollout, scores: torch.Tensor, parts: dict[str, torch.Tensor]
+    ) -> None:
+        """Score, per-term scores, response length and EOS share of a rollout."""
+        stats.add_std("rollout/score", scores)
+        for name, values in parts.items():
+            stats.add_mean(f"rollout/score/{name}", values)
+        stats.add_mean("rollout/response_length", rollout.response_mask.sum(dim=1).float())
+        stats.add_mean("rollout/eos_fraction", rollout.has_eos.float())
+
+    # -- validation: score the policy on held-out prompts ----------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompts = self.split_batch(batch)[0]
+        rollout = self.generate_rollout(
+            prompts, do_sample=self.eval_do_sample, seed_offset=1_000_000 + batch_idx
+        )
+        scores, parts = self.compute_scores(rollout)
+        columns = {
+            "val/score": scores,
+            **{f"val/score/{name}": values for name, values in parts.items()},
+            "val/response_length": rollout.response_mask.sum(dim=1).float(),
+        }
+        if "val" not in self._val_sums:  # a plain dict: the metric is not registered as a submodule
+            self._val_sums["val"] = UniqueSampleSums(list(columns)).to(self.device)
+        self._val_sums["val"].update(sample_indices(prompts, len(rollout)), columns)
+
+    def on_validation_epoch_end(self) -> None:
+        """Means over the distinct validation prompts of all ranks (a prompt handed out twice counts once)."""
+        table = self._val_sums.pop("val", None)
+        if table is None:
+            return
+        sums = table.compute()
+        rows = sums.pop("rows").clamp(min=1)
+        self.log_dict({k: (v / rows).float() for k, v in sums.items()}, sync_dist=False, prog_bar=False)
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def rl_state_dict(self) -> dict[str, Any]:
+        return {"rollout_index": self._rollout_index, "base_seed": self._base_seed}
+
+    def load_rl_state_dict(self, state: dict[str, Any]) -> None:
+        self._rollout_index = int(state["rollout_index"])
+        self._base_seed = state.get("base_seed", self._base_seed)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["aa_rl_state"] = self.rl_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "aa_rl_state" in checkpoint:
+            self.load_rl_state_dict(checkpoint["aa_rl_state"])
