@@ -1,4 +1,15 @@
-"""Batch keys written by the data layer and read by the algorithms (so neither imports the other).
+"""The batch contract: what the data layer writes and the algorithms read, so neither imports the other.
+
+Collators (:mod:`aa_lightning.data.collators`, :mod:`aa_lightning.data.multimodal`) build the batches
+described by :class:`SupervisedBatch`, :class:`PreferenceBatch` and :class:`PromptOnlyBatch`; the
+algorithms read them through the names defined here. The one rule that keeps algorithms modality-free:
+every top-level tensor except ``labels`` is a model input (:func:`model_inputs`), so media tensors
+(``pixel_values``, ``image_grid_thw``, ``input_features`` ...) reach the model without an algorithm naming
+them.
+
+``batch["extra"]`` holds ``(B,)`` tensors: the numeric and boolean meta values present in every sample of
+the batch (:data:`DESIRABLE`, :data:`CHOSEN_IS_SAFE`, :data:`REJECTED_IS_SAFE`, :data:`MARGIN`, ...),
+:data:`SAMPLE_INDEX`, and in training batches the label-token counts of the optimizer step:
 
 ``batch["extra"][STEP_LABEL_TOKENS]`` and, in preference batches, ``batch["extra"][STEP_CHOSEN_LABEL_TOKENS]``
 are ``(B,)`` int64 tensors whose rows all hold one number: how many labelled target tokens
@@ -10,5 +21,97 @@ first micro-batch on (see :mod:`aa_lightning.algorithms.token_mean`). The traini
 datamodules adds them when it runs under a Trainer.
 """
 
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CHOSEN_IS_SAFE",
+    "DESIRABLE",
+    "IGNORE_INDEX",
+    "MARGIN",
+    "NON_MODEL_KEYS",
+    "REJECTED_IS_SAFE",
+    "SAMPLE_INDEX",
+    "SAMPLE_KINDS",
+    "STEP_CHOSEN_LABEL_TOKENS",
+    "STEP_LABEL_TOKENS",
+    "PreferenceBatch",
+    "PromptOnlyBatch",
+    "SampleKind",
+    "SupervisedBatch",
+    "model_inputs",
+    "split_pairs",
+]
+
+SampleKind = Literal["supervised", "preference", "prompt_only"]
+#: Sample kinds, in the order used by messages and ``BaseFormatter.supported_kinds``.
+SAMPLE_KINDS: tuple[SampleKind, ...] = ("supervised", "preference", "prompt_only")
+
+#: ``labels`` value of a position no loss scores (prompt, padding); PyTorch's cross-entropy default.
+IGNORE_INDEX = -100
+
+# -- keys of ``batch["extra"]`` (and of the formatters' meta dicts they come from) ----------------------
+#: ``(B,)`` long: each sample's index in its split (stable across epochs; keys cached per-sample values).
+SAMPLE_INDEX = "sample_index"
+#: ``(B,)`` bool, KTO: the row is a desirable example (set by the KTO formatter).
+DESIRABLE = "desirable"
+#: ``(B,)`` bool, cost models: the chosen (safer) / rejected response is safe (set by safety formatters).
+CHOSEN_IS_SAFE = "chosen_is_safe"
+REJECTED_IS_SAFE = "rejected_is_safe"
+#: ``(B,)`` float, reward models: a per-pair margin the chosen score should beat the rejected one by.
+MARGIN = "margin"
+#: ``(B,)`` long, training batches: label tokens of this rank's accumulation window (see module docstring).
 STEP_LABEL_TOKENS = "step_label_tokens"
 STEP_CHOSEN_LABEL_TOKENS = "step_chosen_label_tokens"
+
+#: Top-level batch keys that are not model inputs.
+NON_MODEL_KEYS = frozenset({"labels"})
+
+
+class _BatchBase(TypedDict, total=False):
+    """Keys every batch kind has (``extra`` and ``meta`` always; media tensors from multimodal data)."""
+
+    input_ids: torch.Tensor  # (N, L) long
+    attention_mask: torch.Tensor  # (N, L) long, 1 on real tokens
+    extra: dict[str, torch.Tensor]  # (B,) tensors, keys above
+    meta: list[dict[str, Any]]  # one dict per sample: prompts, reference answers, media paths ...
+
+
+class SupervisedBatch(_BatchBase, total=False):
+    """SFT / KTO: ``B`` right-padded rows; ``labels`` holds the token id on trained tokens, -100 elsewhere."""
+
+    labels: torch.Tensor  # (B, L) long
+
+
+class PreferenceBatch(_BatchBase, total=False):
+    """DPO / SimPO / ORPO / reward models: ``N = 2B`` right-padded rows, the ``B`` chosen rows first and
+    then the ``B`` rejected rows, so one forward scores both (:func:`split_pairs` takes them apart)."""
+
+    labels: torch.Tensor  # (2B, L) long
+
+
+class PromptOnlyBatch(_BatchBase, total=False):
+    """PPO / GRPO / Safe-RLHF: ``B`` left-padded prompts ending with the generation prompt (no labels)."""
+
+
+def model_inputs(batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The model's forward inputs from a batch: every top-level tensor except the labels.
+
+    A registered model class can map a batch itself by defining ``infer_batch(batch)`` (align-anything's
+    hook for models without a processor).
+    """
+    target = getattr(model, "module", model)
+    infer = getattr(target, "infer_batch", None)
+    if callable(infer):
+        return infer(batch)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in NON_MODEL_KEYS}
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) halves of a ``(2B, ...)`` tensor from a preference batch."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]

@@ -93,7 +93,7 @@ def run_sft(config: BenchConfig) -> dict[str, Any]:
 
 
 def run_dpo(config: BenchConfig, precompute: bool = False) -> dict[str, Any]:
-    from aa_lightning.algorithms.preference import DPOModule
+    from aa_lightning.algorithms import DPOModule
 
     module = DPOModule(
         model_name_or_path=config.model_path,
@@ -283,9 +283,9 @@ RUNNERS["ppo"] = run_ppo
 def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
     """DPO with the policy and reference log-probs from ``causal_lm_log_probs`` (LM head on labelled positions
     only): the change proposed for ``DPOModule``, measured here through a subclass, not shipped in it."""
-    from aa_lightning.algorithms.base import model_inputs
+    from aa_lightning.algorithms import DPOModule
     from aa_lightning.algorithms.logprobs import causal_lm_log_probs
-    from aa_lightning.algorithms.preference import DPOModule
+    from aa_lightning.batch import model_inputs
 
     class SparseHeadDPO(DPOModule):
         def policy_log_probs(self, batch: dict[str, Any]) -> Any:

@@ -28,13 +28,14 @@ from aa_lightning.algorithms import (
     GenerationConfig,
     GRPOModule,
     OptimConfig,
+    ORPOModule,
     PPOModule,
-    ReferenceFreeModule,
     RewardModule,
     SFTModule,
+    SimPOModule,
 )
-from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.rl.rollout import extend_per_token_inputs, repeat_batch_inputs
+from aa_lightning.batch import model_inputs
 from aa_lightning.data import (
     DataSpec,
     TextAudioToTextDataModule,
@@ -135,8 +136,10 @@ def build_module(algorithm: str, family: Family, **overrides: Any) -> pl.Lightni
         return RewardModule(name, optim=OPTIM)
     if algorithm == "dpo":
         return DPOModule(name, loss_type="sigmoid", optim=OPTIM)
-    if algorithm in ("simpo", "orpo"):
-        return ReferenceFreeModule(name, loss_type=algorithm, optim=OPTIM)
+    if algorithm == "simpo":
+        return SimPOModule(name, optim=OPTIM)
+    if algorithm == "orpo":
+        return ORPOModule(name, optim=OPTIM)
     if algorithm == "ppo":  # rule reward; the critic starts from the actor's weights + a new value head
         return PPOModule(name, kl_coef=0.05, **rl)
     if algorithm == "ppo_reward_model":  # the family's tiny ScoreModel scores prompt + media + response

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from aa_lightning.algorithms import SFTModule
-from aa_lightning.algorithms.base import model_inputs
+from aa_lightning.batch import model_inputs
 from aa_lightning.data import (
     DataFormatError,
     DataSpec,

@@ -17,7 +17,15 @@ import pytest
 import synthetic_preferences
 import torch
 
-from aa_lightning.algorithms import DPOModule, KTOModule, LoraConfig, OptimConfig, ReferenceFreeModule
+from aa_lightning.algorithms import (
+    DPOModule,
+    KTOModule,
+    LoraConfig,
+    OptimConfig,
+    ORPOModule,
+    ReferenceFreeModule,
+    SimPOModule,
+)
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.kto import mismatched_pairs
 from aa_lightning.algorithms.logprobs import sequence_log_probs
@@ -129,11 +137,9 @@ METHODS = {
     "cdpo": lambda: DPOModule(
         beta=0.1, label_smoothing=0.1, optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
     ),
-    "simpo": lambda: ReferenceFreeModule(
-        loss_type="simpo", optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
-    ),
-    "orpo": lambda: ReferenceFreeModule(
-        loss_type="orpo", orpo_lambda=1.0, optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
+    "simpo": lambda: SimPOModule(optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")),
+    "orpo": lambda: ORPOModule(
+        orpo_lambda=1.0, optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")
     ),
     "kto": lambda: KTOModule(beta=0.1, optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant")),
 }
@@ -282,6 +288,16 @@ def test_dpo_rejects_inconsistent_options():
         ReferenceFreeModule(loss_type="dpo")  # type: ignore[arg-type]
 
 
+def test_reference_free_module_is_a_deprecated_alias_of_the_named_modules():
+    """Configs and code written for ``ReferenceFreeModule(loss_type=...)`` get SimPO / ORPO with their args."""
+    with pytest.warns(DeprecationWarning, match="SimPOModule"):
+        simpo = ReferenceFreeModule(loss_type="simpo", beta=3.0, orpo_lambda=0.5)
+    assert type(simpo) is SimPOModule and simpo.beta == 3.0 and simpo.gamma == 1.0
+    with pytest.warns(DeprecationWarning, match="ORPOModule"):
+        orpo = ReferenceFreeModule(loss_type="orpo", orpo_lambda=0.5, beta=3.0)
+    assert type(orpo) is ORPOModule and orpo.orpo_lambda == 0.5
+
+
 TINY_CONFIGS = ["rm", "cost", "dpo", "simpo", "orpo", "kto"]
 
 
@@ -326,3 +342,18 @@ def test_lora_reference_is_the_policy_with_adapters_off(pair_files):
         logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = sequence_log_probs(logits, batch["labels"]).sum
     torch.testing.assert_close(module.reference_log_probs_live(batch).sum, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_configs_naming_reference_free_module_still_parse(repo_path, tmp_path, capsys):
+    """A config written for the deprecated class (class_path + loss_type) still parses on the command line."""
+    from aa_lightning.cli import build_cli
+
+    text = open(repo_path("configs", "tiny", "orpo_t2t.yaml")).read()
+    old = text.replace("aa_lightning.algorithms.ORPOModule", "aa_lightning.algorithms.ReferenceFreeModule")
+    old = old.replace("    orpo_lambda: 0.1\n", "    loss_type: orpo\n    orpo_lambda: 0.1\n")
+    path = tmp_path / "old_orpo.yaml"
+    path.write_text(old)
+    with pytest.raises(SystemExit) as info:
+        build_cli(["fit", "--config", str(path), "--print_config"])
+    assert info.value.code in (0, None), capsys.readouterr().err[-2000:]
+    assert "loss_type: orpo" in capsys.readouterr().out

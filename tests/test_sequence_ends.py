@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2Model
 
-from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.rl.rollout import Rollout, response_mask_from_eos
+from aa_lightning.batch import model_inputs
 from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.encoding import IGNORE_INDEX, SampleEncoder
 from aa_lightning.data.templating import ChatRenderer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aa_lightning.data.encoding import IGNORE_INDEX, ResponseTruncatedError, SampleEncoder
+from aa_lightning.data.encoding import IGNORE_INDEX, PromptTooLongError, SampleEncoder
 from aa_lightning.data.templating import ChatRenderer, default_chat_template
 from aa_lightning.models.tiny import build_tiny_tokenizer
 
@@ -111,7 +111,7 @@ def test_prefix_unstable_template_is_reported():
 def test_truncation_that_removes_the_response_is_an_error_not_silence():
     tokenizer = build_tiny_tokenizer()
     encoder = SampleEncoder(tokenizer, ChatRenderer(tokenizer), max_length=6)
-    with pytest.raises(ResponseTruncatedError, match="max_length=6"):
+    with pytest.raises(PromptTooLongError, match="max_length=6"):
         encoder.encode_conversation(CONVERSATION)
     # a cut inside the response keeps the row (labels on what is left)
     ids, labels, _ = SampleEncoder(tokenizer, ChatRenderer(tokenizer), max_length=22).encode_conversation(

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from aa_lightning.algorithms import OptimConfig, ReferenceFreeModule, SFTModule
+from aa_lightning.algorithms import OptimConfig, ORPOModule, SFTModule
 from aa_lightning.algorithms.logprobs import sequence_log_probs
 from aa_lightning.batch import STEP_CHOSEN_LABEL_TOKENS, STEP_LABEL_TOKENS
 from aa_lightning.data import DataSpec, TextToTextDataModule
@@ -52,7 +52,7 @@ def module(method: str) -> pl.LightningModule:
     optim = OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant")
     if method == "sft":
         return SFTModule("tiny-qwen2", optim=optim)
-    return ReferenceFreeModule("tiny-qwen2", loss_type="orpo", orpo_lambda=0.5, optim=optim)
+    return ORPOModule("tiny-qwen2", orpo_lambda=0.5, optim=optim)
 
 
 class FirstStep(pl.Callback):

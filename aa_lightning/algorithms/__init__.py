@@ -2,11 +2,14 @@
 
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, LoraConfig, OptimConfig
+from aa_lightning.algorithms.dpo import DPOModule
 from aa_lightning.algorithms.kto import KTOModule
-from aa_lightning.algorithms.preference import DPOModule, ReferenceFreeModule
+from aa_lightning.algorithms.orpo import ORPOModule
+from aa_lightning.algorithms.reference_free import ReferenceFreeModule
 from aa_lightning.algorithms.reward import CostModule, RewardModule
 from aa_lightning.algorithms.rl import GRPOModule, PPOModule, SafeRLHFModule
 from aa_lightning.algorithms.sft import SFTModule
+from aa_lightning.algorithms.simpo import SimPOModule
 
 __all__ = [
     "AlignModule",
@@ -16,10 +19,12 @@ __all__ = [
     "GenerationConfig",
     "KTOModule",
     "LoraConfig",
+    "ORPOModule",
     "OptimConfig",
     "PPOModule",
     "ReferenceFreeModule",
     "RewardModule",
     "SafeRLHFModule",
     "SFTModule",
+    "SimPOModule",
 ]

@@ -27,25 +27,10 @@ from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze, 
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.algorithms.zero3 import initialise_lora_in_shards
+from aa_lightning.batch import NON_MODEL_KEYS, model_inputs  # re-exported: the batch contract lives there
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
 
-NON_MODEL_KEYS = frozenset({"labels"})
-
-
-def model_inputs(batch: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The model's forward inputs from a batch: every top-level tensor except the labels.
-
-    A registered model class can map a batch itself by defining ``infer_batch(batch)`` (align-anything's
-    hook for models without a processor).
-    """
-    target = getattr(model, "module", model)
-    infer = getattr(target, "infer_batch", None)
-    if callable(infer):
-        return infer(batch)
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and k not in NON_MODEL_KEYS}
-
-
-__all__ = ["AlignModule", "NonFiniteError", "freeze", "model_inputs", "unwrap"]
+__all__ = ["NON_MODEL_KEYS", "AlignModule", "NonFiniteError", "freeze", "model_inputs", "unwrap"]
 
 
 class AlignModule(pl.LightningModule):

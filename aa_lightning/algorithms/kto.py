@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from aa_lightning.algorithms.losses import kto_kl_estimate, kto_loss
-from aa_lightning.algorithms.preference import IGNORE_INDEX, ReferencePolicyModule
+from aa_lightning.algorithms.policy import ReferencePolicyModule
+from aa_lightning.batch import DESIRABLE, IGNORE_INDEX
 
 __all__ = ["KTOModule", "mismatched_pairs"]
 
@@ -98,11 +99,10 @@ class KTOModule(ReferencePolicyModule):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        ref_model_name_or_path: str | None = None,
         kl_estimate: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, ref_model_name_or_path=ref_model_name_or_path, **kwargs)
+        super().__init__(*args, **kwargs)
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
@@ -124,7 +124,7 @@ class KTOModule(ReferencePolicyModule):
         return kto_kl_estimate(policy_kl, ref_kl)
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        desirable = (batch.get("extra") or {}).get("desirable")
+        desirable = (batch.get("extra") or {}).get(DESIRABLE)
         if desirable is None:
             raise ValueError(
                 "KTO needs batch['extra']['desirable'] (a bool per row); use a formatter that sets it (template KTO)"

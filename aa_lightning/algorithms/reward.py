@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.losses import cost_model_loss, reward_pairwise_loss
-from aa_lightning.algorithms.preference import StepStatsModule, split_pairs
+from aa_lightning.algorithms.step_stats import StepStatsModule
+from aa_lightning.batch import CHOSEN_IS_SAFE, MARGIN, REJECTED_IS_SAFE, model_inputs, split_pairs
 
 __all__ = ["CostModule", "RewardModule"]
 
@@ -72,7 +72,7 @@ class RewardModule(StepStatsModule):
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = split_pairs(self.end_scores(batch))
-        margin = (batch.get("extra") or {}).get("margin") if self.use_margin else None
+        margin = (batch.get("extra") or {}).get(MARGIN) if self.use_margin else None
         out = reward_pairwise_loss(
             chosen,
             rejected,
@@ -107,15 +107,15 @@ class CostModule(RewardModule):
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         extra = batch.get("extra") or {}
-        missing = [k for k in ("chosen_is_safe", "rejected_is_safe") if k not in extra]
+        missing = [k for k in (CHOSEN_IS_SAFE, REJECTED_IS_SAFE) if k not in extra]
         if missing:
             raise ValueError(
                 f"the cost model needs per-response safety labels in batch['extra'] (missing {missing}); "
                 "use a formatter that sets them, e.g. template PKU-SafeRLHF-Safety (chosen = the safer response)"
             )
         safer, unsafer = split_pairs(self.end_scores(batch))
-        safer_is_safe = extra["chosen_is_safe"].to(safer.device)
-        unsafer_is_safe = extra["rejected_is_safe"].to(safer.device)
+        safer_is_safe = extra[CHOSEN_IS_SAFE].to(safer.device)
+        unsafer_is_safe = extra[REJECTED_IS_SAFE].to(safer.device)
         out = cost_model_loss(safer, unsafer, safer_is_safe, unsafer_is_safe)
         safer_sign = torch.where(safer_is_safe.bool(), -1.0, 1.0).to(safer)
         unsafer_sign = torch.where(unsafer_is_safe.bool(), -1.0, 1.0).to(safer)

@@ -16,6 +16,7 @@ Batch keys (all algorithms read only these; media keys are whatever the processo
 - media inputs (``pixel_values``, ``image_grid_thw``, ``input_features``, ...) from multimodal datamodules.
 
 Rule that keeps algorithms modality-free: every top-level tensor except ``labels`` is a model input.
+The contract (key names, batch kinds, ``model_inputs``) is written down once in :mod:`aa_lightning.batch`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from aa_lightning.data.encoding import IGNORE_INDEX
+from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX
 
 
 def pad_sequences(
@@ -95,9 +96,7 @@ class TextCollator:
         else:
             raise ValueError(f"unknown sample kind {self.kind!r}")
         batch["extra"] = meta_tensors(metas)
-        if "sample_index" in samples[0]:
-            batch["extra"]["sample_index"] = torch.tensor(
-                [s["sample_index"] for s in samples], dtype=torch.long
-            )
+        if SAMPLE_INDEX in samples[0]:
+            batch["extra"][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.long)
         batch["meta"] = metas
         return batch

@@ -19,9 +19,10 @@ import datasets
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
+from aa_lightning.batch import SAMPLE_INDEX, SAMPLE_KINDS
 from aa_lightning.data.auxiliary import WithAuxiliaryStream
 from aa_lightning.data.collators import TextCollator
-from aa_lightning.data.encoding import EMPTY_SAMPLES, SAMPLE_KINDS, ResponseTruncatedError, SampleEncoder
+from aa_lightning.data.encoding import EMPTY_SAMPLES, PromptTooLongError, SampleEncoder
 from aa_lightning.data.errors import SKIP_BAD_ROWS_HINT, DataFormatError
 from aa_lightning.data.formatters import get_formatter
 from aa_lightning.data.loader import (
@@ -162,7 +163,7 @@ class ConversationDataModule(pl.LightningDataModule):
             if specs and split not in self.datasets:
                 parts, reports = zip(*(self.encode_spec(spec, self.split_kind(split)) for spec in specs))
                 data = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(list(parts))
-                self.datasets[split] = data.add_column("sample_index", list(range(len(data))))
+                self.datasets[split] = data.add_column(SAMPLE_INDEX, list(range(len(data))))
                 self.reports[split] = list(reports)
 
     def encode_spec(self, spec: DataSpec, kind: str) -> tuple[datasets.Dataset, DataReport]:
@@ -196,7 +197,7 @@ class ConversationDataModule(pl.LightningDataModule):
                     err.hint = err.hint or SKIP_BAD_ROWS_HINT
                     raise
                 return {**dropped, "_drop": "bad:" + str(err)}
-            except ResponseTruncatedError as err:
+            except PromptTooLongError as err:
                 if not drop_truncated:
                     raise ValueError(
                         f"{loaded.source}, row {row_number}: {err} (raise max_length, or drop and count such "

@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from aa_lightning.batch import IGNORE_INDEX, SAMPLE_KINDS, SampleKind  # noqa: F401 (re-exported: old import path)
 from aa_lightning.data.templating import ChatRenderer, Conversation
-
-SampleKind = Literal["supervised", "preference", "prompt_only"]
-SAMPLE_KINDS = ("supervised", "preference", "prompt_only")
-IGNORE_INDEX = -100
-
 
 EMPTY_SAMPLES: dict[str, dict[str, Any]] = {
     "supervised": {"input_ids": [], "labels": [], "text": "", "meta": "{}"},
@@ -46,8 +42,13 @@ EMPTY_SAMPLES: dict[str, dict[str, Any]] = {
 """Placeholders for rows that are dropped (every row of a ``datasets.map`` needs the same columns)."""
 
 
-class ResponseTruncatedError(ValueError):
-    """The response would be cut off entirely by ``max_length`` (the row cannot train anything)."""
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in ``max_length``: it fills every position a response token would need, or
+    (prompt-only rows) is longer than ``max_length`` itself. The row cannot train anything and is dropped."""
+
+
+#: The old name, kept for code that catches it.
+ResponseTruncatedError = PromptTooLongError
 
 
 class SampleEncoder:
@@ -125,7 +126,7 @@ class SampleEncoder:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
             text = text[: offsets[self.max_length - 1][1]]  # the collator hands this text to the processor
         if all(label == IGNORE_INDEX for label in labels):
-            raise ResponseTruncatedError(
+            raise PromptTooLongError(
                 f"the prompt fills max_length={self.max_length} tokens, so no response token is left"
             )
         return ids, labels, text
@@ -150,7 +151,7 @@ class SampleEncoder:
         self.check_media_count(text, meta)
         ids, _ = self.tokenize(text)
         if len(ids) > self.max_length:
-            raise ResponseTruncatedError(
+            raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens, more than max_length={self.max_length}"
             )
         meta = {**meta, "prompt": conversation}

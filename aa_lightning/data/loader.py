@@ -24,8 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from aa_lightning.batch import STEP_CHOSEN_LABEL_TOKENS, STEP_LABEL_TOKENS
-from aa_lightning.data.encoding import IGNORE_INDEX
+from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX, STEP_CHOSEN_LABEL_TOKENS, STEP_LABEL_TOKENS
 
 
 class ResumableSampler(DistributedSampler):
@@ -222,7 +221,7 @@ class ResumableDataLoader(DataLoader):
                 plan = iter(self.step_token_plan())
             counts = next(plan)
             extra = batch.setdefault("extra", {})
-            index = extra.get("sample_index")
+            index = extra.get(SAMPLE_INDEX)
             rows = int(index.shape[0]) if isinstance(index, torch.Tensor) else 1
             for key, count in counts.items():
                 extra[key] = torch.full((rows,), count, dtype=torch.long)

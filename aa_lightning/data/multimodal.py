@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from aa_lightning.batch import SAMPLE_INDEX
 from aa_lightning.data import media as media_module
 from aa_lightning.data.collators import meta_tensors, pad_sequences
 from aa_lightning.data.datamodule import ConversationDataModule
@@ -345,9 +346,9 @@ class MultimodalCollator:
         batch = self._align(sequences, out)
         kept_metas = [meta for _, meta, _ in good]
         batch["extra"] = meta_tensors(kept_metas)
-        if "sample_index" in good[0][0]:
-            batch["extra"]["sample_index"] = torch.tensor(
-                [s["sample_index"] for s, _, _ in good], dtype=torch.long
+        if SAMPLE_INDEX in good[0][0]:
+            batch["extra"][SAMPLE_INDEX] = torch.tensor(
+                [s[SAMPLE_INDEX] for s, _, _ in good], dtype=torch.long
             )
         batch["meta"] = kept_metas
         return batch

@@ -150,9 +150,10 @@ def build_dpo(ctx: BuildContext, precompute: bool = False) -> tuple[Any, Any]:
 
 
 def build_reference_free(ctx: BuildContext, loss_type: str) -> tuple[Any, Any]:
-    from aa_lightning.algorithms import ReferenceFreeModule
+    from aa_lightning.algorithms import ORPOModule, SimPOModule
 
-    module = ReferenceFreeModule("tiny-qwen2", loss_type=loss_type, optim=_optim(), lora=ctx.lora)
+    named = {"simpo": SimPOModule, "orpo": ORPOModule}[loss_type]
+    module = named("tiny-qwen2", optim=_optim(), lora=ctx.lora)
     return module, _text_data(ctx, "hh_rlhf_train_128.jsonl", "HH-RLHF", 4)
 
 

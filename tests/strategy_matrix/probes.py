@@ -24,7 +24,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from aa_lightning.algorithms.base import model_inputs, unwrap
+from aa_lightning.algorithms.base import unwrap
+from aa_lightning.batch import model_inputs
 from aa_lightning.models import ScoreModel
 
 

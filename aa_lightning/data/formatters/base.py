@@ -20,6 +20,7 @@ import reprlib
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from aa_lightning.batch import MARGIN, SAMPLE_KINDS
 from aa_lightning.data.errors import DataFormatError
 
 __all__ = ["SAMPLE_KINDS", "BaseFormatter", "Conversation", "Meta", "TypeSpec"]
@@ -28,8 +29,6 @@ Conversation = list[dict[str, Any]]
 Meta = dict[str, Any]
 TypeSpec = type | tuple[type, ...]
 
-#: Sample kinds, in the order used by messages and :meth:`BaseFormatter.supported_kinds`.
-SAMPLE_KINDS: tuple[str, ...] = ("supervised", "preference", "prompt_only")
 
 _KIND_NAMES: dict[type, str] = {
     str: "string",
@@ -213,4 +212,4 @@ class BaseFormatter:
             return {}
         if not math.isfinite(margin):
             raise DataFormatError(f"expected a finite number, got {margin!r}", field="margin")
-        return {"margin": float(margin)}
+        return {MARGIN: float(margin)}

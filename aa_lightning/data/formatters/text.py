@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from aa_lightning.batch import CHOSEN_IS_SAFE, DESIRABLE, REJECTED_IS_SAFE
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import BaseFormatter, Conversation, Meta, describe
 from aa_lightning.data.formatters.registry import register_template
@@ -232,7 +233,7 @@ class KTO(Messages):
     def format_supervised_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Meta]:
         desirable = self.field(raw_sample, "label", kind=bool)
         conversation, meta = super().format_supervised_sample(raw_sample)
-        return conversation, {**meta, "desirable": desirable}
+        return conversation, {**meta, DESIRABLE: desirable}
 
 
 @register_template("ShareGPT")
@@ -443,8 +444,8 @@ class PKUSafeRLHF(BaseFormatter):
         chosen = self.field(raw_sample, f"response_{better}")
         rejected = self.field(raw_sample, f"response_{worse}")
         meta: Meta = {
-            "chosen_is_safe": self.field(raw_sample, f"is_response_{better}_safe", kind=bool),
-            "rejected_is_safe": self.field(raw_sample, f"is_response_{worse}_safe", kind=bool),
+            CHOSEN_IS_SAFE: self.field(raw_sample, f"is_response_{better}_safe", kind=bool),
+            REJECTED_IS_SAFE: self.field(raw_sample, f"is_response_{worse}_safe", kind=bool),
             **self.preference_meta(raw_sample),
         }
         user = {"role": "user", "content": prompt}

@@ -1,0 +1,98 @@
+"""DPO against a frozen reference: sigmoid (DPO; cDPO with ``label_smoothing``), IPO and hinge (SLiC).
+
+One module with a ``loss_type`` switch rather than three classes: the losses share every input.
+``preference_loss`` is the single override point for a custom loss (see
+``notebooks/custom_preference_loss.ipynb``). The reference (live, or precomputed once and cached) comes from
+:class:`~aa_lightning.algorithms.reference_cache.PrecomputedReferenceModule`. Chosen and rejected rows are
+scored in ONE forward (:class:`~aa_lightning.batch.PreferenceBatch`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from aa_lightning.algorithms.losses import PreferenceLossOutput, dpo_loss
+from aa_lightning.algorithms.reference_cache import PrecomputedReferenceModule
+from aa_lightning.algorithms.step_stats import PREFERENCE_METRICS, pair_stats
+from aa_lightning.batch import split_pairs
+
+__all__ = ["DPOModule"]
+
+
+class DPOModule(PrecomputedReferenceModule):
+    """Direct Preference Optimisation against a frozen reference, with IPO / hinge / cDPO variants.
+
+    Args:
+        beta: KL strength (IPO: ``tau``).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` (squared loss on length-normalised log-ratios: mean
+            log-probs), ``hinge`` (SLiC).
+        label_smoothing: cDPO's label-flip probability (``sigmoid`` only).
+        ref_model_name_or_path: a separate reference checkpoint; default: the initial policy.
+        precompute_ref_log_probs: compute the reference log-probs of every train/val sample once before
+            training (cached in memory keyed by ``sample_index`` and on disk keyed by a fingerprint of the
+            reference model and the encoded data), then drop the reference model: training then holds only
+            the policy. A restart finds the file and recomputes nothing.
+        ref_cache_dir: where the reference log-prob files go; default ``<default_root_dir>/ref_logps``.
+
+    Logs ``{train,val}/loss``, ``rewards/{chosen,rejected,accuracies,margins}``, ``logps/{chosen,rejected}``
+    (sums over response tokens). To try a new loss, subclass and override :meth:`preference_loss`.
+    """
+
+    data_kind = "preference"
+    metric_names = PREFERENCE_METRICS
+
+    def __init__(
+        self,
+        *args: Any,
+        beta: float = 0.1,
+        loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if loss_type not in ("sigmoid", "ipo", "hinge"):
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid', 'ipo' or 'hinge'")
+        if label_smoothing and loss_type != "sigmoid":
+            raise ValueError("label_smoothing (cDPO) applies to loss_type 'sigmoid' only")
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+
+    # -- the loss (override point) ---------------------------------------------------------------------
+    @property
+    def uses_mean_log_probs(self) -> bool:
+        """IPO compares length-normalised (per-token mean) log-ratios; the others compare sums."""
+        return self.loss_type == "ipo"
+
+    def preference_loss(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+    ) -> PreferenceLossOutput:
+        """``(B,)`` log-probs in, loss + implicit rewards out. Override to try another preference loss."""
+        return dpo_loss(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta=self.beta,
+            loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        policy = self.policy_log_probs(batch)
+        ref_sum, ref_mean = self.reference_log_probs(batch, stage)
+        if self.uses_mean_log_probs:
+            policy_logps, ref_logps = policy.mean, ref_mean
+        else:
+            policy_logps, ref_logps = policy.sum, ref_sum
+        out = self.preference_loss(*split_pairs(policy_logps), *split_pairs(ref_logps.to(policy_logps)))
+        chosen_logps, rejected_logps = split_pairs(policy.sum)
+        return out.loss, pair_stats(
+            out.chosen_rewards, out.rejected_rewards, chosen_logps, rejected_logps, out.losses
+        )
