@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
-from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter
+from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter, RolloutMediaLogger
 from aa_lightning.checkpoint_io import remove_stale_partial_saves
 
 DEFAULT_LOG_DIR = "runs"
@@ -97,6 +97,7 @@ class AACLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.add_lightning_class_args(HFExportCallback, "export")
+        parser.add_lightning_class_args(RolloutMediaLogger, "rollout_media")
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
 
     def before_instantiate_classes(self) -> None:

@@ -36,6 +36,7 @@ from aa_lightning.algorithms import (
 )
 from aa_lightning.algorithms.rl.rollout import extend_per_token_inputs, repeat_batch_inputs
 from aa_lightning.batch import model_inputs
+from aa_lightning.callbacks import RolloutMediaLogger
 from aa_lightning.data import (
     DataSpec,
     TextAudioToTextDataModule,
@@ -349,7 +350,7 @@ def test_sampled_responses_are_logged_next_to_their_media(
     module = build_module(algorithm, family, sample_log_interval=1, num_logged_samples=2)
     dm = build_datamodule(family, "prompt_only")
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
-    fit(module, dm, logger=logger)
+    fit(module, dm, RolloutMediaLogger(), logger=logger)  # the callback the `aa` command adds to every run
     logger.experiment.flush()
     acc = event_accumulator(logger.log_dir)
     tags = acc.Tags()

@@ -21,12 +21,48 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.media import MEDIA_KEYS, load_audio, load_image, load_video
 
-__all__ = ["log_sample_media", "media_sampling_rate"]
+__all__ = ["RolloutMediaLogger", "log_sample_media", "media_sampling_rate"]
+
+
+class RolloutMediaLogger(pl.Callback):
+    """Writes the media each logged rollout sample answered next to its text, in every TensorBoard logger.
+
+    Fed by the RL modules' callback hook ``on_rollout_samples(trainer, pl_module, samples)``, called every
+    ``sample_log_interval`` rollouts with dicts ``{prompt, response, scores, meta, text}``. The ``aa`` command
+    adds this callback to every run (``--rollout_media.enabled false`` turns it off).
+    """
+
+    def __init__(self, enabled: bool = True, num_frames: int = 4, max_side: int = 512) -> None:
+        self.enabled = enabled
+        self.num_frames = num_frames
+        self.max_side = max_side
+
+    def on_rollout_samples(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: list[dict]
+    ) -> None:
+        metas = [sample.get("meta") for sample in samples]
+        if not self.enabled or not any(metas):
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_sample_media(
+                    logger.experiment,
+                    "rollout",
+                    metas,
+                    trainer.global_step,
+                    texts=[sample.get("text", "") for sample in samples],
+                    processor=getattr(pl_module, "processor", None),
+                    num_frames=self.num_frames,
+                    max_side=self.max_side,
+                )
+
 
 log = logging.getLogger(__name__)
 

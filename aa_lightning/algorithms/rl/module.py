@@ -237,29 +237,27 @@ class OnlineRLModule(
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
         for logger in loggers:
             logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
-        metas = rollout.metas[:n]
-        if loggers and any(metas):
-            # the media each response answered, next to its own text; the helper reads the data layer's
-            # media references from the metas, so nothing here names a modality
-            from aa_lightning.callbacks.media_logging import log_sample_media
-
-            texts = [
-                samples_markdown(
+        samples = [
+            {
+                "prompt": rollout.prompts[i],
+                "response": rollout.responses[i],
+                "scores": {k: float(v[i]) for k, v in columns.items()},
+                "meta": rollout.metas[i],
+                "text": samples_markdown(
                     [rollout.prompts[i]],
                     [rollout.responses[i]],
                     {k: [float(v[i])] for k, v in columns.items()},
-                )
-                for i in range(n)
-            ]
-            for logger in loggers:
-                log_sample_media(
-                    logger.experiment,
-                    "rollout",
-                    metas,
-                    self.trainer.global_step,
-                    texts=texts,
-                    processor=getattr(self, "processor", None),
-                )
+                ),
+            }
+            for i in range(n)
+        ]
+        # the documented hook: callbacks that define ``on_rollout_samples(trainer, pl_module, samples)`` get the
+        # logged samples with their metas (e.g. RolloutMediaLogger writes the media next to each text); the
+        # algorithm neither imports them nor names a modality
+        for callback in self.trainer.callbacks:
+            hook = getattr(callback, "on_rollout_samples", None)
+            if callable(hook):
+                hook(self.trainer, self, samples)
 
     def rollout_stats(
         self, stats: MetricAccumulator, rollout: Rollout, scores: torch.Tensor, parts: dict[str, torch.Tensor]
