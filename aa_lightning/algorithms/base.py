@@ -26,7 +26,7 @@ from aa_lightning.algorithms.export import (
 from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze, unwrap
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
-from aa_lightning.algorithms.zero3 import initialise_lora_in_shards
+from aa_lightning.algorithms.zero3 import deepspeed_engine_of, initialise_lora_in_shards
 from aa_lightning.batch import NON_MODEL_KEYS, model_inputs  # re-exported: the batch contract lives there
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
 
@@ -190,14 +190,7 @@ class AlignModule(pl.LightningModule):
 
     def deepspeed_engine(self) -> Any:
         """The DeepSpeed engine when the run uses DeepSpeed, else None."""
-        if self._trainer is None:
-            return None
-        from lightning.pytorch.strategies import DeepSpeedStrategy
-
-        strategy = self.trainer.strategy
-        return (
-            getattr(strategy, "deepspeed_engine", None) if isinstance(strategy, DeepSpeedStrategy) else None
-        )
+        return deepspeed_engine_of(self._trainer)
 
     # -- non-finite guard ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

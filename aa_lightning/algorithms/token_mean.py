@@ -23,14 +23,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from aa_lightning.algorithms.zero3 import deepspeed_engine_of
+
 __all__ = ["StepTokenMean", "closes_step", "loss_divisor"]
-
-
-def _deepspeed_engine(trainer: pl.Trainer) -> Any:
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    strategy = trainer.strategy
-    return strategy.deepspeed_engine if isinstance(strategy, DeepSpeedStrategy) else None
 
 
 def loss_divisor(trainer: pl.Trainer) -> int:
@@ -48,7 +43,7 @@ def closes_step(trainer: pl.Trainer) -> bool:
     DeepSpeed's engine decides its own accumulation boundary; otherwise it is Lightning's rule (every
     ``accumulate_grad_batches`` batches of the epoch, and the epoch's last batch).
     """
-    engine = _deepspeed_engine(trainer)
+    engine = deepspeed_engine_of(trainer)
     if engine is not None:
         return bool(engine.is_gradient_accumulation_boundary())
     return not trainer.fit_loop._should_accumulate()
@@ -130,7 +125,7 @@ class StepTokenMean:
         return trainer.strategy.reduce(value.clone(), reduce_op="sum")
 
     def _check_deepspeed_windows(self, trainer: pl.Trainer) -> None:
-        engine = _deepspeed_engine(trainer)
+        engine = deepspeed_engine_of(trainer)
         accumulate, batches = trainer.accumulate_grad_batches, trainer.num_training_batches
         if engine is None or accumulate == 1 or math.isinf(batches) or batches % accumulate == 0:
             return

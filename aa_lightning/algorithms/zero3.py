@@ -11,10 +11,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
-__all__ = ["gathered", "initialise_lora_in_shards", "is_partitioned"]
+__all__ = ["deepspeed_engine_of", "gathered", "initialise_lora_in_shards", "is_partitioned"]
+
+
+def deepspeed_engine_of(trainer: Any) -> Any:
+    """The DeepSpeed engine of ``trainer``'s run (None without a trainer, without DeepSpeed, or before setup)."""
+    if trainer is None:
+        return None
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    return getattr(strategy, "deepspeed_engine", None) if isinstance(strategy, DeepSpeedStrategy) else None
 
 
 def is_partitioned(params: Iterable[nn.Parameter]) -> bool:
