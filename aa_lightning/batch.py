@@ -19,6 +19,13 @@ counts every row (supervised: all; preference: chosen and rejected), STEP_CHOSEN
 rows only. With them a token-mean loss can divide by the token count of the whole step from the step's
 first micro-batch on (see :mod:`aa_lightning.algorithms.token_mean`). The training loader of the
 datamodules adds them when it runs under a Trainer.
+
+Sequences and media rows: every model input is one row a sequence (batch-first), except the inputs named in
+``batch[MEDIA_ROWS]`` (media stacked per item or per patch; each maps to an ``(N,)`` long tensor of the rows
+each sequence owns, in order), and the per-token inputs named in ``batch[PER_TOKEN_KEYS]`` have the
+``(N, L)`` shape of ``input_ids``. Collators state both, so code that repeats a batch
+(:func:`repeat_batch_inputs`), takes some of its sequences (:func:`select_sequences`) or appends generated
+tokens (:func:`extend_per_token_inputs`) never needs to know the modality.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ __all__ = [
     "DESIRABLE",
     "IGNORE_INDEX",
     "MARGIN",
+    "MEDIA_ROWS",
     "NON_MODEL_KEYS",
+    "PER_TOKEN_KEYS",
     "REJECTED_IS_SAFE",
     "SAMPLE_INDEX",
     "SAMPLE_KINDS",
@@ -43,7 +52,11 @@ __all__ = [
     "PromptOnlyBatch",
     "SampleKind",
     "SupervisedBatch",
+    "extend_per_token_inputs",
     "model_inputs",
+    "repeat_batch_inputs",
+    "select_media_rows",
+    "select_sequences",
     "split_pairs",
 ]
 
@@ -67,6 +80,12 @@ MARGIN = "margin"
 #: ``(B,)`` long, training batches: label tokens of this rank's accumulation window (see module docstring).
 STEP_LABEL_TOKENS = "step_label_tokens"
 STEP_CHOSEN_LABEL_TOKENS = "step_chosen_label_tokens"
+
+# -- layout keys (see "Sequences and media rows" above) -------------------------------------------------
+#: ``dict[str, (N,) long]``: for each model input that is not one row a sequence, the rows each sequence owns.
+MEDIA_ROWS = "media_rows"
+#: ``list[str]``: the model inputs with the ``(N, L)`` shape of ``input_ids`` (e.g. token type ids).
+PER_TOKEN_KEYS = "per_token_keys"
 
 #: Top-level batch keys that are not model inputs.
 NON_MODEL_KEYS = frozenset({"labels"})
@@ -115,3 +134,94 @@ def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) halves of a ``(2B, ...)`` tensor from a preference batch."""
     half = values.shape[0] // 2
     return values[:half], values[half:]
+
+
+def _is_identity(index: torch.Tensor, n: int) -> bool:
+    return index.numel() == n and bool(torch.equal(index.cpu(), torch.arange(n)))
+
+
+def select_sequences(
+    inputs: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    num_sequences: int,
+    media_rows: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model inputs of the sequences ``index`` (in that order, repeats allowed) of an ``N``-sequence batch.
+
+    Batch-first tensors are indexed; an input named in ``media_rows`` gives each chosen sequence its own
+    rows; scalars pass. An input with another first dimension and no rows is only safe when the whole
+    batch is kept, or with one sequence (all its rows are that sequence's, tiled once per copy); otherwise
+    this raises, naming the input.
+    """
+    media_rows = media_rows or {}
+    if _is_identity(index, num_sequences):
+        return dict(inputs)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in inputs.items():
+        if value.dim() == 0:
+            out[key] = value
+        elif key in media_rows:
+            rows = media_rows[key].to(torch.long).cpu()
+            starts = rows.cumsum(0) - rows
+            picked = [torch.arange(int(starts[i]), int(starts[i] + rows[i])) for i in index.tolist()]
+            flat = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
+            out[key] = value[flat.to(value.device)]
+        elif value.shape[0] == num_sequences:
+            out[key] = value[index.to(value.device)]
+        elif num_sequences == 1:
+            out[key] = value.repeat(index.numel(), *[1] * (value.dim() - 1))
+        else:
+            raise ValueError(
+                f"cannot split model input {key!r} of shape {tuple(value.shape)} per sequence ({num_sequences} "
+                f"sequences): its rows are not one per sequence and the batch does not say whose they are "
+                f"(batch[{MEDIA_ROWS!r}]); have the collator state them, or use batch_size 1 (per device)"
+            )
+    return out
+
+
+def select_media_rows(media_rows: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The :data:`MEDIA_ROWS` entry of the sequences ``index`` (to go with :func:`select_sequences`)."""
+    return {key: rows[index.to(rows.device)] for key, rows in media_rows.items()}
+
+
+def repeat_batch_inputs(
+    inputs: dict[str, torch.Tensor],
+    repeats: int,
+    batch_size: int,
+    media_rows: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Each sequence ``repeats`` times in a row (GRPO groups), media rows included (:func:`select_sequences`)."""
+    if repeats == 1:
+        return dict(inputs)
+    index = torch.arange(batch_size).repeat_interleave(repeats)
+    return select_sequences(inputs, index, batch_size, media_rows)
+
+
+def extend_per_token_inputs(
+    inputs: dict[str, torch.Tensor],
+    prompt_ids: torch.Tensor,
+    num_new_tokens: int,
+    per_token_keys: list[str] | tuple[str, ...] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Extend the per-token inputs of a prompt batch over ``num_new_tokens`` appended (generated) tokens.
+
+    Appended tokens are text, so per-token inputs are padded with zeros, as ``generate`` itself does. The
+    per-token inputs are ``per_token_keys`` (the batch's :data:`PER_TOKEN_KEYS`); a batch that does not
+    state them is read by shape: a non-float tensor of exactly the ``(N, prompt_len)`` shape of
+    ``prompt_ids``. Everything else passes unchanged. ``input_ids`` and ``attention_mask`` are not
+    expected here (whoever appends the tokens builds them).
+    """
+    if num_new_tokens <= 0:
+        return dict(inputs)
+    out = {}
+    for key, value in inputs.items():
+        if per_token_keys is not None:
+            extend = key in per_token_keys
+        else:
+            extend = (
+                value.shape == prompt_ids.shape and not value.is_floating_point() and not value.is_complex()
+            )
+        if extend:
+            value = torch.cat([value, value.new_zeros(value.shape[0], num_new_tokens)], dim=1)
+        out[key] = value
+    return out

@@ -34,8 +34,14 @@ from aa_lightning.algorithms import (
     SFTModule,
     SimPOModule,
 )
-from aa_lightning.algorithms.rl.rollout import extend_per_token_inputs, repeat_batch_inputs
-from aa_lightning.batch import model_inputs
+from aa_lightning.batch import (
+    MEDIA_ROWS,
+    PER_TOKEN_KEYS,
+    extend_per_token_inputs,
+    model_inputs,
+    repeat_batch_inputs,
+    select_sequences,
+)
 from aa_lightning.callbacks import RolloutMediaLogger
 from aa_lightning.data import (
     DataSpec,
@@ -61,8 +67,8 @@ class Family:
     media_input: str  # the batch key that carries the media features
     data: dict[str, tuple[str, str]]  # sample kind -> (file under configs/data/media, template)
     extra: dict[str, Any] = field(default_factory=dict)
-    mrope: bool = False  # the model computes its own (3D) positions: position_ids_from_mask must be off
-    flat_media: bool = False  # media rows are patches, not one per sample: GRPO groups need 1 prompt/batch
+    mrope: bool = False  # the model computes its own (3D) positions
+    flat_media: bool = False  # media rows are patches stacked over the batch, not one per sample
 
 
 FAMILIES: dict[str, Family] = {
@@ -127,7 +133,6 @@ def build_module(algorithm: str, family: Family, **overrides: Any) -> pl.Lightni
         reward_functions=E_SHARE,
         generation=GenerationConfig(max_new_tokens=6),
         sample_log_interval=0,
-        position_ids_from_mask=not family.mrope,
         optim=OPTIM,
     )
     rl.update(overrides)
@@ -217,9 +222,8 @@ def test_algorithm_trains_on_modality(algorithm: str, family_name: str) -> None:
     family = FAMILIES[family_name]
     pl.seed_everything(0)
     module = build_module(algorithm, family)
-    # GRPO repeats each prompt G times; flattened patches cannot be split per prompt, so one prompt a batch
-    batch_size = 1 if algorithm == "grpo" and family.flat_media else 2
-    dm = build_datamodule(family, module.data_kind, batch_size)
+    # two prompts a batch everywhere: GRPO repeats each with its own media rows (flattened patches included)
+    dm = build_datamodule(family, module.data_kind, batch_size=2)
     module.configure_model()
     before = {k: p.detach().clone() for k, p in module.named_parameters() if p.requires_grad}
     assert before, "nothing to train"

@@ -12,13 +12,15 @@ from torch import nn
 from aa_lightning.algorithms.base import unwrap
 from aa_lightning.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.models.positions import computes_own_positions
 
 __all__ = ["ForwardsMixin"]
 
 
 class ForwardsMixin:
     """Mixed into :class:`~aa_lightning.algorithms.rl.module.OnlineRLModule` (reads ``generation``,
-    ``forward_batch_size``, ``position_ids_from_mask`` and ``frozen``)."""
+    ``forward_batch_size`` and ``frozen``). Positions skip the left padding unless the model computes its own
+    (:func:`~aa_lightning.models.positions.computes_own_positions`)."""
 
     # -- forwards --------------------------------------------------------------------------------------
     def chunks(self, n: int) -> list[torch.Tensor]:
@@ -40,7 +42,7 @@ class ForwardsMixin:
 
         The entropy is detached unless ``entropy_grad`` (an entropy bonus needs its gradient).
         """
-        inputs = rollout.model_inputs(self.position_ids_from_mask)
+        inputs = rollout.model_inputs(not computes_own_positions(model))
         r = rollout.response_length
         kwargs: dict[str, Any] = {"use_cache": False}
         if self._supports_logits_to_keep(model):
@@ -60,7 +62,7 @@ class ForwardsMixin:
 
     def value_forward(self, critic: nn.Module, rollout: Rollout) -> torch.Tensor:
         """Critic values ``(N, R)``: the value of the state *before* each response token."""
-        inputs = rollout.model_inputs(self.position_ids_from_mask)
+        inputs = rollout.model_inputs(not computes_own_positions(critic))
         scores = critic(**inputs).scores
         r = rollout.response_length
         return scores[:, -(r + 1) : -1].float()

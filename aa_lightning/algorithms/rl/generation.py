@@ -3,8 +3,8 @@
 One KV-cached ``generate`` call per rollout with every model input of the prompt batch (all top-level tensors
 except ``labels``, so media inputs flow through untouched); the response mask keeps tokens up to and
 including the first EOS. Per-token inputs of the prompt are extended with zeros over the response
-(:func:`~aa_lightning.algorithms.rl.rollout.extend_per_token_inputs`), so the training forwards see what
-``generate`` saw. Sampling is seeded per rollout from ``(rollout_seed, rollout index, rank)`` inside
+(:func:`aa_lightning.batch.extend_per_token_inputs`), so the training forwards see what ``generate`` saw;
+media rows go with their prompt when it is repeated (:func:`aa_lightning.batch.repeat_batch_inputs`). Sampling is seeded per rollout from ``(rollout_seed, rollout index, rank)`` inside
 ``torch.random.fork_rng``, so a resumed run samples exactly what the uninterrupted run would have, and the
 global RNG is left alone. Under ZeRO-3 the actor is gathered once per rollout
 (``zero3_gather_for_generation``); with more than one process ``generate`` runs with ``synced_gpus=True``.
@@ -18,13 +18,15 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import model_inputs, unwrap
-from aa_lightning.algorithms.rl.rollout import (
-    TEXT_KEYS,
-    Rollout,
+from aa_lightning.algorithms.base import unwrap
+from aa_lightning.algorithms.rl.rollout import TEXT_KEYS, Rollout, response_mask_from_eos
+from aa_lightning.batch import (
+    MEDIA_ROWS,
+    PER_TOKEN_KEYS,
     extend_per_token_inputs,
+    model_inputs,
     repeat_batch_inputs,
-    response_mask_from_eos,
+    select_media_rows,
 )
 from aa_lightning.models.turns import end_of_turn_token_ids
 
@@ -110,7 +112,12 @@ class GenerationMixin:
         batch_size = inputs["input_ids"].shape[0]
         metas = list(batch.get("meta") or [{} for _ in range(batch_size)])
         prompt_texts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        inputs = repeat_batch_inputs(inputs, num_samples, batch_size)
+        media_rows = dict(batch.get(MEDIA_ROWS) or {})
+        inputs = repeat_batch_inputs(inputs, num_samples, batch_size, media_rows)
+        if media_rows:
+            media_rows = select_media_rows(
+                media_rows, torch.arange(batch_size).repeat_interleave(num_samples)
+            )
         prompt_length = inputs["input_ids"].shape[1]
         actor = self.model
         was_training = actor.training
@@ -126,7 +133,10 @@ class GenerationMixin:
         sequences = torch.cat([sequences[:, :prompt_length], response], dim=1)
         attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
         extras = extend_per_token_inputs(
-            {k: v for k, v in inputs.items() if k not in TEXT_KEYS}, inputs["input_ids"], response.shape[1]
+            {k: v for k, v in inputs.items() if k not in TEXT_KEYS},
+            inputs["input_ids"],
+            response.shape[1],
+            batch.get(PER_TOKEN_KEYS),
         )
         return Rollout(
             sequences=sequences,
@@ -135,6 +145,7 @@ class GenerationMixin:
             has_eos=has_eos,
             prompt_length=prompt_length,
             extra_inputs=extras,
+            media_rows=media_rows,
             prompts=[p for p in prompt_texts for _ in range(num_samples)],
             responses=self.tokenizer.batch_decode(response, skip_special_tokens=True),
             metas=[m for m in metas for _ in range(num_samples)],

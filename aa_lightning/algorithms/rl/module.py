@@ -73,8 +73,6 @@ class OnlineRLModule(
         rollout_seed: seed of the sampling; rollout ``k`` on rank ``r`` draws from a seed derived from
             ``(rollout_seed, k, r)``. None uses ``torch.initial_seed()`` (set by ``seed_everything``).
         disable_dropout: set every dropout of the trained models to 0 (the usual choice for RL fine-tuning).
-        position_ids_from_mask: pass ``position_ids`` that skip left padding in training forwards (as
-            ``generate`` does). Turn off for models that compute their own positions (e.g. M-RoPE VLMs).
         zero3_gather_for_generation: under ZeRO-3 gather the whole actor once per rollout for ``generate``.
         eval_do_sample: sample (True) or decode greedily (False) on validation prompts.
         sample_log_interval: write a table of samples to TensorBoard every this many rollouts (0: never);
@@ -98,7 +96,6 @@ class OnlineRLModule(
         missing_eos_penalty: float = 0.0,
         rollout_seed: int | None = None,
         disable_dropout: bool = True,
-        position_ids_from_mask: bool = True,
         zero3_gather_for_generation: bool = True,
         eval_do_sample: bool = False,
         sample_log_interval: int = 10,
@@ -126,7 +123,6 @@ class OnlineRLModule(
         self.max_grad_norm = max_grad_norm
         self.missing_eos_penalty = missing_eos_penalty
         self.disable_dropout = disable_dropout
-        self.position_ids_from_mask = position_ids_from_mask
         self.zero3_gather_for_generation = zero3_gather_for_generation
         self.eval_do_sample = eval_do_sample
         self.sample_log_interval = sample_log_interval

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.models.positions import computes_own_positions
 from aa_lightning.rewards import WeightedRewards
 
 __all__ = ["ScoringMixin"]
@@ -38,7 +39,7 @@ class ScoringMixin:
         Same vocabulary as the actor: the token ids (and media inputs) go straight in. A different
         tokenizer gets the decoded text re-tokenized (text only).
         """
-        use_pos = self.position_ids_from_mask
+        use_pos = not computes_own_positions(model)
         if self._same_tokenizer(tokenizer):
             return self.chunked(lambda ro: model(**ro.model_inputs(use_pos)).end_scores.float(), rollout)
         texts = [
