@@ -92,7 +92,7 @@ def build(save_dir: str | os.PathLike, seed: int = 0) -> str:
 
 def model_path(cache_dir: str | os.PathLike | None = None) -> str:
     """The benchmark model's folder, built on first use."""
-    from aa_lightning.models.aliases import build_once, cache_root
+    from aa_lightning.models.cache import build_once, cache_root
 
     target = cache_root(cache_dir) / "benchmarks" / MODEL_NAME
     return str(build_once(target, lambda tmp: build(tmp, 0)))

@@ -415,7 +415,7 @@ def test_builtins_registered() -> None:
 
 @pytest.fixture
 def clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry_module, "_TEMPLATES", dict(registry_module._TEMPLATES))
+    monkeypatch.setattr(registry_module, "_TEMPLATES", registry_module._TEMPLATES.copy())
 
 
 @pytest.mark.usefixtures("clean_registry")

@@ -1,4 +1,4 @@
-"""Model layer: registry, loading, score model, tiny factory."""
+"""Model layer: registry, loading, score model, tiny aliases."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.encoding import IGNORE_INDEX, SampleEncoder
 from aa_lightning.data.templating import ChatRenderer
 from aa_lightning.models.score_model import ScoreModel
-from aa_lightning.models.tiny import build_tiny_tokenizer
+from aa_lightning.testing.tiny_common import build_tiny_tokenizer
 
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"

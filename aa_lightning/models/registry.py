@@ -19,7 +19,9 @@ from transformers import (
     PreTrainedModel,
 )
 
-MODEL_REGISTRY: dict[str, type[PreTrainedModel]] = {}
+from aa_lightning.registry import Registry
+
+MODEL_REGISTRY: Registry[type[PreTrainedModel]] = Registry("model type")
 
 AUTO_CLASSES: dict[str, Any] = {
     "causal_lm": AutoModelForCausalLM,
@@ -29,19 +31,12 @@ AUTO_CLASSES: dict[str, Any] = {
 
 
 def register_model(model_type: str, *, override: bool = False) -> Callable[[type], type]:
-    """Register ``cls`` as the class that loads checkpoints whose ``config.model_type`` is ``model_type``."""
+    """Register ``cls`` as the class that loads checkpoints whose ``config.model_type`` is ``model_type``.
 
-    def decorator(cls: type[PreTrainedModel]) -> type[PreTrainedModel]:
-        existing = MODEL_REGISTRY.get(model_type)
-        if existing is not None and existing is not cls and not override:
-            raise ValueError(
-                f"model_type {model_type!r} is already registered to {existing.__name__}; "
-                "pass override=True to replace it"
-            )
-        MODEL_REGISTRY[model_type] = cls
-        return cls
-
-    return decorator
+    The rule of :class:`~aa_lightning.registry.Registry`: the same class again is fine; a different class for
+    a taken ``model_type`` raises unless ``override=True``.
+    """
+    return MODEL_REGISTRY.register(model_type, override=override)
 
 
 def resolve_model_class(config: PretrainedConfig, auto_class: str = "causal_lm") -> Any:

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from aa_lightning.registry import Registry
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -80,11 +82,11 @@ class RegisteredReward:
         return f"RegisteredReward({self.name!r}, batched={self.batched})"
 
 
-_REGISTRY: dict[str, RegisteredReward] = {}
-
-
-def _origin(fn: Callable[..., Any]) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+_REGISTRY: Registry[RegisteredReward] = Registry(
+    "reward function",
+    origin=lambda registered: registered.fn,  # the rule looks at the user's function, not the wrapper
+    hint=" (or 'package.module:function' for a function in your own code)",
+)
 
 
 def register_reward(
@@ -92,18 +94,14 @@ def register_reward(
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator registering ``fn`` under ``name``; returns ``fn`` unchanged.
 
-    Registering the same function again (a re-run notebook cell) replaces it; a *different* function under
-    an existing name raises unless ``override=True``, so a typo cannot silently shadow a built-in.
+    The rule of :class:`~aa_lightning.registry.Registry`: the same function again (a re-run notebook cell)
+    replaces it; a *different* function under an existing name raises unless ``override=True``, so a typo
+    cannot silently shadow a built-in.
     """
+    register = _REGISTRY.register(name, override=override)
 
     def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
-        existing = _REGISTRY.get(name)
-        if existing is not None and _origin(existing.fn) != _origin(fn) and not override:
-            raise ValueError(
-                f"a reward named {name!r} is already registered ({_origin(existing.fn)}); "
-                "pass override=True to replace it"
-            )
-        _REGISTRY[name] = RegisteredReward(name, fn, batched=batched)
+        register(RegisteredReward(name, fn, batched=batched))
         return fn
 
     return decorator
@@ -111,7 +109,7 @@ def register_reward(
 
 def available_rewards() -> list[str]:
     """Names of every registered reward function."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_reward(name: str) -> RegisteredReward:
@@ -130,9 +128,7 @@ def get_reward(name: str) -> RegisteredReward:
             if registered.fn is fn:
                 return registered
         return RegisteredReward(name, fn, batched=bool(getattr(fn, "batched", False)))
-    raise KeyError(
-        f"unknown reward function {name!r}; registered: {', '.join(available_rewards()) or 'none'}"
-    )
+    return _REGISTRY.get(name)
 
 
 class WeightedRewards:

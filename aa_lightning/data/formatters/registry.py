@@ -7,12 +7,12 @@ the CLI starts.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aa_lightning.data.formatters.base import BaseFormatter
+from aa_lightning.registry import Registry, UnknownNameError
 
 __all__ = [
     "UnknownTemplateError",
@@ -25,40 +25,31 @@ __all__ = [
 
 F = TypeVar("F", bound=type[BaseFormatter])
 
-_TEMPLATES: dict[str, type[BaseFormatter]] = {}
 
-
-class UnknownTemplateError(KeyError):
+class UnknownTemplateError(UnknownNameError):
     """Raised for a template name that was never registered; the message lists the known names."""
 
-    def __str__(self) -> str:  # KeyError would otherwise show the repr of the message
-        return str(self.args[0]) if self.args else ""
 
-
-def _same_class(a: type, b: type) -> bool:
-    # A module re-import (importlib.reload, notebooks) makes a new class object for the same definition.
-    return a is b or (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+_TEMPLATES: Registry[type[BaseFormatter]] = Registry(
+    "template",
+    error=UnknownTemplateError,
+    hint=" (or 'package.module:ClassName' for a formatter in your own code)",
+)
 
 
 def register_template(name: str, *, override: bool = False) -> Callable[[F], F]:
     """Class decorator registering a :class:`BaseFormatter` subclass under ``name`` (case-sensitive).
 
-    Registering a *different* class under a taken name raises unless ``override=True``, so two plugins
-    cannot silently shadow each other. A class may be registered under several names (aliases).
+    The rule of :class:`~aa_lightning.registry.Registry`: the same class again (also re-made by a reload) is
+    fine; a *different* class under a taken name raises unless ``override=True``. A class may be registered
+    under several names (aliases); the first one becomes its ``template_name``.
     """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"template name must be a non-empty string, got {name!r}")
+    register = _TEMPLATES.register(name, override=override)  # checks the name now, not at class time
 
     def decorator(cls: F) -> F:
         if not (isinstance(cls, type) and issubclass(cls, BaseFormatter)):
             raise TypeError(f"@register_template({name!r}) expects a BaseFormatter subclass, got {cls!r}")
-        existing = _TEMPLATES.get(name)
-        if existing is not None and not override and not _same_class(existing, cls):
-            raise ValueError(
-                f"template {name!r} is already registered to {existing.__module__}.{existing.__qualname__}; "
-                f"pass override=True to replace it with {cls.__module__}.{cls.__qualname__}"
-            )
-        _TEMPLATES[name] = cls
+        register(cls)
         if cls.__dict__.get("template_name") is None:  # first name wins as the display name
             cls.template_name = name
         return cls
@@ -68,7 +59,7 @@ def register_template(name: str, *, override: bool = False) -> Callable[[F], F]:
 
 def available_templates() -> list[str]:
     """Registered template names, sorted."""
-    return sorted(_TEMPLATES)
+    return _TEMPLATES.names()
 
 
 def import_formatter_class(path: str) -> type[BaseFormatter]:
@@ -103,21 +94,7 @@ def get_formatter_class(name: str) -> type[BaseFormatter]:
     :class:`UnknownTemplateError`."""
     if isinstance(name, str) and name not in _TEMPLATES and ":" in name:
         return import_formatter_class(name)
-    try:
-        return _TEMPLATES[name]
-    except (KeyError, TypeError):
-        known = available_templates()
-        hint = ""
-        if isinstance(name, str):
-            lowered = {n.lower(): n for n in known}
-            close = [lowered[name.lower()]] if name.lower() in lowered else []
-            close = close or difflib.get_close_matches(name, known, n=3)
-            if close:
-                hint = f"; did you mean {', '.join(repr(c) for c in close)}? (names are case-sensitive)"
-        raise UnknownTemplateError(
-            f"unknown template {name!r}{hint}; known templates: {', '.join(known) or 'none'} "
-            "(or 'package.module:ClassName' for a formatter in your own code)"
-        ) from None
+    return _TEMPLATES.get(name)
 
 
 def get_formatter(name: str, **kwargs: Any) -> BaseFormatter:

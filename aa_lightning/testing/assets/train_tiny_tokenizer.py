@@ -1,6 +1,6 @@
 """One-off script that trained ``tiny_bpe_tokenizer.json``: a 2048-token byte-level BPE on public text.
 
-Run from the repository root with the shared data beside it: ``python aa_lightning/models/assets/train_tiny_tokenizer.py``.
+Run from the repository root with the shared data beside it: ``python aa_lightning/testing/assets/train_tiny_tokenizer.py``.
 """
 
 import json
@@ -35,7 +35,7 @@ def main() -> None:
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer=trainer)
-    tok.save("aa_lightning/models/assets/tiny_bpe_tokenizer.json")
+    tok.save("aa_lightning/testing/assets/tiny_bpe_tokenizer.json")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 They exist so that tests and demo configs exercise the exact multimodal code path of the 7B models (the
 real processor classes expand the media placeholders, the real model classes merge media features into
 the token embeddings) in seconds on a CPU. Each is the shared tiny BPE tokenizer of
-:mod:`aa_lightning.models.tiny` plus the family's media tokens, a model of a few hundred thousand
+:mod:`aa_lightning.testing.tiny_common` plus the family's media tokens, a model of a few hundred thousand
 parameters, and a processor assembled from real parts whose images are tiny (4-12 placeholder tokens each).
 
 The chat template is ChatML where a message content may be a parts list; each media part renders as the
@@ -14,9 +14,8 @@ the processor later expands to one token per media feature.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
-from aa_lightning.models.tiny import _save, _text_config_kwargs, build_tiny_tokenizer
+from aa_lightning.testing.tiny_common import build_tiny_tokenizer, save_tiny_model, text_config_kwargs
 
 LLAVA_IMAGE = "<image>"
 QWEN_VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
@@ -75,7 +74,7 @@ def build_tiny_llava(save_dir: str | os.PathLike, seed: int = 0) -> str:
     )
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_text_config_kwargs(len(tokenizer), tokenizer)),
+        text_config=LlamaConfig(**text_config_kwargs(len(tokenizer), tokenizer)),
         image_token_index=tokenizer.convert_tokens_to_ids(LLAVA_IMAGE),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -90,7 +89,9 @@ def build_tiny_llava(save_dir: str | os.PathLike, seed: int = 0) -> str:
         num_additional_image_tokens=1,  # the CLIP CLS token, dropped by the "default" strategy
         chat_template=parts_chat_template("tiny-llava", image=LLAVA_IMAGE),
     )
-    return _save(LlavaForConditionalGeneration, config, tokenizer, save_dir, seed, processor=processor)
+    return save_tiny_model(
+        LlavaForConditionalGeneration, config, tokenizer, save_dir, seed, processor=processor
+    )
 
 
 def build_tiny_qwen2_vl(save_dir: str | os.PathLike, seed: int = 0) -> str:
@@ -104,7 +105,7 @@ def build_tiny_qwen2_vl(save_dir: str | os.PathLike, seed: int = 0) -> str:
     )
 
     tokenizer = build_tiny_tokenizer(QWEN_VISION_TOKENS)
-    text = _text_config_kwargs(len(tokenizer), tokenizer)
+    text = text_config_kwargs(len(tokenizer), tokenizer)
     # M-RoPE: the sections (temporal, height, width) sum to head_dim / 2 = 64 / 4 / 2 = 8
     text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 3, 3]}
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_VISION_TOKENS}
@@ -133,7 +134,9 @@ def build_tiny_qwen2_vl(save_dir: str | os.PathLike, seed: int = 0) -> str:
         tokenizer=tokenizer,
         chat_template=parts_chat_template("tiny-qwen2-vl", image=QWEN_IMAGE, video=QWEN_VIDEO),
     )
-    return _save(Qwen2VLForConditionalGeneration, config, tokenizer, save_dir, seed, processor=processor)
+    return save_tiny_model(
+        Qwen2VLForConditionalGeneration, config, tokenizer, save_dir, seed, processor=processor
+    )
 
 
 def build_tiny_qwen2_audio(save_dir: str | os.PathLike, seed: int = 0) -> str:
@@ -147,7 +150,7 @@ def build_tiny_qwen2_audio(save_dir: str | os.PathLike, seed: int = 0) -> str:
 
     tokenizer = build_tiny_tokenizer(QWEN_AUDIO_TOKENS)
     config = Qwen2AudioConfig(
-        text_config=dict(model_type="qwen2", **_text_config_kwargs(len(tokenizer), tokenizer)),
+        text_config=dict(model_type="qwen2", **text_config_kwargs(len(tokenizer), tokenizer)),
         audio_config=dict(
             d_model=32,
             encoder_layers=1,
@@ -163,11 +166,6 @@ def build_tiny_qwen2_audio(save_dir: str | os.PathLike, seed: int = 0) -> str:
         tokenizer=tokenizer,
         chat_template=parts_chat_template("tiny-qwen2-audio", audio=QWEN_AUDIO),
     )
-    return _save(Qwen2AudioForConditionalGeneration, config, tokenizer, save_dir, seed, processor=processor)
-
-
-BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
-    "tiny-llava": build_tiny_llava,
-    "tiny-qwen2-vl": build_tiny_qwen2_vl,
-    "tiny-qwen2-audio": build_tiny_qwen2_audio,
-}
+    return save_tiny_model(
+        Qwen2AudioForConditionalGeneration, config, tokenizer, save_dir, seed, processor=processor
+    )

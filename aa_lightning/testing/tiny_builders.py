@@ -1,0 +1,24 @@
+"""The table of tiny model builders: one ``tiny-*`` alias -> one function ``build(save_dir, seed) -> path``.
+
+:func:`aa_lightning.models.aliases.resolve_model_path` builds an alias once into the model cache, in the
+folder ``<alias>-<TINY_VERSION>``; bump ``TINY_VERSION`` whenever a builder's output changes, so that caches
+built by an older version are not reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from aa_lightning.testing.tiny_multimodal import build_tiny_llava, build_tiny_qwen2_audio, build_tiny_qwen2_vl
+from aa_lightning.testing.tiny_text import build_tiny_llama, build_tiny_qwen2
+
+TINY_VERSION = "v1"
+
+TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
+    "tiny-llama": build_tiny_llama,
+    "tiny-qwen2": build_tiny_qwen2,
+    "tiny-llava": build_tiny_llava,
+    "tiny-qwen2-vl": build_tiny_qwen2_vl,
+    "tiny-qwen2-audio": build_tiny_qwen2_audio,
+}
