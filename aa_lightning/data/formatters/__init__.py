@@ -1,10 +1,20 @@
 """Dataset formatters: raw rows -> chat conversations, looked up by template name.
 
-Importing this package registers the built-in text formatters (see :mod:`.text`).
+Importing this package registers every built-in formatter: each module below holds one dataset family and
+registers its classes with ``@register_template`` when imported, so a module missing here is a template
+name missing from configs. Text: :mod:`.instruction`, :mod:`.conversation`, :mod:`.preference`,
+:mod:`.safety`, :mod:`.math_problems` (on the shared :mod:`.chat` parsing). Image/audio/video:
+:mod:`.multimodal`.
 """
 
-from aa_lightning.data.formatters import multimodal as _multimodal  # noqa: F401  (image/audio/video)
-from aa_lightning.data.formatters import text as _text  # noqa: F401  (registers the built-ins)
+from aa_lightning.data.formatters import (  # noqa: F401  (imported to register the built-ins)
+    conversation,
+    instruction,
+    math_problems,
+    multimodal,
+    preference,
+    safety,
+)
 from aa_lightning.data.formatters.base import SAMPLE_KINDS, BaseFormatter, Conversation, Meta
 from aa_lightning.data.formatters.registry import (
     UnknownTemplateError,

@@ -17,8 +17,8 @@ from typing import Any
 
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import BaseFormatter, Conversation, Meta, describe
+from aa_lightning.data.formatters.chat import ChatFormatter
 from aa_lightning.data.formatters.registry import register_template
-from aa_lightning.data.formatters.text import ChatFormatter
 from aa_lightning.data.media import MEDIA_KEYS, media_item
 
 __all__ = [
