@@ -4,16 +4,19 @@ Importing this package registers every built-in formatter: each module below hol
 registers its classes with ``@register_template`` when imported, so a module missing here is a template
 name missing from configs. Text: :mod:`.instruction`, :mod:`.conversation`, :mod:`.preference`,
 :mod:`.safety`, :mod:`.math_problems` (on the shared :mod:`.chat` parsing). Image/audio/video:
-:mod:`.multimodal`.
+:mod:`.mllm`, :mod:`.rlaif_v`, :mod:`.speech`, :mod:`.align_anything_media` (on :mod:`.multimodal_chat`).
 """
 
 from aa_lightning.data.formatters import (  # noqa: F401  (imported to register the built-ins)
+    align_anything_media,
     conversation,
     instruction,
     math_problems,
-    multimodal,
+    mllm,
     preference,
+    rlaif_v,
     safety,
+    speech,
 )
 from aa_lightning.data.formatters.base import SAMPLE_KINDS, BaseFormatter, Conversation, Meta
 from aa_lightning.data.formatters.registry import (
