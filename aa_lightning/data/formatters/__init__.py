@@ -1,10 +1,23 @@
 """Dataset formatters: raw rows -> chat conversations, looked up by template name.
 
-Importing this package registers the built-in text formatters (see :mod:`.text`).
+Importing this package registers every built-in formatter: each module below holds one dataset family and
+registers its classes with ``@register_template`` when imported, so a module missing here is a template
+name missing from configs. Text: :mod:`.instruction`, :mod:`.conversation`, :mod:`.preference`,
+:mod:`.safety`, :mod:`.math_problems` (on the shared :mod:`.chat` parsing). Image/audio/video:
+:mod:`.mllm`, :mod:`.rlaif_v`, :mod:`.speech`, :mod:`.align_anything_media` (on :mod:`.multimodal_chat`).
 """
 
-from aa_lightning.data.formatters import multimodal as _multimodal  # noqa: F401  (image/audio/video)
-from aa_lightning.data.formatters import text as _text  # noqa: F401  (registers the built-ins)
+from aa_lightning.data.formatters import (  # noqa: F401  (imported to register the built-ins)
+    align_anything_media,
+    conversation,
+    instruction,
+    math_problems,
+    mllm,
+    preference,
+    rlaif_v,
+    safety,
+    speech,
+)
 from aa_lightning.data.formatters.base import SAMPLE_KINDS, BaseFormatter, Conversation, Meta
 from aa_lightning.data.formatters.registry import (
     UnknownTemplateError,

@@ -1,0 +1,175 @@
+"""Clipped policy-gradient objectives (PPO, GRPO), the PPO value loss, and the token reduction they share.
+
+Inputs are ``(B, T)`` token log-probs under the current, sampling-time and reference policies plus
+advantages from :mod:`.advantages`; every loss is reduced with :func:`aggregate_token_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aa_lightning.algorithms.logprobs import masked_mean, masked_sum
+from aa_lightning.algorithms.losses.kl import kl_penalty
+from aa_lightning.algorithms.losses.outputs import GRPOLossOutput, PolicyLossOutput, ValueLossOutput
+
+__all__ = ["aggregate_token_loss", "grpo_loss", "ppo_policy_loss", "ppo_value_loss"]
+
+
+def aggregate_token_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    aggregation: str = "token_mean",
+    max_completion_length: int | None = None,
+) -> torch.Tensor:
+    """Reduce a ``(B, T)`` per-token loss over response tokens.
+
+    * ``"token_mean"``: ``sum_{b,t} m*l / sum_{b,t} m`` (all tokens of the batch weigh equally; DAPO,
+      arXiv:2503.14476).
+    * ``"sequence_mean"``: ``mean_b(sum_t m*l / sum_t m)`` (original GRPO, arXiv:2402.03300).
+    * ``"constant"``: ``sum_{b,t} m*l / (B * L)`` with ``L = max_completion_length`` (``T`` if None;
+      Dr. GRPO, arXiv:2503.20783).
+
+    Args:
+        per_token_loss: ``(B, T)``.
+        mask: ``(B, T)`` bool / {0, 1} response-token mask.
+        aggregation: one of the names above.
+        max_completion_length: ``L`` for ``"constant"``.
+    """
+    if aggregation == "token_mean":
+        return masked_mean(per_token_loss, mask)
+    if aggregation == "sequence_mean":
+        return masked_mean(per_token_loss, mask, dim=-1).mean()
+    if aggregation == "constant":
+        length = per_token_loss.shape[-1] if max_completion_length is None else max_completion_length
+        return masked_sum(per_token_loss, mask) / (per_token_loss.shape[0] * length)
+    raise ValueError(
+        f"unknown aggregation {aggregation!r}; expected 'token_mean', 'sequence_mean' or 'constant'"
+    )
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+    aggregation: str = "token_mean",
+    max_completion_length: int | None = None,
+) -> PolicyLossOutput:
+    """PPO clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347).
+
+    ``rho = exp(logp - logp_old)``; per token ``l = -min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)``,
+    reduced with :func:`aggregate_token_loss`. ``approx_kl`` is the k2 estimator
+    ``masked_mean(0.5 * (logp - logp_old)^2)``.
+
+    Args:
+        logprobs: ``(B, T)`` current-policy log-probs of the sampled tokens.
+        old_logprobs: ``(B, T)`` log-probs at sampling time.
+        advantages: ``(B, T)`` per-token advantages (``(B,)`` is broadcast over tokens).
+        mask: ``(B, T)`` response-token mask.
+        clip_range: ``eps``.
+        aggregation: ``"token_mean"``, ``"sequence_mean"`` or ``"constant"``.
+        max_completion_length: used by ``"constant"``.
+
+    Returns:
+        loss, clip fraction (tokens where the clipped branch is the active one), approx KL (detached).
+    """
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = aggregate_token_loss(per_token, mask, aggregation, max_completion_length)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(0.5 * log_ratio**2, mask)
+    return PolicyLossOutput(loss=loss, clip_fraction=clip_fraction, approx_kl=approx_kl)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float = 0.2,
+) -> ValueLossOutput:
+    """Clipped value loss used with PPO (as in OpenAI baselines / arXiv:2005.12729).
+
+    ``v_clip = old_v + clip(v - old_v, -eps, eps)``;
+    ``loss = 0.5 * masked_mean(max((v - R)^2, (v_clip - R)^2))``.
+
+    Args:
+        values: ``(B, T)`` current value predictions.
+        old_values: ``(B, T)`` value predictions at rollout time.
+        returns: ``(B, T)`` GAE returns.
+        mask: ``(B, T)`` response-token mask.
+        clip_range_value: ``eps``.
+
+    Returns:
+        loss and the masked fraction of tokens where the clipped term is the larger one.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return ValueLossOutput(loss=loss, clip_fraction=clip_fraction)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+    beta: float = 0.04,
+    aggregation: str = "token_mean",
+    max_completion_length: int | None = None,
+    clip_range_high: float | None = None,
+) -> GRPOLossOutput:
+    """GRPO objective (Shao et al. 2024, arXiv:2402.03300) with DAPO / Dr. GRPO aggregations.
+
+    Per token: ``l = -min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * k3`` where
+    ``rho = exp(logp - logp_old)`` and ``k3 = exp(logq - logp) - (logq - logp) - 1`` with ``q`` the
+    reference policy. Reduced with :func:`aggregate_token_loss` (``"token_mean"``, ``"sequence_mean"``,
+    ``"constant"``).
+
+    Args:
+        logprobs: ``(B, T)`` current-policy token log-probs.
+        old_logprobs: ``(B, T)`` log-probs at sampling time; None means on-policy (``logprobs.detach()``).
+        ref_logprobs: ``(B, T)`` reference log-probs, or None to drop the KL term.
+        advantages: ``(B,)`` per-sequence advantages (``(B, T)`` also accepted).
+        mask: ``(B, T)`` response-token mask.
+        clip_range: lower clip ``eps``.
+        beta: KL coefficient.
+        aggregation: see :func:`aggregate_token_loss`.
+        max_completion_length: ``L`` for ``"constant"``.
+        clip_range_high: upper clip ``eps_high`` (DAPO clip-higher); defaults to ``clip_range``.
+
+    Returns:
+        loss, clip fraction, masked mean k3 KL (detached; 0 without reference).
+    """
+    if old_logprobs is None:
+        old_logprobs = logprobs.detach()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)
+    high = clip_range if clip_range_high is None else clip_range_high
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, ref_logprobs, estimator="k3")
+        if beta:
+            per_token = per_token + beta * kl
+        mean_kl = masked_mean(kl.detach(), mask)
+    else:
+        mean_kl = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    loss = aggregate_token_loss(per_token, mask, aggregation, max_completion_length)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return GRPOLossOutput(loss=loss, clip_fraction=clip_fraction, kl=mean_kl)
