@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
 from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.diffusion_pipeline_io import is_pipeline_folder
 from aa_lightning.models.family_repairs import repair_loaded_model
 from aa_lightning.models.registry import MODEL_REGISTRY, load_config, resolve_model_class
 from aa_lightning.models.score_model import ScoreModel
@@ -42,10 +43,16 @@ def load_tokenizer_and_processor(
 ) -> tuple[PreTrainedTokenizerBase, ProcessorMixin | None]:
     """The tokenizer, and the processor when the checkpoint has one (multimodal models).
 
-    A missing pad token falls back to the EOS token, since batching needs one.
+    A missing pad token falls back to the EOS token, since batching needs one. A diffusers pipeline folder's
+    tokenizer is its ``tokenizer/`` subfolder.
     """
     path = resolve_model_path(name_or_path)
     processor: ProcessorMixin | None = None
+    if is_pipeline_folder(path):
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, subfolder="tokenizer", trust_remote_code=trust_remote_code
+        )
+        return _finish_tokenizer(tokenizer, name_or_path, padding_side, model_max_length), None
     try:
         loaded = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if isinstance(loaded, ProcessorMixin) and hasattr(loaded, "tokenizer"):
@@ -57,6 +64,16 @@ def load_tokenizer_and_processor(
         if processor is not None
         else AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     )
+    return _finish_tokenizer(tokenizer, name_or_path, padding_side, model_max_length), processor
+
+
+def _finish_tokenizer(
+    tokenizer: PreTrainedTokenizerBase,
+    name_or_path: str,
+    padding_side: Literal["left", "right"],
+    model_max_length: int | None,
+) -> PreTrainedTokenizerBase:
+    """Padding side, length limit and a pad token (the EOS token when missing), whichever way it was loaded."""
     tokenizer.padding_side = padding_side
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
@@ -65,7 +82,7 @@ def load_tokenizer_and_processor(
             raise ValueError(f"{name_or_path}: the tokenizer has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
         log.info("%s: no pad token; using the eos token %r for padding", name_or_path, tokenizer.eos_token)
-    return tokenizer, processor
+    return tokenizer
 
 
 def load_pretrained_models(
@@ -86,9 +103,21 @@ def load_pretrained_models(
     ``name_or_path`` may be a local folder, a hub name, or an alias of an embedded model
     (``smollm2-135m-instruct``, ``tiny-llama``, ...). The model class comes from the registry
     (``@register_model``) and falls back to the transformers auto classes. ``score_model=True`` gives a
-    :class:`ScoreModel` (backbone + score head) for reward/cost models and critics.
+    :class:`ScoreModel` (backbone + score head) for reward/cost models and critics. A diffusers pipeline
+    folder (``model_index.json``, e.g. ``tiny-sd``) gives ``(TextToImageDiffusion, tokenizer, None)``.
     """
     path = resolve_model_path(name_or_path)
+    if is_pipeline_folder(path):
+        return load_diffusion_pipeline(
+            path,
+            dtype=dtype,
+            padding_side=padding_side,
+            model_max_length=model_max_length,
+            trust_remote_code=trust_remote_code,
+            score_model=score_model,
+            attn_implementation=attn_implementation,
+            model_kwargs=model_kwargs,
+        )
     config = load_config(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **(model_kwargs or {})}
     torch_dtype = to_torch_dtype(dtype)
@@ -112,3 +141,44 @@ def load_pretrained_models(
         trust_remote_code=trust_remote_code,
     )
     return model, tokenizer, processor
+
+
+def load_diffusion_pipeline(
+    path: str,
+    *,
+    dtype: DTypeName | torch.dtype = "auto",
+    padding_side: Literal["left", "right"] = "right",
+    model_max_length: int | None = None,
+    trust_remote_code: bool = False,
+    score_model: bool = False,
+    attn_implementation: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, None]:
+    """``(TextToImageDiffusion, its tokenizer, None)`` for a diffusers pipeline folder.
+
+    Its tokenizer pads on the right (the text encoder was trained so, and the pipeline samples so); ``dtype``
+    ``auto`` keeps diffusers' default (float32).
+    """
+    from aa_lightning.models.diffusion import TextToImageDiffusion
+
+    if score_model:
+        raise ValueError(
+            f"{path} is a text-to-image pipeline: there is no score (reward/cost) model for diffusion "
+            "pipelines yet; point the reward model at a text or multimodal checkpoint"
+        )
+    if padding_side != "right":
+        raise ValueError(f"{path}: text-to-image prompts are padded on the right, not {padding_side!r}")
+    if attn_implementation not in (None, "sdpa"):
+        raise ValueError(
+            f"{path}: attn_implementation {attn_implementation!r} is not supported for diffusion pipelines "
+            "(diffusers uses scaled-dot-product attention)"
+        )
+    torch_dtype = to_torch_dtype(dtype)
+    model = TextToImageDiffusion.from_pretrained(
+        path,
+        dtype=None if torch_dtype == "auto" else torch_dtype,
+        trust_remote_code=trust_remote_code,
+        **(model_kwargs or {}),
+    )
+    model.tokenizer = _finish_tokenizer(model.tokenizer, path, padding_side, model_max_length)
+    return model, model.tokenizer, None

@@ -1,0 +1,302 @@
+"""Text-to-image diffusion (Stable Diffusion style) behind the interface the algorithms already use.
+
+Every SFT/preference algorithm asks a model "how well do you explain this output": per row a score (a sum
+over scored units) and a count of units. A causal LM answers with the log-probability of the labels; a
+diffusion model answers with the Gaussian log-likelihood of the noise at one noise level,
+
+    score = -0.5 * mean((target - unet(x_t, t, text))^2)   over the latent dimensions, count = 1,
+
+where the VAE latent sample, the timestep ``t`` and the noise are drawn from the row's ``noise_seed``. With this
+score DPO's sigmoid loss is Diffusion-DPO (Wallace et al., arXiv:2311.12908) and SFT's loss is 0.5 * MSE, the
+usual denoising loss. Chosen and rejected rows of a pair share a seed, and the policy and its frozen reference
+(a second instance, called separately) see the same seeds, so they are scored at the same noise.
+
+Only the UNet trains; the VAE and the text encoder stay frozen and in eval mode (Stable Diffusion
+fine-tuning as in diffusers' ``train_text_to_image.py``). Saving and loading write and read a diffusers
+pipeline folder (:mod:`.diffusion_pipeline_io`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["DiffusionConfig", "OutputScores", "TextToImageDiffusion", "draw_row_noise"]
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+class OutputScores(NamedTuple):
+    """How well a model explains each row's output: ``sum`` of the scored units, and their ``count``."""
+
+    sum: torch.Tensor  # (N,) float32
+    count: torch.Tensor  # (N,) int64
+
+
+@dataclass
+class DiffusionConfig:
+    """What generic code reads from ``model.config`` (a transformers model's config has the same fields)."""
+
+    model_type: str = "stable-diffusion"
+    name_or_path: str = ""
+    prediction_type: str = "epsilon"
+    num_train_timesteps: int = 1000
+    use_cache: bool = False  # set by prepare_trainable with gradient checkpointing; nothing caches here
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+def draw_row_noise(
+    seed: int, latent_shape: torch.Size | tuple[int, ...], num_train_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(latent_draw, timestep, noise)`` of one row, drawn in THIS order from a CPU generator seeded ``seed``.
+
+    The order of diffusers' training scripts given one generator: ``latent_dist.sample(generator)`` (the
+    posterior sample is ``mean + std * latent_draw``), then ``randint(0, T)``, then ``randn`` for the noise.
+    Float32 CPU tensors, so the same values on every device, batch size and batch order.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    latent_draw = torch.randn(tuple(latent_shape), generator=generator)
+    timestep = torch.randint(0, num_train_timesteps, (), generator=generator)
+    noise = torch.randn(tuple(latent_shape), generator=generator)
+    return latent_draw, timestep, noise
+
+
+class TextToImageDiffusion(nn.Module):
+    """A text-to-image latent diffusion model: ``unet`` (trained), ``vae`` and ``text_encoder`` (frozen).
+
+    Args:
+        unet: a ``UNet2DConditionModel`` predicting noise (or v) from latents, timestep and text states.
+        vae: an ``AutoencoderKL``; its posterior sample, times ``scaling_factor``, is the latent.
+        text_encoder: a ``CLIPTextModel`` (or any encoder whose first output is the hidden states).
+        tokenizer: the pipeline's tokenizer (prompts are padded to its ``model_max_length``).
+        scheduler: the inference scheduler, used by :meth:`generate` and saved with the pipeline.
+        noise_scheduler: the training noise schedule; a ``DDPMScheduler`` from ``scheduler``'s config if None.
+        name_or_path: where the pipeline came from (for logs and peft).
+    """
+
+    base_model_prefix = ""  # read by peft (through transformers) when it injects LoRA layers
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        tokenizer: Any,
+        scheduler: Any,
+        noise_scheduler: Any = None,
+        name_or_path: str = "",
+    ) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.noise_scheduler = noise_scheduler or DDPMScheduler.from_config(scheduler.config)
+        self.name_or_path = name_or_path
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
+            )
+        self.config = DiffusionConfig(
+            name_or_path=name_or_path,
+            prediction_type=prediction_type,
+            num_train_timesteps=int(self.noise_scheduler.config.num_train_timesteps),
+        )
+        self.requires_grad_(True)
+        self.train(self.training)
+
+    # -- modes: only the UNet ever trains ----------------------------------------------------------------
+    def train(self, mode: bool = True) -> TextToImageDiffusion:
+        """The frozen VAE and text encoder stay in eval mode whatever mode the UNet is put in."""
+        super().train(mode)
+        self.vae.eval()
+        self.text_encoder.eval()
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> TextToImageDiffusion:
+        """Only the UNet's parameters follow ``requires_grad``: the VAE and text encoder are never trained, so
+        an optimizer over ``model.parameters()`` that skips frozen ones sees the UNet alone."""
+        self.unet.requires_grad_(requires_grad)
+        self.vae.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
+        return self
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Checkpoint the UNet's blocks (the transformers signature; ``use_reentrant=False`` unless told)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+
+        def checkpoint(module: nn.Module, *args: Any) -> Any:
+            return torch.utils.checkpoint.checkpoint(module.__call__, *args, **kwargs)
+
+        self.unet.enable_gradient_checkpointing(checkpoint)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.unet.disable_gradient_checkpointing()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The frozen text encoder's hidden states; the mask is passed only when the encoder's config asks for
+        it (``use_attention_mask``), as ``StableDiffusionPipeline.encode_prompt`` does, so training and
+        sampling condition on the same states."""
+        device = next(self.text_encoder.parameters()).device
+        use_mask = (
+            getattr(self.text_encoder.config, "use_attention_mask", False) and attention_mask is not None
+        )
+        mask = attention_mask.to(device) if use_mask else None
+        return self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
+
+    @torch.no_grad()
+    def noised_latents(
+        self, pixel_values: torch.Tensor, noise_seed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, timesteps, target)`` for images in ``[-1, 1]``, from the rows' seeds (float32, no grad).
+
+        The latent is the frozen VAE's posterior sample times ``scaling_factor`` (minus ``shift_factor`` first
+        where the VAE has one); ``x_t = sqrt(abar_t) * latent + sqrt(1 - abar_t) * noise``; the target is the
+        noise, or ``v`` for v-prediction schedules.
+        """
+        vae_param = next(self.vae.parameters())
+        posterior = self.vae.encode(
+            pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)
+        ).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        draws = [
+            draw_row_noise(s, mean.shape[1:], self.config.num_train_timesteps) for s in noise_seed.tolist()
+        ]
+        latent_draw, timesteps, noise = (torch.stack(parts).to(mean.device) for parts in zip(*draws))
+        latents = mean + std * latent_draw
+        shift = getattr(self.vae.config, "shift_factor", None)
+        latents = (latents - shift if shift is not None else latents) * self.vae.config.scaling_factor
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.config.prediction_type == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, timesteps, target
+
+    def explain_outputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        noise_seed: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> OutputScores:
+        """Per row ``-0.5 * mean((target - prediction)^2)`` over the latent dims (float32), count 1.
+
+        Gradients flow into the UNet only. Other batch tensors are accepted and ignored, so
+        ``model(**model_inputs(batch))`` works on any text-to-image batch.
+        """
+        noisy, timesteps, target = self.noised_latents(pixel_values, noise_seed)
+        hidden = self.encode_prompt(input_ids, attention_mask)
+        dtype, device = self.dtype, self.device
+        prediction = self.unet(
+            noisy.to(device=device, dtype=dtype),
+            timesteps.to(device),
+            encoder_hidden_states=hidden.to(device=device, dtype=dtype),
+        ).sample
+        mse = (
+            (prediction.float() - target.to(prediction.device))
+            .pow(2)
+            .mean(dim=tuple(range(1, prediction.ndim)))
+        )
+        return OutputScores(sum=-0.5 * mse, count=torch.ones_like(mse, dtype=torch.long))
+
+    def forward(self, **inputs: Any) -> OutputScores:
+        """Same as :meth:`explain_outputs` (so DDP/DeepSpeed wrappers, which call forward, see it)."""
+        return self.explain_outputs(**inputs)
+
+    # -- sampling ----------------------------------------------------------------------------------------
+    def pipeline(self) -> Any:
+        """A ``StableDiffusionPipeline`` over these components (no safety checker)."""
+        from aa_lightning.models.diffusion_pipeline_io import build_pipeline
+
+        return build_pipeline(self)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[Image.Image]:
+        """PIL images for ``prompts`` (one each), sampled with the UNet in eval mode (its mode is restored)."""
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            out = self.pipeline()(
+                prompt=list(prompts),
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                height=height,
+                width=width,
+                negative_prompt=negative_prompt,
+                output_type="pil",
+                **kwargs,
+            )
+        finally:
+            self.unet.train(was_training)
+        return list(out.images)
+
+    # -- persistence: a diffusers pipeline folder ------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        safe_serialization: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write a pipeline folder that ``diffusers.DiffusionPipeline.from_pretrained`` loads; see
+        :func:`~aa_lightning.models.diffusion_pipeline_io.save_pipeline` for ``state_dict``."""
+        from aa_lightning.models.diffusion_pipeline_io import save_pipeline
+
+        save_pipeline(self, save_directory, state_dict, safe_serialization=safe_serialization, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        **kwargs: Any,
+    ) -> TextToImageDiffusion:
+        """Load a Stable-Diffusion-style pipeline folder (``dtype`` applies to every component)."""
+        from aa_lightning.models.diffusion_pipeline_io import load_pipeline_components
+
+        parts = load_pipeline_components(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        return cls(**parts, name_or_path=str(folder))
