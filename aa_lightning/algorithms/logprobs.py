@@ -1,5 +1,11 @@
 """Sequence-level log-probabilities: per-row sums / means of the labelled tokens, and the model forward.
 
+:func:`output_log_probs` is what the preference and SFT modules call: "how well does this model explain each
+row's output". A model family that is not a causal LM answers it itself, through an ``explain_outputs``
+method returning per-row ``(sum, count)`` (diffusion models: the Gaussian log-likelihood of the noise,
+``-0.5 * MSE``, at a per-row seeded noise and timestep); causal LMs answer with the log-probs of the labels.
+The algorithms never ask which kind they hold.
+
 :func:`sequence_log_probs` is a pure tensor function; :func:`causal_lm_log_probs` runs a model so that its LM
 head only sees the positions that are scored. Both use the chunked kernel of :mod:`.log_softmax` (no
 full-vocabulary float32 table). The kernel and the masked reductions (:mod:`.masked`) are re-exported here,
@@ -8,22 +14,26 @@ their old import location.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from aa_lightning.algorithms.log_softmax import _viewable_as_rows, entropy_from_logits, selective_log_softmax
 from aa_lightning.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from aa_lightning.batch import model_inputs
 
 __all__ = [
     "SequenceLogProbs",
     "causal_lm_log_probs",
+    "deterministic_scores",
+    "explains_its_outputs",
     "entropy_from_logits",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "output_log_probs",
     "selective_log_softmax",
     "sequence_log_probs",
 ]
@@ -162,3 +172,39 @@ def causal_lm_log_probs(
     total = token_lp.sum(dim=-1)
     mean = total / count.clamp(min=1).to(total.dtype)
     return SequenceLogProbs(sum=total, mean=mean, token_count=count, token_log_probs=token_lp, mask=mask)
+
+
+def explains_its_outputs(model: nn.Module) -> bool:
+    """Whether the model family scores its outputs itself (``explain_outputs``) rather than by label log-probs."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DeepSpeed / DDP wrappers
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return callable(getattr(base, "explain_outputs", None))
+
+
+def deterministic_scores(model: nn.Module) -> bool:
+    """Whether a row's score depends on the sample alone (False for families scoring at a sampled noise)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "deterministic_scores", True))
+
+
+def output_log_probs(model: nn.Module, batch: dict[str, Any]) -> SequenceLogProbs:
+    """How well ``model`` explains each row's output, as :class:`SequenceLogProbs` (one forward).
+
+    Causal LMs: :func:`causal_lm_log_probs` of ``batch["labels"]``. Families with ``explain_outputs`` are
+    called through the (possibly wrapped) model's ``forward``, which is ``explain_outputs`` for them, so
+    DeepSpeed's and peft's forward hooks run; their per-row ``(sum, count)`` becomes a one-unit row.
+    """
+    inputs = model_inputs(batch, model)
+    if not explains_its_outputs(model):
+        return causal_lm_log_probs(model, inputs, batch["labels"])
+    scores = model(**inputs)
+    total = scores.sum
+    count = scores.count.to(device=total.device, dtype=torch.long)
+    mean = total / count.clamp(min=1).to(total.dtype)
+    mask = torch.ones(total.shape[0], 1, dtype=torch.bool, device=total.device)
+    return SequenceLogProbs(
+        sum=total, mean=mean, token_count=count, token_log_probs=total[:, None], mask=mask
+    )

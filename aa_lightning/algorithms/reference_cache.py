@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aa_lightning.algorithms.frozen import unwrap
+from aa_lightning.algorithms.logprobs import deterministic_scores
 from aa_lightning.algorithms.policy import ReferencePolicyModule
 from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX, split_pairs
 from aa_lightning.models.aliases import resolve_model_path
@@ -96,6 +97,12 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
     def configure_reference(self) -> None:
         """Live reference: always. Precomputed: built here only when some needed table is not on disk yet,
         so under ZeRO-3 it is sharded like the policy; it is released once the tables are filled."""
+        if self.precompute_ref_log_probs and not deterministic_scores(self.model):
+            raise ValueError(
+                f"precompute_ref_log_probs: {type(unwrap(self.model)).__name__} scores a row at a noise drawn for "
+                "each batch, so reference scores cannot be computed once per sample; use the live reference "
+                "(precompute_ref_log_probs: false)"
+            )
         if (
             self.precompute_ref_log_probs
             and self._trainer is not None

@@ -9,7 +9,12 @@ import torch
 
 from aa_lightning.algorithms.base import AlignModule, model_inputs
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
-from aa_lightning.algorithms.logprobs import SequenceLogProbs, causal_lm_log_probs, sequence_log_probs
+from aa_lightning.algorithms.logprobs import (
+    SequenceLogProbs,
+    explains_its_outputs,
+    output_log_probs,
+    sequence_log_probs,
+)
 from aa_lightning.algorithms.token_mean import StepTokenMean
 from aa_lightning.batch import STEP_LABEL_TOKENS
 
@@ -47,9 +52,9 @@ class SFTModule(AlignModule):
 
     def label_log_probs(self, batch: dict[str, Any]) -> SequenceLogProbs:
         """Per-row log-likelihood of the labelled tokens (and their counts)."""
+        if self.sparse_lm_head or explains_its_outputs(self.model):
+            return output_log_probs(self.model, batch)
         inputs = model_inputs(batch, self.model)
-        if self.sparse_lm_head:
-            return causal_lm_log_probs(self.model, inputs, batch["labels"])
         logits = self.model(**inputs, use_cache=False).logits
         return sequence_log_probs(logits, batch["labels"])
 

@@ -87,6 +87,9 @@ class TextToImageDiffusion(nn.Module):
     """
 
     base_model_prefix = ""  # read by peft (through transformers) when it injects LoRA layers
+    #: a row's score depends on the batch's noise seed, not on the sample alone, so a reference cannot be
+    #: scored once per sample ahead of training (read by the preference modules)
+    deterministic_scores = False
 
     def __init__(
         self,
