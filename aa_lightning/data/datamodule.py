@@ -8,22 +8,24 @@ so the datamodule never names an algorithm.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import datasets
 import lightning.pytorch as pl
+import numpy as np
 from torch.utils.data import DataLoader
 
 from aa_lightning.batch import SAMPLE_INDEX, SAMPLE_KINDS
 from aa_lightning.data.auxiliary import WithAuxiliaryStream
 from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.encoding import EMPTY_SAMPLES, PromptTooLongError, SampleEncoder
-from aa_lightning.data.errors import SKIP_BAD_ROWS_HINT, DataFormatError
+from aa_lightning.data.errors import SKIP_BAD_ROWS_HINT, DataFormatError, LeftOutRow
 from aa_lightning.data.formatters import get_formatter
 from aa_lightning.data.loader import (
     LengthGroupedSampler,
@@ -152,6 +154,22 @@ class ConversationDataModule(pl.LightningDataModule):
     def build_collator(self, kind: str) -> Callable[[list[dict]], dict]:
         return TextCollator(self.tokenizer.pad_token_id, kind, self.hparams.pad_to_multiple_of)
 
+    # -- what a datamodule with other samples changes (text-to-image: prompts and images, no labels) -----
+    def empty_sample(self, kind: str) -> dict[str, Any]:
+        """The columns of a dropped row (every row of a ``datasets.map`` needs the same columns)."""
+        return EMPTY_SAMPLES[kind]
+
+    def new_report(self, source: str, total: int) -> DataReport:
+        return DataReport(source, total, self.hparams.max_length)
+
+    def row_noter(self, encoder: Any) -> Callable[[str, dict[str, Any], Sequence[Any]], str]:
+        """What notes a kept row for the report (cut short, identical pair), from its encoding and formatting."""
+        return functools.partial(row_notes, cut=CutDetector(encoder))
+
+    def step_tokens(self, data: datasets.Dataset) -> dict[str, np.ndarray]:
+        """Per-sample counts behind the step-token keys of training batches (see :mod:`aa_lightning.batch`)."""
+        return step_token_counts(data, self.kind)
+
     # -- encoding --------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         self.load_processing()
@@ -172,15 +190,16 @@ class ConversationDataModule(pl.LightningDataModule):
         loaded = load_rows(spec)
         formatter = get_formatter(spec.template)
         encoder = self.build_encoder()
-        report = DataReport(loaded.source, len(loaded.rows), self.hparams.max_length)
+        report = self.new_report(loaded.source, len(loaded.rows))
         skip_bad = self.hparams.on_bad_row == "skip"
-        drop_truncated = self.hparams.on_truncated == "drop"
+        drop_truncated = self.hparams.get("on_truncated", "drop") == "drop"  # a subclass may not take it
         check = self.sample_check()
-        cut = CutDetector(encoder)
+        notes_of = self.row_noter(encoder)
+        empty = self.empty_sample(kind)
 
         def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
             row_number = loaded.row_numbers[index]
-            dropped = {**EMPTY_SAMPLES[kind], "_row": row_number, "_note": ""}
+            dropped = {**empty, "_row": row_number, "_note": ""}
             try:
                 if kind == "supervised":
                     formatted = formatter.format_supervised_sample(row)
@@ -191,8 +210,10 @@ class ConversationDataModule(pl.LightningDataModule):
                 out = getattr(encoder, kind)(*formatted)
                 if check is not None:
                     check(out)
-                note = row_notes(kind, out, formatted, cut)
+                note = notes_of(kind, out, formatted)
                 return {**out, "_row": row_number, "_drop": "", "_note": note}
+            except LeftOutRow as why:
+                return {**dropped, "_drop": "out:" + str(why)}
             except DataFormatError as err:
                 err.with_location(source=loaded.source, row=row_number)
                 if not skip_bad:
@@ -221,6 +242,8 @@ class ConversationDataModule(pl.LightningDataModule):
             for row, why, note in zip(encoded["_row"], drops, notes):
                 if why == "truncated":
                     report.truncated.append(row)
+                elif why.startswith("out:"):
+                    report.left_out.append((row, why[4:]))
                 elif why:
                     report.bad.append((row, why[4:]))
                 elif note:
@@ -231,15 +254,11 @@ class ConversationDataModule(pl.LightningDataModule):
         return encoded.remove_columns(["_drop", "_note"]), report
 
     def _fingerprint(self, rows: datasets.Dataset, spec: DataSpec, kind: str, formatter: Any) -> str:
-        try:
-            formatter_source = inspect.getsource(type(formatter))
-        except (OSError, TypeError):
-            formatter_source = type(formatter).__qualname__
         parts = {
             "rows": rows._fingerprint,
             "spec": spec.__dict__,
             "kind": kind,
-            "formatter": formatter_source,
+            "formatter": formatter_source(formatter),
             "system_prompt": getattr(formatter, "system_prompt", ""),
             "max_length": self.hparams.max_length,
             "on_bad_row": self.hparams.on_bad_row,  # a cached 'skip' encoding must not answer an 'error' run
@@ -251,7 +270,7 @@ class ConversationDataModule(pl.LightningDataModule):
             "renderer": inspect.getsource(ChatRenderer),  # where spans and texts end
             "version": 2,  # 2: rows carry an encoding note (cut short / identical pair)
         }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return fingerprint_of(parts)
 
     # -- loaders ---------------------------------------------------------------------------------------
     def _progress(self) -> tuple[int, int]:
@@ -281,7 +300,7 @@ class ConversationDataModule(pl.LightningDataModule):
             collate_fn=self.build_collator(self.kind),
             num_workers=self.hparams.num_workers,
             progress_fn=self._progress if self.trainer is not None else None,
-            step_tokens=step_token_counts(data, self.kind),
+            step_tokens=self.step_tokens(data),
             schedule_fn=self._step_schedule if self.trainer is not None else None,
         )
         if PTX not in self.datasets:
@@ -318,6 +337,19 @@ class ConversationDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"no `{split}` data: set data.{split} (a path and a template)")
         return self.datasets[split]
+
+
+def formatter_source(formatter: Any) -> str:
+    """The code of a formatter's class, for cache fingerprints (an edited formatter re-encodes its data)."""
+    try:
+        return inspect.getsource(type(formatter))
+    except (OSError, TypeError):
+        return type(formatter).__qualname__
+
+
+def fingerprint_of(parts: dict[str, Any]) -> str:
+    """A ``datasets`` cache fingerprint for everything an encoding depends on (JSON-able ``parts``)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def sample_lengths(data: datasets.Dataset, kind: str) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SKIP_BAD_ROWS_HINT", "DataFormatError", "with_location"]
+__all__ = ["SKIP_BAD_ROWS_HINT", "DataFormatError", "LeftOutRow", "with_location"]
 
 SKIP_BAD_ROWS_HINT = (
     "to skip such rows and count them, set `on_bad_row: skip` under `data.init_args` in the YAML config, "
@@ -84,6 +84,12 @@ class DataFormatError(ValueError):
         if self.row is None and row is not None:
             self.row = row
         return self
+
+
+class LeftOutRow(Exception):
+    """A well-formed row that its formatter leaves out by the data set's own rule (a tie in a preference set:
+    no side is preferred). Not an error whatever ``on_bad_row`` says: the row is dropped and the data report
+    counts it by its reason (the message, e.g. ``"ties (label_0 is 0.5)"``), so nothing goes silently."""
 
 
 def _rebuild(

@@ -23,21 +23,18 @@ up with the 2B rows. ``max_length`` counts a placeholder as one token (before ex
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import json
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from aa_lightning.data import media as media_module
-from aa_lightning.data.datamodule import ConversationDataModule
+from aa_lightning.data.datamodule import ConversationDataModule, fingerprint_of
 from aa_lightning.data.encoding import SampleEncoder
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.media import MEDIA_KEYS, MediaLoader, audio_duration, resolve_media
 from aa_lightning.data.multimodal_collator import MultimodalCollator
 from aa_lightning.data.processor_alignment import AlignmentError, ProcessorInfo, align_to_processor
-from aa_lightning.data.sources import DataSpec
+from aa_lightning.data.sources import DataSpec, media_root, source_name
 from aa_lightning.data.templating import ChatRenderer
 
 __all__ = [
@@ -173,10 +170,8 @@ class MultimodalDataModule(ConversationDataModule):
         self.info = ProcessorInfo(self.processor, self.tokenizer)
 
     def encode_spec(self, spec: DataSpec, kind: str) -> tuple[Any, Any]:
-        path = os.path.abspath(os.path.expanduser(spec.path))
-        root = os.path.dirname(path) if os.path.isfile(path) else path if os.path.isdir(path) else os.getcwd()
-        self._spec_root = os.path.abspath(os.path.expanduser(self.media_root)) if self.media_root else root
-        self._spec_source = os.path.basename(spec.path.rstrip("/")) or spec.path
+        self._spec_root = media_root(spec, self.media_root)
+        self._spec_source = source_name(spec.path)
         return super().encode_spec(spec, kind)
 
     def build_encoder(self) -> MultimodalSampleEncoder:
@@ -215,7 +210,7 @@ class MultimodalDataModule(ConversationDataModule):
             "placeholders": self.info.placeholders,
             "media_check": [repr(self.media_loader()), inspect.getsource(media_module)],
         }
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+        return fingerprint_of(parts)
 
 
 def check_media(loader: MediaLoader, sample: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@ Encoding notes each row (``datasets.map`` runs in worker processes, so a note tr
 the report is filled from it afterwards):
 
 - dropped: a bad row skipped with ``on_bad_row: skip`` (its media included: they are decoded when the
-  data is prepared), or a row whose response ``max_length`` would cut away entirely;
+  data is prepared), a row whose response ``max_length`` would cut away entirely, or a row its formatter
+  leaves out by the data set's own rule (:class:`~aa_lightning.data.errors.LeftOutRow`, e.g. a tie);
 - kept but cut short: ``max_length`` removed the end of the response (its end-of-turn token with it, so
   the model is not taught to stop there);
 - kept but useless: a preference pair whose chosen and rejected sequences are the same token ids, which
@@ -14,6 +15,7 @@ the report is filled from it afterwards):
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,11 +26,19 @@ SAME = "same"
 
 
 class DataReport:
-    """Counts of the rows of one data set that were dropped, cut short or carry no signal."""
+    """Counts of the rows of one data set that were dropped, cut short or carry no signal.
+
+    A datamodule whose samples are not chat responses words the two notes for its own samples by overriding
+    ``cut_short_note`` and ``identical_note``.
+    """
+
+    cut_short_note = "their responses lose their ends, end-of-turn token included"
+    identical_note = "preference pairs have identical chosen and rejected responses and carry no signal"
 
     def __init__(self, source: str, total: int, max_length: int | None = None) -> None:
         self.source, self.total, self.max_length = source, total, max_length
         self.bad: list[tuple[int, str]] = []  # (row, why): skipped bad rows
+        self.left_out: list[tuple[int, str]] = []  # (row, why): left out by the formatter's rule (ties)
         self.truncated: list[int] = []  # dropped: max_length leaves no response token
         self.cut_short: list[int] = []  # kept: max_length cut the response short
         self.identical_pairs: list[int] = []  # kept: chosen and rejected are the same sequence
@@ -43,7 +53,7 @@ class DataReport:
 
     @property
     def worth_a_warning(self) -> bool:
-        return bool(self.bad or self.truncated or self.cut_short or self.identical_pairs)
+        return bool(self.bad or self.left_out or self.truncated or self.cut_short or self.identical_pairs)
 
     def summary(self, kept: int) -> str:
         parts = [f"{self.source}: {kept} of {self.total} rows kept"]
@@ -51,6 +61,12 @@ class DataReport:
             parts.append(
                 f"{len(self.bad)} bad rows skipped (rows {_rows(r for r, _ in self.bad)}; "
                 f"first: {self.bad[0][1]})"
+            )
+        if self.left_out:
+            reasons = ", ".join(f"{n} {why}" for why, n in Counter(why for _, why in self.left_out).items())
+            parts.append(
+                f"{len(self.left_out)} rows left out by their template: {reasons} "
+                f"(rows {_rows(r for r, _ in self.left_out)})"
             )
         if self.truncated:
             parts.append(
@@ -60,13 +76,12 @@ class DataReport:
         if self.cut_short:
             limit = f"={self.max_length}" if self.max_length is not None else ""
             parts.append(
-                f"{len(self.cut_short)} kept rows cut short by max_length{limit}: their responses lose "
-                f"their ends, end-of-turn token included (rows {_rows(self.cut_short)})"
+                f"{len(self.cut_short)} kept rows cut short by max_length{limit}: {self.cut_short_note} "
+                f"(rows {_rows(self.cut_short)})"
             )
         if self.identical_pairs:
             parts.append(
-                f"{len(self.identical_pairs)} preference pairs have identical chosen and rejected responses "
-                f"and carry no signal (rows {_rows(self.identical_pairs)})"
+                f"{len(self.identical_pairs)} {self.identical_note} (rows {_rows(self.identical_pairs)})"
             )
         return "; ".join(parts)
 

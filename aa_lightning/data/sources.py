@@ -97,9 +97,21 @@ def load_rows(spec: DataSpec) -> LoadedRows:
         numbers = numbers[: spec.size]
     if spec.shuffle_seed is not None or spec.size is not None:
         rows = rows.select(numbers.tolist())
-    return LoadedRows(
-        rows=rows, source=os.path.basename(path.rstrip("/")) or path, row_numbers=numbers.tolist()
-    )
+    return LoadedRows(rows=rows, source=source_name(path), row_numbers=numbers.tolist())
+
+
+def source_name(path: str) -> str:
+    """How messages name a data set: its file or folder name."""
+    return os.path.basename(path.rstrip("/")) or path
+
+
+def media_root(spec: DataSpec, override: str | None = None) -> str:
+    """The folder that relative media paths of ``spec``'s rows resolve against: ``override`` when set, else
+    the data file's folder (the data folder itself; the working directory for a hub name)."""
+    if override:
+        return os.path.abspath(os.path.expanduser(override))
+    path = os.path.abspath(os.path.expanduser(spec.path))
+    return os.path.dirname(path) if os.path.isfile(path) else path if os.path.isdir(path) else os.getcwd()
 
 
 def as_specs(

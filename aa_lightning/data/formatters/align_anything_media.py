@@ -15,7 +15,19 @@ from aa_lightning.data.formatters.multimodal_chat import KIND_KEYS
 from aa_lightning.data.formatters.registry import register_template
 from aa_lightning.data.media import media_item
 
-__all__ = ["AA_TA2T", "AA_TI2T", "AA_TV2T", "AlignAnythingMedia"]
+__all__ = ["AA_TA2T", "AA_TI2T", "AA_TV2T", "AlignAnythingMedia", "one_or_two"]
+
+
+def one_or_two(formatter: BaseFormatter, raw_sample: Mapping[str, Any], key: str) -> int:
+    """Align-anything's "which of the two is better" column (1 or 2, also as a string) as an int."""
+    value = formatter.field(raw_sample, key, kind=(int, str))
+    try:
+        better = int(value)
+    except ValueError:
+        better = 0
+    if better not in (1, 2):
+        raise DataFormatError(f"expected 1 or 2, got {describe(value)}", field=key)
+    return better
 
 
 class AlignAnythingMedia(BaseFormatter):
@@ -54,14 +66,7 @@ class AlignAnythingMedia(BaseFormatter):
         return self.with_system([{"role": "user", "content": parts}])
 
     def better_id(self, raw_sample: Mapping[str, Any]) -> int:
-        value = self.field(raw_sample, "overall_response", kind=(int, str))
-        try:
-            better = int(value)
-        except ValueError:
-            better = 0
-        if better not in (1, 2):
-            raise DataFormatError(f"expected 1 or 2, got {describe(value)}", field="overall_response")
-        return better
+        return one_or_two(self, raw_sample, "overall_response")
 
     def format_preference_sample(
         self, raw_sample: Mapping[str, Any]
