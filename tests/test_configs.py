@@ -43,6 +43,7 @@ DATAMODULES = {
     "ti2t": "TextImageToTextDataModule",
     "ta2t": "TextAudioToTextDataModule",
     "tv2t": "TextVideoToTextDataModule",
+    "t2i": "TextToImageDataModule",
 }
 EXPORT = re.compile(r"^runs/([^/]+)/hf_model$")
 

@@ -342,6 +342,8 @@ class AlignModule(pl.LightningModule):
             return
         os.makedirs(save_directory, exist_ok=True)
         target.save_pretrained(save_directory, state_dict=state_dict)
+        if os.path.isdir(os.path.join(save_directory, "tokenizer")):
+            return  # a pipeline folder (diffusers) holds its own tokenizer
         for part in (self.processor, self.tokenizer):
             if part is not None:
                 part.save_pretrained(save_directory)
