@@ -23,14 +23,15 @@ from aa_lightning.algorithms.export import (
     nonfinite_export_problem,
     plain_state_dict,
 )
-from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze, unwrap
+from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.algorithms.zero3 import deepspeed_engine_of, initialise_lora_in_shards
 from aa_lightning.batch import NON_MODEL_KEYS, model_inputs  # re-exported: the batch contract lives there
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
+from aa_lightning.models.unwrap import unwrap
 
-__all__ = ["NON_MODEL_KEYS", "AlignModule", "NonFiniteError", "freeze", "model_inputs", "unwrap"]
+__all__ = ["NON_MODEL_KEYS", "AlignModule", "NonFiniteError", "freeze", "model_inputs"]
 
 
 class AlignModule(pl.LightningModule):

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from aa_lightning.algorithms.frozen import unwrap
 from aa_lightning.algorithms.policy import ReferencePolicyModule
 from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX, split_pairs
 from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.unwrap import unwrap
 
 log = logging.getLogger(__name__)
 

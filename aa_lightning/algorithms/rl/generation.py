@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import model_inputs, unwrap
+from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.rl.rollout import (
     TEXT_KEYS,
     Rollout,
@@ -27,6 +27,7 @@ from aa_lightning.algorithms.rl.rollout import (
     response_mask_from_eos,
 )
 from aa_lightning.models.turns import end_of_turn_token_ids
+from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["GenerationMixin"]
 

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from aa_lightning.algorithms.base import AlignModule, unwrap
+from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, as_config
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.rl.engine import RLEngineMixin
@@ -32,6 +32,7 @@ from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
+from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
 __all__ = ["OnlineRLModule", "disable_dropout"]
