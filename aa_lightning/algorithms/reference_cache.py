@@ -183,7 +183,7 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
         """``<ref_cache_dir>/<fingerprint>.pt``: fingerprint of reference checkpoint, dtype and encoded data."""
         key = {
             "reference": model_identity(self.ref_model_name_or_path or self.model_name_or_path),
-            "dtype": str(self.hparams.get("dtype")),  # AlignModule's load dtype, as configured
+            "dtype": str(self.load_dtype),  # AlignModule's load dtype, as configured
             # the same weights compute other log-probs under another precision (bf16 vs fp32)
             "precision": str(self.trainer.precision) if self._trainer is not None else "32-true",
             "data": dataset_fingerprint(dataset),
