@@ -31,11 +31,11 @@ from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.algorithms.zero3 import deepspeed_engine_of, initialise_lora_in_shards
-from aa_lightning.batch import NON_MODEL_KEYS, model_inputs  # re-exported: the batch contract lives there
+from aa_lightning.batch import META, model_inputs
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
 from aa_lightning.models.unwrap import unwrap
 
-__all__ = ["NON_MODEL_KEYS", "AlignModule", "NonFiniteError", "freeze", "model_inputs"]
+__all__ = ["AlignModule", "NonFiniteError", "freeze"]
 
 
 class AlignModule(pl.LightningModule):
@@ -316,7 +316,7 @@ class AlignModule(pl.LightningModule):
             out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
         prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        metas = batch.get("meta") or [{} for _ in responses]
+        metas = batch.get(META) or [{} for _ in responses]
         return [{"prompt": p, "response": r, "meta": m} for p, r, m in zip(prompts, responses, metas)]
 
     # -- export ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from torch import nn
 
 from aa_lightning.algorithms.logprobs import SequenceLogProbs, causal_lm_log_probs
 from aa_lightning.algorithms.step_stats import StepStatsModule
-from aa_lightning.batch import model_inputs
+from aa_lightning.batch import LABELS, model_inputs
 
 __all__ = ["PolicyModule", "ReferencePolicyModule"]
 
@@ -29,7 +29,7 @@ class PolicyModule(StepStatsModule):
     def policy_log_probs(self, batch: dict[str, Any]) -> SequenceLogProbs:
         """Log-probs of every row's labelled tokens under the policy, in one forward over all rows."""
         # the LM head runs only on scored positions (prompt and padding never reach the vocabulary)
-        return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
+        return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch[LABELS])
 
 
 class ReferencePolicyModule(PolicyModule):
@@ -57,4 +57,4 @@ class ReferencePolicyModule(PolicyModule):
     def reference_log_probs_live(self, batch: dict[str, Any]) -> SequenceLogProbs:
         """Log-probs of the batch's labelled tokens under the reference, in one no-grad forward."""
         with self.frozen.running("reference", self.model) as ref:
-            return causal_lm_log_probs(ref, model_inputs(batch, ref), batch["labels"])
+            return causal_lm_log_probs(ref, model_inputs(batch, ref), batch[LABELS])

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from aa_lightning.algorithms.policy import ReferencePolicyModule
-from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX, split_pairs
+from aa_lightning.batch import EXTRA, IGNORE_INDEX, LABELS, SAMPLE_INDEX, split_pairs
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.unwrap import unwrap
 
@@ -124,7 +124,7 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
             ref = self.reference_log_probs_live(batch)
             return ref.sum, ref.mean
         table = self.ref_cache.get(stage)
-        index = (batch.get("extra") or {}).get(SAMPLE_INDEX)
+        index = (batch.get(EXTRA) or {}).get(SAMPLE_INDEX)
         if index is None:
             raise RuntimeError(
                 "precompute_ref_log_probs needs batch['extra']['sample_index'] (the data layer adds it)"
@@ -143,12 +143,12 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
         if (counts < 0).any():
             raise RuntimeError(f"reference log-probs missing for some {stage!r} samples")
         expected = torch.cat([counts[:, 0], counts[:, 1]])
-        if not torch.equal(expected, label_counts(batch["labels"]).cpu()):
+        if not torch.equal(expected, label_counts(batch[LABELS]).cpu()):
             raise RuntimeError(
                 f"the cached reference log-probs of the {stage!r} split do not match this batch's tokens "
                 "(stale cache: delete the ref_logps files or change ref_cache_dir)"
             )
-        device = batch["labels"].device
+        device = batch[LABELS].device
         rows = [table["sum"][index], table["mean"][index]]
         return tuple(torch.cat([r[:, 0], r[:, 1]]).to(device) for r in rows)  # type: ignore[return-value]
 
@@ -250,7 +250,7 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
         }
         for batch in ordered:
             batch = self._to_device(batch)
-            index = batch["extra"][SAMPLE_INDEX].cpu()
+            index = batch[EXTRA][SAMPLE_INDEX].cpu()
             if int(index.max()) >= size:
                 grow = int(index.max()) + 1 - size
                 table = {

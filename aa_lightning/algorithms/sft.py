@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import AlignModule, model_inputs
+from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.logprobs import SequenceLogProbs, causal_lm_log_probs, sequence_log_probs
 from aa_lightning.algorithms.token_mean import StepTokenMean
-from aa_lightning.batch import STEP_LABEL_TOKENS
+from aa_lightning.batch import LABELS, STEP_LABEL_TOKENS, model_inputs
 
 
 class SFTModule(AlignModule):
@@ -49,9 +49,9 @@ class SFTModule(AlignModule):
         """Per-row log-likelihood of the labelled tokens (and their counts)."""
         inputs = model_inputs(batch, self.model)
         if self.sparse_lm_head:
-            return causal_lm_log_probs(self.model, inputs, batch["labels"])
+            return causal_lm_log_probs(self.model, inputs, batch[LABELS])
         logits = self.model(**inputs, use_cache=False).logits
-        return sequence_log_probs(logits, batch["labels"])
+        return sequence_log_probs(logits, batch[LABELS])
 
     def token_nll(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the labelled tokens and their count."""

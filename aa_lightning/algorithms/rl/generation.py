@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.rl.rollout import (
     TEXT_KEYS,
     Rollout,
@@ -26,6 +25,7 @@ from aa_lightning.algorithms.rl.rollout import (
     repeat_batch_inputs,
     response_mask_from_eos,
 )
+from aa_lightning.batch import META, model_inputs
 from aa_lightning.models.turns import end_of_turn_token_ids
 from aa_lightning.models.unwrap import unwrap
 
@@ -109,7 +109,7 @@ class GenerationMixin:
             if key not in inputs:
                 raise ValueError(f"a prompt-only batch needs {key!r}")
         batch_size = inputs["input_ids"].shape[0]
-        metas = list(batch.get("meta") or [{} for _ in range(batch_size)])
+        metas = list(batch.get(META) or [{} for _ in range(batch_size)])
         prompt_texts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
         inputs = repeat_batch_inputs(inputs, num_samples, batch_size)
         prompt_length = inputs["input_ids"].shape[1]
