@@ -38,11 +38,16 @@ from torch import nn
 __all__ = [
     "CHOSEN_IS_SAFE",
     "DESIRABLE",
+    "EXTRA",
     "IGNORE_INDEX",
+    "LABELS",
     "MARGIN",
     "MEDIA_ROWS",
+    "META",
     "NON_MODEL_KEYS",
     "PER_TOKEN_KEYS",
+    "PROMPT_STREAM",
+    "PTX_STREAM",
     "REJECTED_IS_SAFE",
     "SAMPLE_INDEX",
     "SAMPLE_KINDS",
@@ -67,6 +72,20 @@ SAMPLE_KINDS: tuple[SampleKind, ...] = ("supervised", "preference", "prompt_only
 #: ``labels`` value of a position no loss scores (prompt, padding); PyTorch's cross-entropy default.
 IGNORE_INDEX = -100
 
+# -- top-level batch keys (media tensors keep the names their processor gives them) ---------------------
+#: ``(N, L)`` long, supervised and preference batches: target token ids (:data:`IGNORE_INDEX`: not scored).
+LABELS = "labels"
+#: ``dict[str, (B,) tensor]``, every batch: per-sample numbers and flags, keyed by the names further below.
+EXTRA = "extra"
+#: ``list[dict]``, every batch: each sample's meta dict (prompts, reference answers, media paths ...).
+META = "meta"
+
+# -- a prompt-only train batch with a supervised stream is ``{PROMPT_STREAM: ..., PTX_STREAM: ...}`` -----
+#: the prompt-only batch the rollouts sample from.
+PROMPT_STREAM = "prompt"
+#: the supervised batch of PPO's pre-training mix (the datamodule's ``ptx`` data).
+PTX_STREAM = "ptx"
+
 # -- keys of ``batch["extra"]`` (and of the formatters' meta dicts they come from) ----------------------
 #: ``(B,)`` long: each sample's index in its split (stable across epochs; keys cached per-sample values).
 SAMPLE_INDEX = "sample_index"
@@ -88,7 +107,7 @@ MEDIA_ROWS = "media_rows"
 PER_TOKEN_KEYS = "per_token_keys"
 
 #: Top-level batch keys that are not model inputs.
-NON_MODEL_KEYS = frozenset({"labels"})
+NON_MODEL_KEYS = frozenset({LABELS})
 
 
 class _BatchBase(TypedDict, total=False):

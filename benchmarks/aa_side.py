@@ -282,18 +282,19 @@ RUNNERS["ppo"] = run_ppo
 
 def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
     """DPO with the policy and reference log-probs from ``causal_lm_log_probs`` (LM head on labelled positions
-    only): the change proposed for ``DPOModule``, measured here through a subclass, not shipped in it."""
+    only): the change proposed for ``DPOModule``, measured here through a subclass (``PolicyModule`` and
+    ``ReferencePolicyModule`` in ``algorithms/policy.py`` now do the same; kept so the row can be re-run)."""
     from aa_lightning.algorithms import DPOModule
     from aa_lightning.algorithms.logprobs import causal_lm_log_probs
-    from aa_lightning.batch import model_inputs
+    from aa_lightning.batch import LABELS, model_inputs
 
     class SparseHeadDPO(DPOModule):
         def policy_log_probs(self, batch: dict[str, Any]) -> Any:
-            return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
+            return causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch[LABELS])
 
         def reference_log_probs_live(self, batch: dict[str, Any]) -> Any:
             with self.frozen.running("reference", self.model) as ref:
-                return causal_lm_log_probs(ref, model_inputs(batch, ref), batch["labels"])
+                return causal_lm_log_probs(ref, model_inputs(batch, ref), batch[LABELS])
 
     module = SparseHeadDPO(
         model_name_or_path=config.model_path,

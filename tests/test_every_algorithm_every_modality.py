@@ -35,12 +35,9 @@ from aa_lightning.algorithms import (
     SimPOModule,
 )
 from aa_lightning.batch import (
-    MEDIA_ROWS,
-    PER_TOKEN_KEYS,
     extend_per_token_inputs,
     model_inputs,
     repeat_batch_inputs,
-    select_sequences,
 )
 from aa_lightning.callbacks import RolloutMediaLogger
 from aa_lightning.data import (

@@ -3,6 +3,8 @@
 - algorithms never import the data layer or the callbacks (they meet the data through
   :mod:`aa_lightning.batch`), at module level or inside functions;
 - the data layer never imports the algorithms;
+- the callbacks never import the algorithms (they see a module through Lightning's hooks and documented
+  methods; shared helpers such as ``unwrap`` live in :mod:`aa_lightning.models`);
 - module-level imports inside the package form no cycle.
 """
 
@@ -24,6 +26,7 @@ ALLOWED: set[tuple[str, str]] = set()  # no exceptions: media logging is a callb
 FORBIDDEN = {
     "aa_lightning.algorithms": ("aa_lightning.data", "aa_lightning.callbacks"),
     "aa_lightning.data": ("aa_lightning.algorithms",),
+    "aa_lightning.callbacks": ("aa_lightning.algorithms",),
 }
 
 

@@ -2,6 +2,10 @@
 
 Subclasses set ``data_kind`` (the sample kind they train on) and implement the steps. They never look at
 what modality a batch holds: every top-level tensor of a batch except ``labels`` is a model input.
+
+Hyperparameters, one way in every module: ``__init__`` stores each argument as a typed attribute (or the
+object built from it; its default is stated once, in the signature) and the code reads that attribute, never
+``self.hparams``: ``save_hyperparameters`` only records the arguments for checkpoints and loggers.
 """
 
 from __future__ import annotations
@@ -16,21 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from aa_lightning.algorithms.config import LoraConfig, OptimConfig, as_config
+from aa_lightning.algorithms.config import GenerationConfig, LoraConfig, OptimConfig, as_config
 from aa_lightning.algorithms.export import (
     lora_adapter_state_dict,
     merged_lora_state_dict,
     nonfinite_export_problem,
     plain_state_dict,
 )
-from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze, unwrap
+from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.algorithms.zero3 import deepspeed_engine_of, initialise_lora_in_shards
-from aa_lightning.batch import NON_MODEL_KEYS, model_inputs  # re-exported: the batch contract lives there
+from aa_lightning.batch import META, model_inputs
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
+from aa_lightning.models.unwrap import unwrap
 
-__all__ = ["NON_MODEL_KEYS", "AlignModule", "NonFiniteError", "freeze", "model_inputs", "unwrap"]
+__all__ = ["AlignModule", "NonFiniteError", "freeze"]
 
 
 class AlignModule(pl.LightningModule):
@@ -52,6 +57,8 @@ class AlignModule(pl.LightningModule):
     """
 
     data_kind: str = "supervised"
+    #: sampling settings of :meth:`predict_step`: the RL modules set theirs, the others decode greedily
+    generation: GenerationConfig | None = None
 
     def __init__(
         self,
@@ -65,30 +72,35 @@ class AlignModule(pl.LightningModule):
         on_nonfinite: NonFinitePolicy = "error",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()  # collects the init args of the whole subclass chain
+        self.save_hyperparameters()  # records the init args of the whole subclass chain; code reads attributes
         if on_nonfinite not in ("error", "skip"):
             raise ValueError(f"on_nonfinite must be 'error' or 'skip', not {on_nonfinite!r}")
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self.frozen = FrozenModels()  # reference / reward / cost models (see algorithms/frozen.py)
         self.model_name_or_path = model_name_or_path
-        # typed once here: from YAML / the command line the hparams hold dicts, readers use these attributes
+        # not ``self.dtype``: LightningModule's read-only property (the dtype the parameters have now)
+        self.load_dtype: DTypeName = dtype
+        self.trust_remote_code = trust_remote_code
+        self.gradient_checkpointing = gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        # typed once here: from YAML / the command line these arrive as dicts
         self.optim: OptimConfig = as_config(OptimConfig, optim, "optim")
         self.lora: LoraConfig | None = None if lora is None else as_config(LoraConfig, lora, "lora")
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
         self.processor: Any = None
+        self._hf_deepspeed_config: Any = None  # set while ZeRO-3 loading is on (see enable_zero3_loading)
 
     # -- models ----------------------------------------------------------------------------------------
     def load_model(self, name_or_path: str | None = None, **kwargs: Any) -> tuple[nn.Module, Any, Any]:
         """``load_pretrained_models`` with this module's dtype/remote-code/attention settings."""
-        hp = self.hparams
         self.enable_zero3_loading()
         return load_pretrained_models(
             name_or_path or self.model_name_or_path,
-            dtype=hp.get("dtype", "auto"),
-            trust_remote_code=hp.get("trust_remote_code", False),
-            attn_implementation=hp.get("attn_implementation"),
+            dtype=self.load_dtype,
+            trust_remote_code=self.trust_remote_code,
+            attn_implementation=self.attn_implementation,
             **kwargs,
         )
 
@@ -125,7 +137,7 @@ class AlignModule(pl.LightningModule):
         self._hf_deepspeed_config = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference
 
     def teardown(self, stage: str) -> None:
-        if getattr(self, "_hf_deepspeed_config", None) is not None:
+        if self._hf_deepspeed_config is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()  # later from_pretrained calls in this process load normally
@@ -134,7 +146,7 @@ class AlignModule(pl.LightningModule):
     def prepare_trainable(self, model: nn.Module) -> nn.Module:
         """Train mode, gradient checkpointing and LoRA, applied to a model that will be trained."""
         model.train()
-        if self.hparams.get("gradient_checkpointing"):
+        if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(model, "config"):
                 model.config.use_cache = False
@@ -287,9 +299,7 @@ class AlignModule(pl.LightningModule):
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Answers to the prompts of a prompt-only batch, as dicts ``{prompt, response, meta}``."""
-        from aa_lightning.algorithms.config import GenerationConfig
-
-        gen: GenerationConfig = getattr(self, "generation", None) or GenerationConfig(do_sample=False)
+        gen = self.generation or GenerationConfig(do_sample=False)
         model = unwrap(self.generation_model())
         inputs = model_inputs(batch, model)
         out = model.generate(
@@ -306,7 +316,7 @@ class AlignModule(pl.LightningModule):
             out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
         prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        metas = batch.get("meta") or [{} for _ in responses]
+        metas = batch.get(META) or [{} for _ in responses]
         return [{"prompt": p, "response": r, "meta": m} for p, r, m in zip(prompts, responses, metas)]
 
     # -- export ----------------------------------------------------------------------------------------

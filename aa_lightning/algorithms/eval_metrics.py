@@ -17,14 +17,14 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from aa_lightning.batch import SAMPLE_INDEX
+from aa_lightning.batch import EXTRA, SAMPLE_INDEX
 
 __all__ = ["UniqueSampleSums", "sample_indices"]
 
 
 def sample_indices(batch: Mapping[str, Any], rows: int) -> torch.Tensor:
     """The dataset index of each of the batch's ``rows`` rows; -1 (always counted) where the batch has none."""
-    index = (batch.get("extra") or {}).get(SAMPLE_INDEX)
+    index = (batch.get(EXTRA) or {}).get(SAMPLE_INDEX)
     if isinstance(index, torch.Tensor) and index.numel() == rows:
         return index.reshape(-1).long()
     return torch.full((rows,), -1, dtype=torch.long)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aa_lightning.algorithms.frozen import FROZEN_PREFIX, unwrap
+from aa_lightning.algorithms.frozen import FROZEN_PREFIX
 from aa_lightning.algorithms.zero3 import gathered, is_partitioned
+from aa_lightning.models.unwrap import unwrap
 
 __all__ = [
     "lora_adapter_state_dict",

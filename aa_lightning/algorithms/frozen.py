@@ -29,17 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FROZEN_PREFIX", "FrozenModels", "freeze", "unwrap"]
+from aa_lightning.models.unwrap import unwrap
+
+__all__ = ["FROZEN_PREFIX", "FrozenModels", "freeze"]
 
 FROZEN_PREFIX = "frozen."
 """State-dict prefix of every frozen model (the attribute name of the component on the module)."""
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under DeepSpeed/DDP/peft wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:

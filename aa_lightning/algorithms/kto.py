@@ -20,11 +20,11 @@ import torch
 
 from aa_lightning.algorithms.losses import kto_kl_estimate, kto_loss
 from aa_lightning.algorithms.policy import ReferencePolicyModule
-from aa_lightning.batch import DESIRABLE, IGNORE_INDEX
+from aa_lightning.batch import DESIRABLE, EXTRA, IGNORE_INDEX, LABELS
 
 __all__ = ["KTOModule", "mismatched_pairs"]
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+TOKEN_KEYS = ("input_ids", "attention_mask", LABELS)
 
 
 def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
     with their labels. Non-token tensors (media) are carried over unchanged, aligned with the prompts.
     Per-token tensors other than ``input_ids/attention_mask/labels`` cannot be re-paired and raise.
     """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch[LABELS]
     size = ids.shape[0]
     prompts: list[torch.Tensor] = []
     responses: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -58,7 +58,7 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
         out_ids[i, : seq.shape[0]] = seq
         out_mask[i, : seq.shape[0]] = 1
         out_labels[i, : lab.shape[0]] = lab
-    out: dict[str, Any] = {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+    out: dict[str, Any] = {"input_ids": out_ids, "attention_mask": out_mask, LABELS: out_labels}
     for key, value in batch.items():
         if key in TOKEN_KEYS or not isinstance(value, torch.Tensor):
             continue
@@ -124,7 +124,7 @@ class KTOModule(ReferencePolicyModule):
         return kto_kl_estimate(policy_kl, ref_kl)
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        desirable = (batch.get("extra") or {}).get(DESIRABLE)
+        desirable = (batch.get(EXTRA) or {}).get(DESIRABLE)
         if desirable is None:
             raise ValueError(
                 "KTO needs batch['extra']['desirable'] (a bool per row); use a formatter that sets it (template KTO)"

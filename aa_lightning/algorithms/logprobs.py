@@ -21,7 +21,7 @@ from torch import nn
 
 from aa_lightning.algorithms.log_softmax import _viewable_as_rows, entropy_from_logits, selective_log_softmax
 from aa_lightning.algorithms.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from aa_lightning.batch import model_inputs
+from aa_lightning.batch import LABELS, model_inputs
 
 __all__ = [
     "SequenceLogProbs",
@@ -199,7 +199,7 @@ def output_log_probs(model: nn.Module, batch: dict[str, Any]) -> SequenceLogProb
     """
     inputs = model_inputs(batch, model)
     if not explains_its_outputs(model):
-        return causal_lm_log_probs(model, inputs, batch["labels"])
+        return causal_lm_log_probs(model, inputs, batch[LABELS])
     scores = model(**inputs)
     total = scores.sum
     count = scores.count.to(device=total.device, dtype=torch.long)

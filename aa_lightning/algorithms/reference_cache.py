@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from aa_lightning.algorithms.frozen import unwrap
 from aa_lightning.algorithms.logprobs import deterministic_scores
 from aa_lightning.algorithms.policy import ReferencePolicyModule
-from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX, split_pairs
+from aa_lightning.batch import EXTRA, IGNORE_INDEX, LABELS, SAMPLE_INDEX, split_pairs
 from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.unwrap import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
             ref = self.reference_log_probs_live(batch)
             return ref.sum, ref.mean
         table = self.ref_cache.get(stage)
-        index = (batch.get("extra") or {}).get(SAMPLE_INDEX)
+        index = (batch.get(EXTRA) or {}).get(SAMPLE_INDEX)
         if index is None:
             raise RuntimeError(
                 "precompute_ref_log_probs needs batch['extra']['sample_index'] (the data layer adds it)"
@@ -150,12 +150,12 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
         if (counts < 0).any():
             raise RuntimeError(f"reference log-probs missing for some {stage!r} samples")
         expected = torch.cat([counts[:, 0], counts[:, 1]])
-        if not torch.equal(expected, label_counts(batch["labels"]).cpu()):
+        if not torch.equal(expected, label_counts(batch[LABELS]).cpu()):
             raise RuntimeError(
                 f"the cached reference log-probs of the {stage!r} split do not match this batch's tokens "
                 "(stale cache: delete the ref_logps files or change ref_cache_dir)"
             )
-        device = batch["labels"].device
+        device = batch[LABELS].device
         rows = [table["sum"][index], table["mean"][index]]
         return tuple(torch.cat([r[:, 0], r[:, 1]]).to(device) for r in rows)  # type: ignore[return-value]
 
@@ -190,7 +190,7 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
         """``<ref_cache_dir>/<fingerprint>.pt``: fingerprint of reference checkpoint, dtype and encoded data."""
         key = {
             "reference": model_identity(self.ref_model_name_or_path or self.model_name_or_path),
-            "dtype": str(self.hparams.get("dtype")),  # AlignModule's load dtype, as configured
+            "dtype": str(self.load_dtype),  # AlignModule's load dtype, as configured
             # the same weights compute other log-probs under another precision (bf16 vs fp32)
             "precision": str(self.trainer.precision) if self._trainer is not None else "32-true",
             "data": dataset_fingerprint(dataset),
@@ -257,7 +257,7 @@ class PrecomputedReferenceModule(ReferencePolicyModule):
         }
         for batch in ordered:
             batch = self._to_device(batch)
-            index = batch["extra"][SAMPLE_INDEX].cpu()
+            index = batch[EXTRA][SAMPLE_INDEX].cpu()
             if int(index.max()) >= size:
                 grow = int(index.max()) + 1 - size
                 table = {

@@ -19,7 +19,7 @@ import torch
 
 from aa_lightning.algorithms.losses import cost_model_loss, reward_pairwise_loss
 from aa_lightning.algorithms.step_stats import StepStatsModule
-from aa_lightning.batch import CHOSEN_IS_SAFE, MARGIN, REJECTED_IS_SAFE, model_inputs, split_pairs
+from aa_lightning.batch import CHOSEN_IS_SAFE, EXTRA, MARGIN, REJECTED_IS_SAFE, model_inputs, split_pairs
 
 __all__ = ["CostModule", "RewardModule"]
 
@@ -72,7 +72,7 @@ class RewardModule(StepStatsModule):
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         chosen, rejected = split_pairs(self.end_scores(batch))
-        margin = (batch.get("extra") or {}).get(MARGIN) if self.use_margin else None
+        margin = (batch.get(EXTRA) or {}).get(MARGIN) if self.use_margin else None
         out = reward_pairwise_loss(
             chosen,
             rejected,
@@ -106,7 +106,7 @@ class CostModule(RewardModule):
     metric_names = ("loss", "accuracy", "sign_accuracy", "safer_cost", "unsafer_cost", "margin")
 
     def compute_loss(self, batch: dict[str, Any], stage: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        extra = batch.get("extra") or {}
+        extra = batch.get(EXTRA) or {}
         missing = [k for k in (CHOSEN_IS_SAFE, REJECTED_IS_SAFE) if k not in extra]
         if missing:
             raise ValueError(

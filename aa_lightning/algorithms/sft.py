@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import AlignModule, model_inputs
+from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.logprobs import (
     SequenceLogProbs,
@@ -16,7 +16,7 @@ from aa_lightning.algorithms.logprobs import (
     sequence_log_probs,
 )
 from aa_lightning.algorithms.token_mean import StepTokenMean
-from aa_lightning.batch import STEP_LABEL_TOKENS
+from aa_lightning.batch import LABELS, STEP_LABEL_TOKENS, model_inputs
 
 
 class SFTModule(AlignModule):
@@ -56,7 +56,7 @@ class SFTModule(AlignModule):
             return output_log_probs(self.model, batch)
         inputs = model_inputs(batch, self.model)
         logits = self.model(**inputs, use_cache=False).logits
-        return sequence_log_probs(logits, batch["labels"])
+        return sequence_log_probs(logits, batch[LABELS])
 
     def token_nll(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed negative log-likelihood of the labelled tokens and their count."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
-from aa_lightning.batch import SAMPLE_INDEX
+from aa_lightning.batch import EXTRA, SAMPLE_INDEX
 
 __all__ = ["PREFERENCE_METRICS", "StageMeans", "StepStatsModule", "pair_stats"]
 
@@ -103,7 +103,7 @@ class StepStatsModule(AlignModule):
 
     @staticmethod
     def batch_size_of(batch: dict[str, Any]) -> int:
-        extra = batch.get("extra") or {}
+        extra = batch.get(EXTRA) or {}
         if SAMPLE_INDEX in extra:
             return int(extra[SAMPLE_INDEX].shape[0])
         return int(batch["input_ids"].shape[0])

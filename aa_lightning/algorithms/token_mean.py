@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from aa_lightning.algorithms.zero3 import deepspeed_engine_of
+from aa_lightning.batch import EXTRA
 
 __all__ = ["StepTokenMean", "closes_step", "loss_divisor"]
 
@@ -71,7 +72,7 @@ class StepTokenMean:
         self._warned: set[str] = set()
 
     def planned_tokens(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        counts = (batch.get("extra") or {}).get(self.count_key)
+        counts = (batch.get(EXTRA) or {}).get(self.count_key)
         return counts[0] if isinstance(counts, torch.Tensor) and counts.numel() else None
 
     def scale(self, trainer: pl.Trainer, batch: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:

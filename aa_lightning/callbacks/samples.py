@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from aa_lightning.algorithms.base import unwrap
+from aa_lightning.models.unwrap import unwrap
 
 
 class SampleGenerationCallback(pl.Callback):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from aa_lightning.batch import IGNORE_INDEX, SAMPLE_INDEX
+from aa_lightning.batch import EXTRA, IGNORE_INDEX, LABELS, META, SAMPLE_INDEX
 
 
 def pad_sequences(
@@ -80,7 +80,7 @@ class TextCollator:
             "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, side, m),
         }
         if labels is not None:
-            batch["labels"] = pad_sequences(labels, IGNORE_INDEX, side, m)
+            batch[LABELS] = pad_sequences(labels, IGNORE_INDEX, side, m)
         return batch
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -95,8 +95,8 @@ class TextCollator:
             batch = self._pad([s["input_ids"] for s in samples], None, "left")
         else:
             raise ValueError(f"unknown sample kind {self.kind!r}")
-        batch["extra"] = meta_tensors(metas)
+        batch[EXTRA] = meta_tensors(metas)
         if SAMPLE_INDEX in samples[0]:
-            batch["extra"][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.long)
-        batch["meta"] = metas
+            batch[EXTRA][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.long)
+        batch[META] = metas
         return batch

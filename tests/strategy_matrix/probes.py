@@ -24,9 +24,9 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from aa_lightning.algorithms.base import unwrap
 from aa_lightning.batch import model_inputs
 from aa_lightning.models import ScoreModel
+from aa_lightning.models.unwrap import unwrap
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from aa_lightning.algorithms.base import unwrap
 from aa_lightning.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.models.positions import computes_own_positions
+from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["ForwardsMixin"]
 

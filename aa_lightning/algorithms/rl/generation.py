@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.base import unwrap
 from aa_lightning.algorithms.rl.rollout import TEXT_KEYS, Rollout, response_mask_from_eos
 from aa_lightning.batch import (
     MEDIA_ROWS,
+    META,
     PER_TOKEN_KEYS,
     extend_per_token_inputs,
     model_inputs,
@@ -29,6 +29,7 @@ from aa_lightning.batch import (
     select_media_rows,
 )
 from aa_lightning.models.turns import end_of_turn_token_ids
+from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["GenerationMixin"]
 
@@ -110,7 +111,7 @@ class GenerationMixin:
             if key not in inputs:
                 raise ValueError(f"a prompt-only batch needs {key!r}")
         batch_size = inputs["input_ids"].shape[0]
-        metas = list(batch.get("meta") or [{} for _ in range(batch_size)])
+        metas = list(batch.get(META) or [{} for _ in range(batch_size)])
         prompt_texts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
         media_rows = dict(batch.get(MEDIA_ROWS) or {})
         inputs = repeat_batch_inputs(inputs, num_samples, batch_size, media_rows)

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from aa_lightning.algorithms.base import AlignModule, unwrap
+from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, as_config
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
 from aa_lightning.algorithms.rl.engine import RLEngineMixin
@@ -30,8 +30,10 @@ from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdo
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
+from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
+from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
 __all__ = ["OnlineRLModule", "disable_dropout"]
@@ -200,8 +202,8 @@ class OnlineRLModule(
     # -- training loop glue ----------------------------------------------------------------------------
     def split_batch(self, batch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """``(prompt batch, ptx batch | None)``: a dict of loaders ``{"prompt": ..., "ptx": ...}`` gives both."""
-        if isinstance(batch, dict) and "prompt" in batch and isinstance(batch["prompt"], dict):
-            return batch["prompt"], batch.get("ptx")
+        if isinstance(batch, dict) and PROMPT_STREAM in batch and isinstance(batch[PROMPT_STREAM], dict):
+            return batch[PROMPT_STREAM], batch.get(PTX_STREAM)
         return batch, None
 
     def log_metrics(

@@ -23,13 +23,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from aa_lightning.algorithms.base import model_inputs
 from aa_lightning.algorithms.logprobs import causal_lm_log_probs, masked_mean, masked_whiten
 from aa_lightning.algorithms.losses import compute_gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator, RunningMoments, explained_variance
 from aa_lightning.algorithms.rl.module import OnlineRLModule
 from aa_lightning.algorithms.rl.rollout import Rollout, rollout_mean_kl
 from aa_lightning.algorithms.rl.update import MinibatchWeights
+from aa_lightning.batch import LABELS, model_inputs
 
 __all__ = ["PPOModule"]
 
@@ -226,7 +226,7 @@ class PPOModule(OnlineRLModule):
     # -- update ----------------------------------------------------------------------------------------
     def ptx_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """Token-mean NLL of a supervised batch (the InstructGPT pre-training mix); LM head on labelled rows only."""
-        logps = causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch["labels"])
+        logps = causal_lm_log_probs(self.model, model_inputs(batch, self.model), batch[LABELS])
         return -logps.sum.sum() / logps.token_count.sum().clamp(min=1)
 
     def actor_loss(
