@@ -78,8 +78,8 @@ def test_diffusion_dpo_is_dpo_on_minus_half_the_denoising_errors() -> None:
     mse_w, mse_ref_w, mse_l, mse_ref_l = 0.1210, 0.1230, 0.0990, 0.0985
     # by hand: (0.1210 - 0.1230) - (0.0990 - 0.0985) = -0.0020 - 0.0005 = -0.0025; -1250 * -0.0025 = 3.125
     inside = 3.125
-    expected = math.log1p(math.exp(-inside))  # -log sigmoid(x) = log(1 + e^-x) = 0.04300...
-    assert abs(expected - 0.0430090) < 1e-6
+    expected = math.log1p(math.exp(-inside))  # -log sigmoid(x) = log(1 + e^-x) = log(1.0439369) = 0.0429991
+    assert abs(expected - 0.0429991) < 1e-6
     out = dpo_loss(
         torch.tensor([-0.5 * mse_w], dtype=torch.float64),
         torch.tensor([-0.5 * mse_l], dtype=torch.float64),
@@ -139,11 +139,15 @@ def test_sft_lowers_the_denoising_loss_on_a_fixed_batch() -> None:
     dm = datamodule(os.path.join(T2I, "prompt_image.json"), "T2I-Prompt-Image", "supervised", batch_size=4)
     module.configure_model()
     batch = fixed_batch(dm)
-    with torch.no_grad():
-        before = float(module.training_step(batch, 0))
+
+    def loss() -> float:  # the denoising loss of the batch: 0.5 * MSE, averaged over its rows
+        with torch.no_grad():
+            nll, count = module.token_nll(batch)
+        return float(nll / count)
+
+    before = loss()
     trainer(12).fit(module, dm)
-    with torch.no_grad():
-        after = float(module.training_step(batch, 0))
+    after = loss()
     assert math.isfinite(before) and after < 0.9 * before, (before, after)
 
 
@@ -172,34 +176,37 @@ def preference_file(photos: list[str], out: Path, name: str) -> str:
     return str(path)
 
 
-def held_out_margin(module: DPOModule, dm: TextToImageDataModule) -> tuple[float, float]:
-    """Mean reward margin and accuracy of the held-out pairs at fixed noise."""
+def held_out_margin(module: DPOModule, dm: TextToImageDataModule, passes: int = 6) -> tuple[float, float]:
+    """Mean reward margin of the held-out pairs and the share of positive ones, over ``passes`` fixed noise draws
+    (one draw per pair is a single timestep: too noisy to judge by)."""
     margins = []
     dm.setup("fit")
-    pl.seed_everything(99)
     with torch.no_grad():
-        for batch in dm.train_dataloader():
-            _, stats = module.compute_loss(batch, "val")
-            margins.append(stats["rewards/margins"])
+        for draw in range(passes):
+            pl.seed_everything(100 + draw)
+            for batch in dm.train_dataloader():
+                _, stats = module.compute_loss(batch, "val")
+                margins.append(stats["rewards/margins"])
     values = torch.cat(margins)
     return float(values.mean()), float((values > 0).float().mean())
 
 
 def test_dpo_raises_the_chosen_minus_rejected_margin_on_held_out_pairs(tmp_path: Path) -> None:
-    """Pairs of a photo and a corrupted copy: trained on 6, the margin grows on 3 pairs it never saw."""
+    """Pairs of a photo and a corrupted copy: trained on 6, the margin grows on 3 pairs it never saw.
+
+    Measured (24 steps, lr 1e-3): held-out margin 2.6 with 67% of (pair, noise) draws positive; the 6 trained
+    pairs 6.8 and 97%. At the start the margin is exactly 0 (policy == reference)."""
     train_file = preference_file(PHOTOS[:6], tmp_path, "train.json")
     held_file = preference_file(PHOTOS[6:], tmp_path, "held_out.json")
     pl.seed_everything(0)
-    module = DPOModule(
-        "tiny-sd", beta=2500.0, optim=OptimConfig(lr=3e-4, warmup_steps=0, scheduler="constant")
-    )
+    module = DPOModule("tiny-sd", beta=2500.0, optim=OPTIM)
     held = datamodule(held_file, "AA_T2I", "preference", batch_size=3)
     module.configure_model()
-    before, _ = held_out_margin(module, held)
-    assert before == 0.0  # policy == reference at the start
+    before, _ = held_out_margin(module, held, passes=1)
+    assert before == 0.0
     trainer(24).fit(module, datamodule(train_file, "AA_T2I", "preference", batch_size=2))
-    after, accuracy = held_out_margin(module, held)
-    assert after > 0 and accuracy >= 2 / 3, (after, accuracy)
+    after, positive = held_out_margin(module, held)
+    assert after > 1.0 and positive > 0.55, (after, positive)
 
 
 # --------------------------------------------------------------------------------------------------
