@@ -19,6 +19,7 @@ pipeline folder (:mod:`.diffusion_pipeline_io`).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -73,6 +74,21 @@ def draw_row_noise(
     return latent_draw, timestep, noise
 
 
+def _gathered_whole_under_zero3(*parts: nn.Module) -> None:
+    """Under ZeRO-3, gather each part's parameters once when its forward starts (a DeepSpeed "leaf" module).
+
+    Submodule by submodule gathering breaks where a parent reads a child's weight shape before the child runs
+    (CLIP's text embeddings check ``position_embedding.weight.shape``, a 0-element shard outside its forward).
+    Only done when DeepSpeed is already imported (it is whenever a DeepSpeed strategy builds the model).
+    """
+    if "deepspeed" not in sys.modules:
+        return
+    from deepspeed.utils import set_z3_leaf_modules
+
+    for part in parts:
+        set_z3_leaf_modules(part, [type(part)])
+
+
 class TextToImageDiffusion(nn.Module):
     """A text-to-image latent diffusion model: ``unet`` (trained), ``vae`` and ``text_encoder`` (frozen).
 
@@ -123,6 +139,9 @@ class TextToImageDiffusion(nn.Module):
         )
         self.requires_grad_(True)
         self.train(self.training)
+        _gathered_whole_under_zero3(
+            self.text_encoder
+        )  # called through its forward (the VAE is not: encode())
 
     # -- modes: only the UNet ever trains ----------------------------------------------------------------
     def train(self, mode: bool = True) -> TextToImageDiffusion:

@@ -7,8 +7,10 @@ A trained text-to-image model is exported as what users of diffusers already loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,16 +78,41 @@ def load_pipeline_components(
             f"text-to-image pipeline (missing {missing or 'nothing'}, unsupported {extra or 'nothing'}); "
             "TextToImageDiffusion takes unet + vae + one text_encoder + tokenizer + scheduler"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(
-        folder,
-        dtype=dtype,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        trust_remote_code=trust_remote_code,
-        **kwargs,
-    )
+    with outside_zero3_init():
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder,
+            dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )
     return {name: getattr(pipe, name) for name in REQUIRED}
+
+
+@contextlib.contextmanager
+def outside_zero3_init() -> Iterator[None]:
+    """Build the components with DeepSpeed's ``zero.Init`` paused (Lightning runs ``configure_model`` inside it
+    under ZeRO-3).
+
+    diffusers does not load weights into partitioned parameters (it builds on the meta device, or would copy
+    its weights into empty shards), so the components are loaded whole and DeepSpeed partitions them when its
+    engine starts: ZeRO-3 shards a diffusion model for training, but each rank holds it whole while loading.
+    """
+    try:
+        from deepspeed.runtime.zero import partition_parameters as zero_params
+    except ImportError:
+        yield
+        return
+    active = zero_params.top_level_context is not None
+    if active:
+        zero_params.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            zero_params.restore_init_context()
 
 
 def save_pipeline(

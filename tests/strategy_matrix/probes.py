@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from aa_lightning.algorithms.logprobs import explains_its_outputs
 from aa_lightning.batch import model_inputs
 from aa_lightning.models import ScoreModel
 from aa_lightning.models.unwrap import unwrap
@@ -137,6 +138,8 @@ def outputs_at_tokens(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torc
     was_training = model.training
     model.eval()
     try:
+        if explains_its_outputs(model):  # a diffusion model: its per-row score at the rows' fixed noise seeds
+            return model(**inputs).sum.float().cpu()
         if is_score_model(model):
             out = model(**inputs).scores
         else:
@@ -156,7 +159,9 @@ def scan_safetensors(folder: str, report: dict[str, Any]) -> None:
     """Counts of tensors, empty tensors and non-finite tensors in every ``*.safetensors`` file of ``folder``."""
     from safetensors import safe_open
 
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    files = sorted(
+        glob.glob(os.path.join(folder, "**", "*.safetensors"), recursive=True)
+    )  # pipelines: per part
     tensors, empty, nonfinite = 0, [], []
     for path in files:
         with safe_open(path, framework="pt") as f:
@@ -184,7 +189,10 @@ def check_export(folder: str, trained: torch.Tensor, probe: Probe, report: dict[
     report["exists"] = os.path.isdir(folder)
     scan_safetensors(folder, report)
     score = is_score_model(probe.model())
-    if score:
+    if explains_its_outputs(probe.model()):  # a diffusers pipeline folder: the model class loads it whole
+        reloaded = type(base_model(probe.model())).from_pretrained(folder)
+        info: dict[str, Any] = {}
+    elif score:
         _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
         reloaded: nn.Module = ScoreModel.from_pretrained(folder)
     else:
