@@ -1,6 +1,7 @@
 """The batch contract: what the data layer writes and the algorithms read, so neither imports the other.
 
-Collators (:mod:`aa_lightning.data.collators`, :mod:`aa_lightning.data.multimodal`) build the batches
+Collators (:mod:`aa_lightning.data.collators`, :mod:`aa_lightning.data.multimodal_collator`, the
+text-to-image collator) build the batches
 described by :class:`SupervisedBatch`, :class:`PreferenceBatch` and :class:`PromptOnlyBatch`; the
 algorithms read them through the names defined here. The one rule that keeps algorithms modality-free:
 every top-level tensor except ``labels`` is a model input (:func:`model_inputs`), so media tensors
@@ -181,10 +182,15 @@ def select_sequences(
             out[key] = value
         elif key in media_rows:
             rows = media_rows[key].to(torch.long).cpu()
+            if int(rows.sum()) != value.shape[0]:
+                raise ValueError(
+                    f"batch[{MEDIA_ROWS!r}][{key!r}] gives {int(rows.sum())} rows, the input has {value.shape[0]}"
+                )
             starts = rows.cumsum(0) - rows
             picked = [torch.arange(int(starts[i]), int(starts[i] + rows[i])) for i in index.tolist()]
             flat = torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
-            out[key] = value[flat.to(value.device)]
+            if flat.numel():  # sequences without media of this kind: the model gets no such input at all
+                out[key] = value[flat.to(value.device)]
         elif value.shape[0] == num_sequences:
             out[key] = value[index.to(value.device)]
         elif num_sequences == 1:
@@ -199,8 +205,10 @@ def select_sequences(
 
 
 def select_media_rows(media_rows: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The :data:`MEDIA_ROWS` entry of the sequences ``index`` (to go with :func:`select_sequences`)."""
-    return {key: rows[index.to(rows.device)] for key, rows in media_rows.items()}
+    """The :data:`MEDIA_ROWS` entry of the sequences ``index`` (to go with :func:`select_sequences`: inputs of
+    which the chosen sequences hold no rows are left out of both)."""
+    picked = {key: rows[index.to(rows.device)] for key, rows in media_rows.items()}
+    return {key: rows for key, rows in picked.items() if int(rows.sum())}
 
 
 def repeat_batch_inputs(

@@ -247,7 +247,7 @@ def test_log_prob_callers_keep_float32_for_a_bf16_model(bf16_qwen2: torch.nn.Mod
         prompt_length=prompt_length,
     )
     with torch.no_grad():
-        logprobs, entropy = module.policy_logprobs(model, rollout, with_entropy=True)
+        logprobs, entropy = module.response_log_probs(model, rollout, with_entropy=True)
         inputs = rollout.model_inputs()
         head = model(**inputs, use_cache=False).logits[:, prompt_length - 1 : -1]
     assert logprobs.dtype == entropy.dtype == torch.float32

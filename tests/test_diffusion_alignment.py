@@ -238,3 +238,43 @@ def test_the_export_is_a_diffusers_pipeline_that_loads_and_generates(tmp_path: P
     ).images
     pixels = np.asarray(images[0])
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+
+
+def test_aa_fit_then_predict_writes_images_next_to_a_jsonl_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny SFT t2i config through the ``aa`` command; ``aa predict`` on its export writes one PNG a prompt."""
+    from aa_lightning.cli import build_cli
+
+    monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
+    root = str(tmp_path / "run")
+    common = ["--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false"]
+    cli = build_cli(["fit", "--config", "configs/tiny/sft_t2i.yaml", "--trainer.max_steps", "2", *common])
+    assert cli.trainer.global_step == 2
+    export = os.path.join(root, "hf_model")
+    assert os.path.isfile(os.path.join(export, "model_index.json"))
+    build_cli(
+        [
+            "predict",
+            "--config",
+            "configs/tiny/sft_t2i.yaml",
+            *common,
+            "--model.init_args.model_name_or_path",
+            export,
+            "--model.init_args.generation.num_inference_steps",
+            "2",
+            "--data.init_args.predict.path",
+            os.path.join(T2I, "prompt_image.json"),
+            "--data.init_args.predict.template",
+            "T2I-Prompt-Image",
+            "--data.init_args.predict.size",
+            "3",
+        ]
+    )
+    with open(os.path.join(root, "predictions.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["prompt"] and row["output"].endswith(".png")
+        image = np.asarray(Image.open(os.path.join(root, row["output"])))
+        assert image.shape == (32, 32, 3) and image.std() > 0

@@ -64,8 +64,6 @@ class Family:
     media_input: str  # the batch key that carries the media features
     data: dict[str, tuple[str, str]]  # sample kind -> (file under configs/data/media, template)
     extra: dict[str, Any] = field(default_factory=dict)
-    mrope: bool = False  # the model computes its own (3D) positions
-    flat_media: bool = False  # media rows are patches stacked over the batch, not one per sample
 
 
 FAMILIES: dict[str, Family] = {
@@ -90,8 +88,6 @@ FAMILIES: dict[str, Family] = {
             "preference": ("image/aa_ti2t.json", "AA_TI2T"),
             "prompt_only": ("image/aa_ti2t.json", "AA_TI2T"),
         },
-        mrope=True,
-        flat_media=True,
     ),
     "ta2t-qwen2-audio": Family(
         TextAudioToTextDataModule,
@@ -115,8 +111,6 @@ FAMILIES: dict[str, Family] = {
             "prompt_only": ("video/mllm_video_demo.json", "MLLM-Video"),
         },
         extra={"num_frames": 4},
-        mrope=True,
-        flat_media=True,
     ),
 }
 ALGORITHMS = ("sft", "rm", "dpo", "simpo", "orpo", "ppo", "ppo_reward_model", "grpo")
@@ -279,7 +273,7 @@ def test_rollout_logprobs_equal_the_logprobs_generate_sampled_from(family_name: 
             assert value.shape == rollout.sequences.shape, key
             assert torch.equal(value[:, :prompt_length], batch[key]) and not value[:, prompt_length:].any()
     with torch.no_grad():
-        logprobs, _ = module.policy_logprobs(module.model, rollout)
+        logprobs, _ = module.response_log_probs(module.model, rollout)
         out = module.model.generate(
             **model_inputs(batch),
             **module.generation_kwargs(),

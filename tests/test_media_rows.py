@@ -9,6 +9,7 @@ sample alone, and a minibatch's log-probs must equal its rows of the whole rollo
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -110,7 +111,7 @@ def test_each_sequence_gets_exactly_the_media_rows_it_has_alone(case: str, kind:
                 assert torch.equal(picked[key], expected), (case, key, i)
     if case == "image-qwen2-vl":  # patches stacked over a batch with 2-image and 1-image rows
         assert set(rows) >= {"pixel_values", "image_grid_thw"}
-        assert rows["image_grid_thw"].tolist()[:n] == [2, 1, 1, 2][:n] or kind == "prompt_only"
+        assert rows["image_grid_thw"].tolist()[:n] == [2, 1, 1, 2][:n]  # images per row of mllm_demo.json
         assert int(rows["pixel_values"].sum()) == inputs["pixel_values"].shape[0]
         assert PER_TOKEN_KEYS in together and "mm_token_type_ids" in together[PER_TOKEN_KEYS]
 
@@ -164,9 +165,9 @@ def test_a_minibatch_of_a_rollout_has_the_log_probs_of_its_rows_of_the_whole(cas
     n = len(rollout)
     assert n == 2 * batch["input_ids"].shape[0] >= 4
     with torch.no_grad():
-        whole, _ = module.policy_logprobs(module.model, rollout)
+        whole, _ = module.response_log_probs(module.model, rollout)
         for index in (torch.tensor([1]), torch.tensor([n - 1, 0]), torch.tensor([2, 1, n - 1])):
-            part, _ = module.policy_logprobs(module.model, rollout.select(index))
+            part, _ = module.response_log_probs(module.model, rollout.select(index))
             mask = rollout.response_mask[index]
             torch.testing.assert_close(part[mask], whole[index][mask], rtol=1e-4, atol=1e-4)
 
@@ -206,3 +207,79 @@ def test_qwen2_vl_rl_trains_with_several_prompts_and_minibatches(algorithm: str)
     assert changed, "the vision tower did not train: the media did not reach the minibatch losses"
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+
+
+@pytest.mark.parametrize("model_name", ["tiny-qwen2-vl", "tiny-llava"])
+def test_sequences_without_media_split_off_a_mixed_batch(model_name: str, tmp_path: Any) -> None:
+    """A prompt with an image next to a text-only prompt: the text-only row alone gets no media input at all,
+    and its log-probs equal its row of the whole rollout."""
+    import json
+
+    image = os.path.join(MEDIA, "image", "baking.jpg")
+    rows = [
+        {"messages": [{"role": "user", "content": "<image>What is in the picture?"}], "images": [image]},
+        {"messages": [{"role": "user", "content": "What is two plus two?"}]},
+    ]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(rows))
+    template = "MLLM-Messages" if model_name == "tiny-qwen2-vl" else "LLaVA-Instruct"
+    dm = TextImageToTextDataModule(
+        model_name,
+        train=DataSpec(str(path), template),
+        kind="prompt_only",
+        max_length=256,
+        batch_size=2,
+        shuffle=False,
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch[MEDIA_ROWS]["pixel_values"][1] == 0  # the text-only row owns no patch / image
+    text_only = select_sequences(model_inputs(batch), torch.tensor([1]), 2, batch[MEDIA_ROWS])
+    assert "pixel_values" not in text_only
+    pl.seed_everything(0)
+    module = PPOModule(
+        model_name,
+        reward_functions=[RewardSpec("target_token_share", kwargs={"target": "e"})],
+        generation=GenerationConfig(max_new_tokens=4),
+        sample_log_interval=0,
+    )
+    module.configure_model()
+    rollout = module.generate_rollout(batch, num_samples=2)
+    with torch.no_grad():
+        whole, _ = module.response_log_probs(module.model, rollout)
+        for index in (torch.tensor([2, 3]), torch.tensor([0, 3])):
+            part, _ = module.response_log_probs(module.model, rollout.select(index))
+            mask = rollout.response_mask[index]
+            torch.testing.assert_close(part[mask], whole[index][mask], rtol=1e-4, atol=1e-4)
+
+
+def test_kto_mismatched_pairs_on_qwen2_vl_repair_the_per_token_inputs_and_train() -> None:
+    """KTO's KL reference point pairs prompt ``i`` with response ``i+1``: the per-token inputs
+    (``mm_token_type_ids``) follow the ids, and KTO with its default ``kl_estimate`` runs on Qwen2-VL."""
+    from aa_lightning.algorithms import KTOModule
+    from aa_lightning.algorithms.kto import mismatched_pairs
+    from aa_lightning.batch import DESIRABLE, EXTRA, LABELS
+
+    dm = datamodule("image-qwen2-vl", kind="supervised", batch_size=3)
+    batch = next(iter(dm.train_dataloader()))
+    pairs = mismatched_pairs(batch, pad_token_id=0)
+    assert "mm_token_type_ids" in batch[PER_TOKEN_KEYS]
+    ids, types = batch["input_ids"], batch["mm_token_type_ids"]
+    for i in range(3):
+        j = (i + 1) % 3
+        start_i = int((batch[LABELS][i] != -100).nonzero()[0])
+        start_j = int((batch[LABELS][j] != -100).nonzero()[0])
+        length = int(pairs["attention_mask"][i].sum())
+        expected_ids = torch.cat([ids[i][:start_i], ids[j][start_j : int(batch["attention_mask"][j].sum())]])
+        expected_types = torch.cat(
+            [types[i][:start_i], types[j][start_j : int(batch["attention_mask"][j].sum())]]
+        )
+        assert torch.equal(pairs["input_ids"][i][:length], expected_ids)
+        assert torch.equal(pairs["mm_token_type_ids"][i][:length], expected_types)
+    pl.seed_everything(0)
+    module = KTOModule("tiny-qwen2-vl", beta=0.1)
+    module.configure_model()
+    batch[EXTRA][DESIRABLE] = torch.tensor([True, False, True])
+    with torch.no_grad():
+        loss, _ = module.compute_loss(batch, "train")
+    assert torch.isfinite(loss)

@@ -175,7 +175,7 @@ def test_rollout_logprobs_and_scores_match_unpadded_forwards(repo_path: Any) -> 
     batch = next(iter(dm.train_dataloader()))
     assert batch["attention_mask"][:, 0].min() == 0, "the test needs a left-padded batch"
     rollout = module.generate_rollout(batch)
-    logprobs, _ = module.policy_logprobs(module.model, rollout)
+    logprobs, _ = module.response_log_probs(module.model, rollout)
     scores, parts = module.compute_scores(rollout)
     torch.testing.assert_close(scores, parts["reward_model"] + parts["target_token_share"])
     for i in range(len(rollout)):

@@ -54,11 +54,11 @@ class AlignModule(pl.LightningModule):
             the quantity; ``skip`` drops that optimizer step (its gradients are discarded) and counts it in
             ``train/skipped_steps`` (not under DeepSpeed, whose engine steps on its own). Either way a model
             with non-finite weights is never exported.
+        generation: sampling settings of ``aa predict`` (:meth:`predict_step`); None decodes greedily. The RL
+            modules take their own (``generation`` of their rollouts).
     """
 
     data_kind: str = "supervised"
-    #: sampling settings of :meth:`predict_step`: the RL modules set theirs, the others decode greedily
-    generation: GenerationConfig | None = None
 
     def __init__(
         self,
@@ -70,6 +70,7 @@ class AlignModule(pl.LightningModule):
         lora: LoraConfig | None = None,
         attn_implementation: str | None = None,
         on_nonfinite: NonFinitePolicy = "error",
+        generation: GenerationConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # records the init args of the whole subclass chain; code reads attributes
@@ -86,6 +87,9 @@ class AlignModule(pl.LightningModule):
         self.attn_implementation = attn_implementation
         # typed once here: from YAML / the command line these arrive as dicts
         self.optim: OptimConfig = as_config(OptimConfig, optim, "optim")
+        self.generation: GenerationConfig | None = (
+            None if generation is None else as_config(GenerationConfig, generation, "generation")
+        )
         self.lora: LoraConfig | None = None if lora is None else as_config(LoraConfig, lora, "lora")
         self.model: nn.Module | None = None
         self.tokenizer: Any = None
@@ -298,10 +302,18 @@ class AlignModule(pl.LightningModule):
 
     @torch.no_grad()
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Answers to the prompts of a prompt-only batch, as dicts ``{prompt, response, meta}``."""
+        """Answers to the prompts of a prompt-only batch, as dicts ``{prompt, response, meta}``; a model family
+        that generates other outputs (``generate_outputs``: images, audio, video) gives ``{prompt, output, meta}``,
+        which the prediction writer saves as files."""
         gen = self.generation or GenerationConfig(do_sample=False)
         model = unwrap(self.generation_model())
         inputs = model_inputs(batch, model)
+        metas = batch.get(META) or [{} for _ in range(inputs["input_ids"].shape[0])]
+        family = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if callable(getattr(family, "generate_outputs", None)):  # the family generates its own kind of output
+            prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
+            outputs = family.generate_outputs(**inputs, generation=gen)
+            return [{"prompt": p, "output": o, "meta": m} for p, o, m in zip(prompts, outputs, metas)]
         out = model.generate(
             **inputs,
             max_new_tokens=gen.max_new_tokens,
@@ -316,7 +328,6 @@ class AlignModule(pl.LightningModule):
             out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
         )
         prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        metas = batch.get(META) or [{} for _ in responses]
         return [{"prompt": p, "response": r, "meta": m} for p, r, m in zip(prompts, responses, metas)]
 
     # -- export ----------------------------------------------------------------------------------------

@@ -63,13 +63,20 @@ class LoraConfig:
 
 @dataclass
 class GenerationConfig:
-    """Sampling settings for rollouts and sample logging (KV-cached ``generate``)."""
+    """Sampling settings for rollouts, sample logging and ``aa predict``.
+
+    Token-generating models read the first five; models that generate by denoising (diffusion) read
+    ``num_inference_steps``, ``guidance_scale`` and ``seed`` (the modules pass them through untouched).
+    """
 
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
 
 
 # Lightning loads checkpoints with ``weights_only=True``; the hyper-parameters saved in them hold these

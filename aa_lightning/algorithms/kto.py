@@ -20,7 +20,7 @@ import torch
 
 from aa_lightning.algorithms.losses import kto_kl_estimate, kto_loss
 from aa_lightning.algorithms.policy import ReferencePolicyModule
-from aa_lightning.batch import DESIRABLE, EXTRA, IGNORE_INDEX, LABELS
+from aa_lightning.batch import DESIRABLE, EXTRA, IGNORE_INDEX, LABELS, PER_TOKEN_KEYS
 
 __all__ = ["KTOModule", "mismatched_pairs"]
 
@@ -31,18 +31,21 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
     """A batch of (prompt of row ``i``, response of row ``i+1 mod B``) sequences, right-padded.
 
     Prompt = a row's non-pad tokens before its first labelled token; response = its tokens from there on,
-    with their labels. Non-token tensors (media) are carried over unchanged, aligned with the prompts.
-    Per-token tensors other than ``input_ids/attention_mask/labels`` cannot be re-paired and raise.
+    with their labels. Non-token tensors (media) are carried over unchanged, aligned with the prompts (each
+    row keeps its own prompt, hence its own media rows). Per-token inputs (the batch's ``PER_TOKEN_KEYS``, e.g.
+    token type ids) are re-paired like the ids: the prompt part of row ``i``, the response part of row ``i+1``.
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch[LABELS]
     size = ids.shape[0]
     prompts: list[torch.Tensor] = []
     responses: list[tuple[torch.Tensor, torch.Tensor]] = []
+    starts: list[int] = []
     for i in range(size):
         keep = mask[i].bool()
         row_ids, row_labels = ids[i][keep], labels[i][keep]
         trained = (row_labels != IGNORE_INDEX).nonzero()
         start = int(trained[0]) if len(trained) else row_ids.shape[0]
+        starts.append(start)
         prompts.append(row_ids[:start])
         responses.append((row_ids[start:], row_labels[start:]))
     seqs, seq_labels = [], []
@@ -59,12 +62,28 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
         out_mask[i, : seq.shape[0]] = 1
         out_labels[i, : lab.shape[0]] = lab
     out: dict[str, Any] = {"input_ids": out_ids, "attention_mask": out_mask, LABELS: out_labels}
+    declared = batch.get(PER_TOKEN_KEYS)
     for key, value in batch.items():
         if key in TOKEN_KEYS or not isinstance(value, torch.Tensor):
             continue
-        if value.dim() >= 2 and tuple(value.shape[:2]) == tuple(ids.shape):
-            raise ValueError(f"cannot build mismatched KTO pairs for the per-token tensor {key!r}")
-        out[key] = value
+        per_token = (
+            key in declared if declared is not None else value.dim() >= 2 and value.shape[:2] == ids.shape
+        )
+        if not per_token:
+            out[key] = value
+            continue
+        rows = []
+        for i in range(size):
+            j = (i + 1) % size
+            prompt_part = value[i][mask[i].bool()][: starts[i]]
+            response_part = value[j][mask[j].bool()][starts[j] :]
+            rows.append(torch.cat([prompt_part, response_part]))
+        repaired = value.new_zeros((size, length, *value.shape[2:]))
+        for i, row in enumerate(rows):
+            repaired[i, : row.shape[0]] = row
+        out[key] = repaired
+    if declared is not None:
+        out[PER_TOKEN_KEYS] = declared
     return out
 
 

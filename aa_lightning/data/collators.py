@@ -13,7 +13,9 @@ Batch keys (all algorithms read only these; media keys are whatever the processo
   each sample's index in its split (stable across epochs and shuffles; keys for cached per-sample values).
   Training batches also hold the label-token counts of their optimizer step (``step_label_tokens`` ...,
   added by the training loader, see :mod:`aa_lightning.batch`).
-- media inputs (``pixel_values``, ``image_grid_thw``, ``input_features``, ...) from multimodal datamodules.
+- media inputs (``pixel_values``, ``image_grid_thw``, ``input_features``, ...) from multimodal datamodules,
+  with ``media_rows`` (the rows of each stacked media tensor that each sequence owns) and ``per_token_keys``
+  (inputs of the ``(N, L)`` shape of ``input_ids``) from the multimodal collator.
 
 Rule that keeps algorithms modality-free: every top-level tensor except ``labels`` is a model input.
 The contract (key names, batch kinds, ``model_inputs``) is written down once in :mod:`aa_lightning.batch`.

@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader
 
-from aa_lightning.batch import SAMPLE_INDEX, SAMPLE_KINDS
+from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM, SAMPLE_INDEX, SAMPLE_KINDS
 from aa_lightning.data.auxiliary import WithAuxiliaryStream
 from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.encoding import EMPTY_SAMPLES, PromptTooLongError, SampleEncoder
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["auto", "supervised", "preference", "prompt_only"]
 SPLITS = ("train", "val", "test", "predict")
-PTX = "ptx"  # the auxiliary supervised stream of prompt-only training
+PTX = PTX_STREAM  # the auxiliary supervised stream of prompt-only training (a split name too)
 
 
 class ConversationDataModule(pl.LightningDataModule):
@@ -313,7 +313,7 @@ class ConversationDataModule(pl.LightningDataModule):
             collate_fn=self.build_collator(self.split_kind(PTX)),
             num_workers=self.hparams.num_workers,
         )
-        return WithAuxiliaryStream(loader, ptx_loader, main_key="prompt", auxiliary_key=PTX)  # type: ignore[return-value]
+        return WithAuxiliaryStream(loader, ptx_loader, main_key=PROMPT_STREAM, auxiliary_key=PTX)  # type: ignore[return-value]
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(

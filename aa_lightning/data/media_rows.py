@@ -18,10 +18,12 @@ __all__ = ["MEDIA_OUTPUTS", "media_rows_per_sequence"]
 
 #: Processor outputs stacked per media item, by media kind (the meta key), and the output that gives each
 #: item's row count when an item spans several rows (flattened patches). Outputs not listed are matched
-#: by their first dimension (a per-sequence tensor, or the item count of exactly one kind).
+#: by their first dimension (a per-sequence tensor, or the item count of exactly one kind). Listing a key says
+#: its layout is per item for every processor that writes it; processors that pad media per sequence
+#: (``(N, max_images, ...)``, e.g. Idefics' ``pixel_attention_mask``) must not be listed.
 MEDIA_OUTPUTS: dict[str, tuple[frozenset[str], str | None]] = {
     "images": (
-        frozenset({"pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask"}),
+        frozenset({"pixel_values", "image_grid_thw", "image_sizes"}),
         "image_grid_thw",
     ),
     "videos": (

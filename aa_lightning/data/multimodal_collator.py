@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from aa_lightning.batch import IGNORE_INDEX, MEDIA_ROWS, PER_TOKEN_KEYS, SAMPLE_INDEX
+from aa_lightning.batch import EXTRA, IGNORE_INDEX, LABELS, MEDIA_ROWS, META, PER_TOKEN_KEYS, SAMPLE_INDEX
 from aa_lightning.data.collators import meta_tensors, pad_sequences
 from aa_lightning.data.errors import SKIP_BAD_ROWS_HINT, DataFormatError
 from aa_lightning.data.media import MediaLoader
@@ -141,21 +141,18 @@ class MultimodalCollator:
             **self.processor_kwargs,
         )
         batch = self._align(sequences, out)
-        per_token = [key for key in batch if key in self.per_token_keys]
-        if per_token:
-            batch[PER_TOKEN_KEYS] = per_token
+        # always stated (even empty): readers never fall back to guessing per-token inputs by shape
+        batch[PER_TOKEN_KEYS] = [key for key in batch if key in self.per_token_keys]
         rows = media_rows_per_sequence(
             out, {k: c for k, c in counts.items() if k in media}, len(sequences), skip=self.text_keys
         )
         if rows:
             batch[MEDIA_ROWS] = rows
         kept_metas = [meta for _, meta, _ in good]
-        batch["extra"] = meta_tensors(kept_metas)
+        batch[EXTRA] = meta_tensors(kept_metas)
         if SAMPLE_INDEX in good[0][0]:
-            batch["extra"][SAMPLE_INDEX] = torch.tensor(
-                [s[SAMPLE_INDEX] for s, _, _ in good], dtype=torch.long
-            )
-        batch["meta"] = kept_metas
+            batch[EXTRA][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s, _, _ in good], dtype=torch.long)
+        batch[META] = kept_metas
         return batch
 
     def _align(self, sequences: list[tuple], out: Any) -> dict[str, Any]:
@@ -181,7 +178,7 @@ class MultimodalCollator:
             "attention_mask": pad_sequences([[1] * len(s) for s in all_ids], 0, side, m),
         }
         if self.kind != "prompt_only":
-            batch["labels"] = pad_sequences(all_labels, IGNORE_INDEX, side, m)
+            batch[LABELS] = pad_sequences(all_labels, IGNORE_INDEX, side, m)
         for key, value in out.items():
             if key in ("input_ids", "attention_mask") or not isinstance(value, torch.Tensor):
                 continue

@@ -21,7 +21,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF  # noqa: N812
 
-from aa_lightning.batch import SAMPLE_INDEX
+from aa_lightning.batch import EXTRA, META, SAMPLE_INDEX
 from aa_lightning.data.collators import meta_tensors, pad_sequences
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.media import load_image, media_label
@@ -105,8 +105,8 @@ class TextToImageCollator:
             batch["pixel_values"] = self._pixels(samples, metas)
             batch["noise_seed"] = torch.cat([seeds, seeds]) if pairs else seeds
         shown = [self.public_meta(s, m, self.kind) for s, m in zip(samples, metas)]
-        batch["extra"] = meta_tensors(shown)
+        batch[EXTRA] = meta_tensors(shown)
         if SAMPLE_INDEX in samples[0]:
-            batch["extra"][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.long)
-        batch["meta"] = shown
+            batch[EXTRA][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.long)
+        batch[META] = shown
         return batch

@@ -295,6 +295,27 @@ class TextToImageDiffusion(nn.Module):
             self.unet.train(was_training)
         return list(out.images)
 
+    def generate_outputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generation: Any = None,
+        **_: Any,
+    ) -> list[Image.Image]:
+        """Images for a prompt batch (``aa predict``, sample logging): the family's generation hook.
+
+        ``generation`` supplies ``num_inference_steps``, ``guidance_scale`` and ``seed`` (one generator per row,
+        seeded ``seed + row``, so a prompt's image does not depend on its batch).
+        """
+        steps = int(getattr(generation, "num_inference_steps", 25))
+        guidance = float(getattr(generation, "guidance_scale", 7.5))
+        seed = int(getattr(generation, "seed", 0))
+        prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        return self.generate(
+            prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
+        )
+
     # -- persistence: a diffusers pipeline folder ------------------------------------------------------
     def save_pretrained(
         self,

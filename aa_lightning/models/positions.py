@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-__all__ = ["computes_own_positions", "position_ids_for", "position_ids_from_mask"]
+__all__ = ["computes_own_positions", "position_ids_from_mask"]
 
 _OWN_POSITIONS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
@@ -30,8 +30,3 @@ def computes_own_positions(model: nn.Module) -> bool:
     if model not in _OWN_POSITIONS:
         _OWN_POSITIONS[model] = any(callable(getattr(m, "get_rope_index", None)) for m in model.modules())
     return _OWN_POSITIONS[model]
-
-
-def position_ids_for(model: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """The ``position_ids`` to pass ``model`` for a (left-padded) mask, or ``None`` if it computes its own."""
-    return None if computes_own_positions(model) else position_ids_from_mask(attention_mask)

@@ -10,17 +10,6 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = [
-    "CostModelLossOutput",
-    "GRPOLossOutput",
-    "KTOLossOutput",
-    "ORPOLossOutput",
-    "PolicyLossOutput",
-    "PreferenceLossOutput",
-    "RewardLossOutput",
-    "ValueLossOutput",
-]
-
 
 class PreferenceLossOutput(NamedTuple):
     loss: torch.Tensor  # () mean over the batch

@@ -35,7 +35,7 @@ class ForwardsMixin:
         except (TypeError, ValueError):
             return False
 
-    def policy_logprobs(
+    def response_log_probs(
         self, model: nn.Module, rollout: Rollout, with_entropy: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(log p(response token) (N, R), entropy (N, R) | None)`` from temperature-scaled logits.
@@ -75,6 +75,6 @@ class ForwardsMixin:
             return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))
         return torch.cat(outs)
 
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+    def reference_response_log_probs(self, rollout: Rollout) -> torch.Tensor:
         with self.frozen.running("reference", self.model) as ref:
-            return self.chunked(lambda ro: self.policy_logprobs(ref, ro)[0], rollout)
+            return self.chunked(lambda ro: self.response_log_probs(ref, ro)[0], rollout)

@@ -33,6 +33,7 @@ from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.module import OnlineRLModule
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.algorithms.rl.update import MinibatchWeights
+from aa_lightning.batch import PTX_STREAM
 
 __all__ = ["GRPOModule"]
 
@@ -85,7 +86,8 @@ class GRPOModule(OnlineRLModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if getattr(self.trainer.datamodule, "ptx", None):
+        datamodule_args = getattr(self.trainer.datamodule, "hparams", None) or {}
+        if datamodule_args.get(PTX_STREAM):  # refused before any rollout, not at the first ptx batch
             raise ValueError("GRPO has no ptx loss: remove the ptx data stream (data.ptx) or train PPO")
 
     def updates_per_rollout(self) -> int:
@@ -112,12 +114,12 @@ class GRPOModule(OnlineRLModule):
         stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
         if self.needs_old_logprobs():
             old, entropy = self.chunked(
-                lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout
+                lambda ro: self.response_log_probs(self.model, ro, with_entropy=True), rollout
             )
             rollout["old_logprobs"] = old
             stats.add_mean("rollout/entropy", entropy, rollout.response_mask)
         if self.beta != 0:
-            rollout["ref_logprobs"] = self.reference_logprobs(rollout)
+            rollout["ref_logprobs"] = self.reference_response_log_probs(rollout)
         return rollout, stats
 
     def update(self, rollout: Rollout, stats: MetricAccumulator) -> None:
@@ -125,7 +127,7 @@ class GRPOModule(OnlineRLModule):
 
         def minibatch_loss(mb: Rollout, weights: MinibatchWeights) -> torch.Tensor:
             mask = mb.response_mask
-            logprobs, entropy = self.policy_logprobs(self.model, mb, with_entropy=True)
+            logprobs, entropy = self.response_log_probs(self.model, mb, with_entropy=True)
             out = grpo_loss(
                 logprobs,
                 mb.data.get("old_logprobs"),

@@ -14,6 +14,7 @@ modules only add their advantages and losses:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -104,6 +105,14 @@ class OnlineRLModule(
         num_logged_samples: int = 4,
         **kwargs: Any,
     ) -> None:
+        if "position_ids_from_mask" in kwargs:  # removed: read from the model (models/positions.py)
+            kwargs.pop("position_ids_from_mask")
+            warnings.warn(
+                "position_ids_from_mask is ignored and will be refused in a later release: the RL modules now "
+                "leave positions to every model that computes its own (e.g. Qwen2-VL's M-RoPE)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         super().__init__(*args, **kwargs)
         self.automatic_optimization = False
         if num_mini_batches < 1 or gradient_accumulation_steps < 1:

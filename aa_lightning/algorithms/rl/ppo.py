@@ -149,10 +149,10 @@ class PPOModule(OnlineRLModule):
         """Old log-probs (+ entropy), reference log-probs and values: one chunked pass per model."""
         mask = rollout.response_mask
         old, entropy = self.chunked(
-            lambda ro: self.policy_logprobs(self.model, ro, with_entropy=True), rollout
+            lambda ro: self.response_log_probs(self.model, ro, with_entropy=True), rollout
         )
         rollout["old_logprobs"] = old
-        rollout["ref_logprobs"] = self.reference_logprobs(rollout)
+        rollout["ref_logprobs"] = self.reference_response_log_probs(rollout)
         rollout["old_values"] = self.chunked(lambda ro: self.value_forward(self.critic, ro), rollout)
         stats.add_mean("rollout/entropy", entropy, mask)
         stats.add_mean("rollout/kl", rollout_mean_kl(old, rollout["ref_logprobs"], mask))
@@ -234,7 +234,7 @@ class PPOModule(OnlineRLModule):
     ) -> torch.Tensor:
         """Clipped surrogate (+ entropy bonus) of one minibatch, weighted for accumulation."""
         mask = mb.response_mask
-        logprobs, entropy = self.policy_logprobs(
+        logprobs, entropy = self.response_log_probs(
             self.model, mb, with_entropy=True, entropy_grad=self.entropy_coef != 0
         )
         out = ppo_policy_loss(
