@@ -21,6 +21,7 @@ import torch
 from aa_lightning.algorithms.losses import kto_kl_estimate, kto_loss
 from aa_lightning.algorithms.policy import ReferencePolicyModule
 from aa_lightning.batch import DESIRABLE, EXTRA, IGNORE_INDEX, LABELS, PER_TOKEN_KEYS
+from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["KTOModule", "mismatched_pairs"]
 
@@ -133,7 +134,11 @@ class KTOModule(ReferencePolicyModule):
         if not self.kl_estimate or batch["input_ids"].shape[0] < 2:
             return zero
         pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-        kl_batch = mismatched_pairs(batch, pad)
+        family = unwrap(self.model)
+        family = family.get_base_model() if hasattr(family, "get_base_model") else family
+        # a family whose outputs are not label tokens (diffusion: images) re-pairs its own batches
+        repair = getattr(family, "mismatched_pairs", None)
+        kl_batch = repair(batch) if callable(repair) else mismatched_pairs(batch, pad)
         with torch.no_grad():
             policy_kl = self.policy_log_probs(kl_batch).sum
         ref_kl = self.reference_log_probs_live(kl_batch).sum

@@ -295,6 +295,13 @@ class TextToImageDiffusion(nn.Module):
             self.unet.train(was_training)
         return list(out.images)
 
+    def mismatched_pairs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch with row ``i``'s prompt and row ``i+1``'s image (KTO's KL reference point, as for text:
+        a prompt with a response written for another prompt); each row keeps its noise seed."""
+        out = dict(batch)
+        out["pixel_values"] = batch["pixel_values"].roll(-1, dims=0)
+        return out
+
     def generate_outputs(
         self,
         input_ids: torch.Tensor,

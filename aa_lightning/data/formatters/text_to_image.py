@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from aa_lightning.batch import DESIRABLE
 from aa_lightning.data.errors import DataFormatError, LeftOutRow
 from aa_lightning.data.formatters.align_anything_media import one_or_two
 from aa_lightning.data.formatters.base import BaseFormatter, Conversation, Meta, describe
 from aa_lightning.data.formatters.registry import register_template
 from aa_lightning.data.media import media_item
 
-__all__ = ["AA_T2I", "PickAPic", "PromptImage", "TextToImageFormatter"]
+__all__ = ["AA_T2I", "PickAPic", "PromptImage", "PromptImageLabel", "TextToImageFormatter"]
 
 
 class TextToImageFormatter(BaseFormatter):
@@ -62,6 +63,18 @@ class PromptImage(TextToImageFormatter):
 
     def format_supervised_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Meta]:
         return self.with_image(self.prompt(raw_sample), self.image(raw_sample, "image")), {}
+
+
+@register_template("T2I-Unpaired")
+class PromptImageLabel(TextToImageFormatter):
+    """Unpaired likes and dislikes ``{prompt, image, label}`` (Diffusion-KTO's data, arXiv:2404.04465):
+    ``label`` is a JSON boolean, true for a desirable image. Supervised samples with meta ``desirable``."""
+
+    def format_supervised_sample(self, raw_sample: Mapping[str, Any]) -> tuple[Conversation, Meta]:
+        desirable = self.field(raw_sample, "label", kind=bool)
+        return self.with_image(self.prompt(raw_sample), self.image(raw_sample, "image")), {
+            DESIRABLE: desirable
+        }
 
 
 @register_template("Pick-a-Pic")
