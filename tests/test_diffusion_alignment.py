@@ -252,6 +252,12 @@ def test_aa_fit_then_predict_writes_images_next_to_a_jsonl_index(
     common = ["--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false"]
     cli = build_cli(["fit", "--config", "configs/tiny/sft_t2i.yaml", "--trainer.max_steps", "2", *common])
     assert cli.trainer.global_step == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli.trainer.logger.experiment.flush()
+    events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert {"samples/before/0", "samples/after/1"} <= set(events.Tags()["images"])  # SampleGenerationCallback
     export = os.path.join(root, "hf_model")
     assert os.path.isfile(os.path.join(export, "model_index.json"))
     build_cli(
