@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF  # noqa: N812
 
-from aa_lightning.algorithms import DPOModule, OptimConfig, SFTModule
+from aa_lightning.algorithms import DPOModule, OptimConfig, RewardModule, SFTModule
 from aa_lightning.batch import IGNORE_INDEX
 from aa_lightning.data import DataSpec, TextToImageTokensDataModule
 from aa_lightning.models import resolve_model_path
@@ -196,6 +196,25 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected_image_tokens():
     trainer(8).fit(module, dm)
     loss_after, after = margins(module, dm)
     assert math.isfinite(loss_after) and loss_after < loss_before and after > 1.0, (loss_after, after)
+
+
+def test_a_reward_model_on_the_emu3_backbone_learns_to_rank_image_tokens():
+    """RewardModule unchanged: a score head on Emu3Model (text model + frozen VQ-VAE) scores the image rows."""
+    pl.seed_everything(0)
+    module = RewardModule("tiny-emu3", optim=OPTIM)
+    module.configure_model()
+    dm = datamodule("pick_a_pic.json", "Pick-a-Pic", "preference", batch_size=3)
+    dm.setup("fit")
+
+    def mean_margin() -> float:
+        with torch.no_grad():
+            values = [module.compute_loss(batch, "val")[1]["margin"] for batch in dm.train_dataloader()]
+        return float(torch.cat(values).mean())
+
+    before = mean_margin()
+    trainer(8).fit(module, dm)
+    after = mean_margin()
+    assert math.isfinite(after) and after > before + 0.5, (before, after)
 
 
 # -- generation in image mode ---------------------------------------------------------------------------------
