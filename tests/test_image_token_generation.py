@@ -147,6 +147,22 @@ def test_prompt_only_rows_are_left_padded_generation_prompts(emu3):
         assert (meta["height"], meta["width"]) == (GRID, GRID)
 
 
+def test_encodings_are_cached_and_follow_the_vq_weights():
+    first = datamodule("prompt_image.json", "T2I-Prompt-Image", "supervised")
+    first.setup("fit")
+    again = datamodule("prompt_image.json", "T2I-Prompt-Image", "supervised")
+    again.setup("fit")
+    assert again.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+    # the same cache key: the datasets cache answers instead of the VQ-VAE
+    assert again.datasets["train"].cache_files == first.datasets["train"].cache_files
+    other = datamodule("prompt_image.json", "T2I-Prompt-Image", "supervised")
+    other.load_processing()
+    with torch.no_grad():
+        other.image_tokenizer.vqmodel.quantize.embedding.weight.mul_(-1.0)  # another codebook
+    other.setup("fit")
+    assert other.datasets["train"].cache_files != first.datasets["train"].cache_files
+
+
 def test_random_flip_is_refused():
     with pytest.raises(ValueError, match="random_flip"):
         datamodule("prompt_image.json", "T2I-Prompt-Image", "supervised", random_flip=True)

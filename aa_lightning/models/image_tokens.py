@@ -13,6 +13,7 @@ like any text token. What is family-specific is only turning images into tokens 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -85,9 +86,11 @@ class Emu3ImageTokenizer:
             )
         return cls(vqmodel, config.vocabulary_map)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """A hash of the codebook and encoder weights: cached encodings follow the VQ-VAE, not its path."""
+        """A hash of the codebook and encoder weights: cached encodings follow the VQ-VAE, not its path.
+
+        Computed once (about a second per GB of weights): the weights are frozen."""
         digest = hashlib.sha1()
         for name, tensor in sorted(self.vqmodel.state_dict().items()):
             if not name.startswith("decoder."):
