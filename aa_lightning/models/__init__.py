@@ -5,12 +5,16 @@ The random tiny models that the ``tiny-*`` aliases build are test fixtures, in :
 
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.diffusion import OutputScores, TextToImageDiffusion
+from aa_lightning.models.image_tokens import Emu3ImageTokenizer, register_image_token_models
 from aa_lightning.models.loading import load_pretrained_models, load_tokenizer_and_processor
 from aa_lightning.models.registry import MODEL_REGISTRY, register_model, resolve_model_class
 from aa_lightning.models.score_model import ScoreModel, ScoreModelOutput
 
+register_image_token_models()
+
 __all__ = [
     "MODEL_REGISTRY",
+    "Emu3ImageTokenizer",
     "OutputScores",
     "ScoreModel",
     "ScoreModelOutput",

@@ -34,7 +34,20 @@ def _qwen2_audio_encoder(encoder: nn.Module) -> None:
         deepspeed.zero.register_external_parameter(encoder, weight)
 
 
-REPAIRS: dict[str, Callable[[nn.Module], None]] = {"Qwen2AudioEncoder": _qwen2_audio_encoder}
+def _emu3_vqvae(vqmodel: nn.Module) -> None:
+    """Emu3's VQ-VAE is frozen (its ``__init__`` says so and calls ``eval()``) but its weights load trainable.
+
+    Image tokens reach the LM as token ids, so the VQ-VAE never runs in a training forward: trainable, its
+    weights would be "unused parameters" under DDP and dead optimizer entries everywhere. Freeze it.
+    """
+    vqmodel.requires_grad_(False)
+    vqmodel.eval()
+
+
+REPAIRS: dict[str, Callable[[nn.Module], None]] = {
+    "Qwen2AudioEncoder": _qwen2_audio_encoder,
+    "Emu3VQVAE": _emu3_vqvae,
+}
 
 
 def repair_loaded_model(model: nn.Module) -> nn.Module:
