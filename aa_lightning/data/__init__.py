@@ -8,6 +8,7 @@ from aa_lightning.data.image import TextImageToTextDataModule
 from aa_lightning.data.multimodal import MultimodalDataModule
 from aa_lightning.data.sources import DataSpec
 from aa_lightning.data.text_to_image import TextToImageDataModule
+from aa_lightning.data.text_to_video import TextToVideoDataModule
 from aa_lightning.data.video import TextVideoToTextDataModule
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "TextAudioToTextDataModule",
     "TextImageToTextDataModule",
     "TextToImageDataModule",
+    "TextToVideoDataModule",
     "TextToTextDataModule",
     "TextVideoToTextDataModule",
     "available_templates",
