@@ -1,4 +1,5 @@
-"""Text-to-image diffusion (Stable Diffusion style) behind the interface the algorithms already use.
+"""Latent diffusion models (text-to-image: Stable Diffusion style; text-to-video: TextToVideoSD / ModelScope
+style) behind the interface the algorithms already use.
 
 Every SFT/preference algorithm asks a model "how well do you explain this output": per row a score (a sum
 over scored units) and a count of units. A causal LM answers with the log-probability of the labels; a
@@ -10,6 +11,12 @@ where the VAE latent sample, the timestep ``t`` and the noise are drawn from the
 score DPO's sigmoid loss is Diffusion-DPO (Wallace et al., arXiv:2311.12908) and SFT's loss is 0.5 * MSE, the
 usual denoising loss. Chosen and rejected rows of a pair share a seed, and the policy and its frozen reference
 (a second instance, called separately) see the same seeds, so they are scored at the same noise.
+
+:class:`LatentDiffusion` holds all of that; a subclass only says how its media become latents:
+:class:`TextToImageDiffusion` encodes ``pixel_values`` ``(N, 3, H, W)`` to ``(N, c, h, w)``,
+:class:`TextToVideoDiffusion` encodes every frame of ``pixel_values_videos`` ``(N, F, 3, H, W)`` to
+``(N, c, F, h, w)`` (the layout of ``UNet3DConditionModel``). Loading picks the class from the pipeline
+folder's ``model_index.json`` ``_class_name`` (:func:`aa_lightning.models.loading.diffusion_class`).
 
 Only the UNet trains; the VAE and the text encoder stay frozen and in eval mode (Stable Diffusion
 fine-tuning as in diffusers' ``train_text_to_image.py``). Saving and loading write and read a diffusers
