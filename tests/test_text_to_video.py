@@ -328,6 +328,15 @@ def test_bad_rows_name_file_row_and_field(tmp_path: Path) -> None:
         short.setup("fit")
 
 
+def test_a_pair_of_one_clip_twice_is_reported(tmp_path: Path) -> None:
+    clip = str(T2V / "clips" / "cooking_pan.mp4")
+    row = {"prompt": "a pan", "video_1": clip, "video_2": clip, "overall_video": 1}
+    dm = datamodule(write_rows(tmp_path, [row]), "AA_T2V", "preference")
+    dm.setup("fit")
+    report = dm.reports["train"][0]
+    assert report.identical_pairs == [0] and "same chosen and rejected clip" in report.summary(1)
+
+
 def test_formatters_keep_the_conversation_contract(tmp_path: Path) -> None:
     conversation, _ = get_formatter("T2V-Prompt-Video").format_supervised_sample(
         {"prompt": "a cat", "video": "c.mp4"}

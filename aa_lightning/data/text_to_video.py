@@ -25,8 +25,9 @@ from aa_lightning.data.datamodule import fingerprint_of
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Meta
 from aa_lightning.data.media import load_video, media_label
+from aa_lightning.data.reports import DataReport
 from aa_lightning.data.sources import DataSpec
-from aa_lightning.data.text_to_image import TextToImageDataModule, TextToImageEncoder
+from aa_lightning.data.text_to_image import PromptImageReport, TextToImageDataModule, TextToImageEncoder
 from aa_lightning.data.text_to_image_collator import TextToImageCollator, image_tensor
 
 __all__ = [
@@ -82,6 +83,12 @@ class TextToVideoCollator(TextToImageCollator):
         return video_tensor(ref, self.num_frames, self.resolution, flip)
 
 
+class PromptVideoReport(PromptImageReport):
+    """:class:`DataReport` worded for prompts and clips."""
+
+    identical_note = "preference pairs have the same chosen and rejected clip and carry no signal"
+
+
 def check_clips(num_frames: int, resolution: int, sample: dict[str, Any]) -> None:
     """Decode every clip of one encoded sample as the collator will (raises a DataFormatError)."""
     import json
@@ -116,6 +123,9 @@ class TextToVideoDataModule(TextToImageDataModule):
     def sample_check(self) -> Callable[[dict[str, Any]], None]:
         """Decode every clip of each row when the data is prepared (a corrupt or short clip is a bad row)."""
         return functools.partial(check_clips, self.hparams.num_frames, self.hparams.resolution)
+
+    def new_report(self, source: str, total: int) -> DataReport:
+        return PromptVideoReport(source, total, self.max_length)
 
     def _fingerprint(self, rows: datasets.Dataset, spec: DataSpec, kind: str, formatter: Any) -> str:
         parts = {
