@@ -45,6 +45,7 @@ DATAMODULES = {
     "tv2t": "TextVideoToTextDataModule",
     "t2i": "TextToImageDataModule",
     "t2itok": "TextToImageTokensDataModule",
+    "t2v": "TextToVideoDataModule",
 }
 EXPORT = re.compile(r"^runs/([^/]+)/hf_model$")
 

@@ -9,6 +9,7 @@ from aa_lightning.data.multimodal import MultimodalDataModule
 from aa_lightning.data.sources import DataSpec
 from aa_lightning.data.text_to_image import TextToImageDataModule
 from aa_lightning.data.text_to_image_tokens import TextToImageTokensDataModule
+from aa_lightning.data.text_to_video import TextToVideoDataModule
 from aa_lightning.data.video import TextVideoToTextDataModule
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "TextImageToTextDataModule",
     "TextToImageDataModule",
     "TextToImageTokensDataModule",
+    "TextToVideoDataModule",
     "TextToTextDataModule",
     "TextVideoToTextDataModule",
     "available_templates",

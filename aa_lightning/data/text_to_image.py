@@ -59,6 +59,11 @@ class TextToImageEncoder:
     resolved against ``media_root`` and must exist; decoding is the datamodule's sample check.
     """
 
+    #: the generated media: the content part's type, its meta key, the templates that give it
+    media_type = "image"
+    meta_key = "images"
+    templates = "T2I-Prompt-Image, Pick-a-Pic, AA_T2I"
+
     def __init__(
         self, tokenizer: Any, max_length: int, media_root: str | None = None, source: str = ""
     ) -> None:
@@ -77,22 +82,24 @@ class TextToImageEncoder:
             return False
         return len(self.tokens(sample["prompt"], self.max_length + 1)) > self.max_length
 
-    @staticmethod
-    def prompt_and_image(conversation: Conversation, side: str, with_image: bool = True) -> tuple[str, Any]:
-        """The prompt and the image of ``[user: prompt, assistant: [image part]]`` (``side`` names it)."""
+    def prompt_and_image(
+        self, conversation: Conversation, side: str, with_image: bool = True
+    ) -> tuple[str, Any]:
+        """The prompt and the media of ``[user: prompt, assistant: [media part]]`` (``side`` names it)."""
+        kind = self.media_type
         roles = [message.get("role") for message in conversation]
         expected = ["user", "assistant"] if with_image else ["user"]
         parts = conversation[-1].get("content") if with_image and roles == expected else None
-        images = [p.get("image") for p in parts or () if isinstance(p, dict) and p.get("type") == "image"]
+        images = [p.get(kind) for p in parts or () if isinstance(p, dict) and p.get("type") == kind]
         if roles != expected or (with_image and (len(images) != 1 or images[0] is None)):
             what = (
-                "a prompt (user turn) and one image (assistant turn)"
+                f"a prompt (user turn) and one {kind} (assistant turn)"
                 if with_image
                 else "a prompt (user turn)"
             )
             raise DataFormatError(
-                f"a text-to-image {side} sample is {what}, but the formatter gave the turns {roles} (use a "
-                "text-to-image template: T2I-Prompt-Image, Pick-a-Pic, AA_T2I)"
+                f"a text-to-{kind} {side} sample is {what}, but the formatter gave the turns {roles} (use a "
+                f"text-to-{kind} template: {self.templates})"
             )
         prompt = conversation[0]["content"]
         if not isinstance(prompt, str) or not prompt.strip():
@@ -103,8 +110,9 @@ class TextToImageEncoder:
         ids = self.tokens(prompt)
         if not ids:
             raise DataFormatError(f"the prompt {prompt!r} has no tokens")
-        refs = [resolve_media(image, "image", self.media_root, "image") for image in images]
-        stored = {**meta, "images": refs, "_source": self.source}
+        kind = self.media_type
+        refs = [resolve_media(image, kind, self.media_root, kind) for image in images]
+        stored = {**meta, self.meta_key: refs, "_source": self.source}
         return {"input_ids": ids, "prompt": prompt, "meta": json.dumps(stored)}
 
     def supervised(self, conversation: Conversation, meta: Meta) -> dict[str, Any]:
@@ -131,7 +139,8 @@ class PromptImageReport(DataReport):
 
 
 def _same_images(sample: dict[str, Any]) -> bool:
-    refs = json.loads(sample["meta"])["images"]
+    meta = json.loads(sample["meta"])
+    refs = meta.get("images") or meta.get("videos") or []
     return len(refs) == 2 and {k: v for k, v in refs[0].items() if k != "field"} == {
         k: v for k, v in refs[1].items() if k != "field"
     }

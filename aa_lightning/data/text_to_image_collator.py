@@ -45,7 +45,16 @@ def image_tensor(image: Any, resolution: int, flip: bool = False) -> torch.Tenso
 
 class TextToImageCollator:
     """Encoded text-to-image samples -> a batch (module doc). ``random_flip`` flips each sample's images
-    with probability 0.5, both images of a pair alike (a flip drawn per pair, so the pair stays a pair)."""
+    with probability 0.5, both images of a pair alike (a flip drawn per pair, so the pair stays a pair).
+
+    A subclass for another media kind says where the references are (``meta_key``), the batch key of the
+    tensors (``batch_key``), the batch-meta names (``sides``) and how one reference becomes a tensor
+    (:meth:`media_tensor`): :class:`~aa_lightning.data.text_to_video.TextToVideoCollator`.
+    """
+
+    meta_key = "images"
+    batch_key = "pixel_values"
+    sides = IMAGE_SIDES
 
     def __init__(
         self,
@@ -56,7 +65,7 @@ class TextToImageCollator:
         random_flip: bool = False,
         padding_side: str = "right",
     ) -> None:
-        if kind not in IMAGE_SIDES:
+        if kind not in self.sides:
             raise ValueError(f"unknown sample kind {kind!r}")
         self.kind = kind
         self.pad_token_id = pad_token_id
@@ -74,24 +83,26 @@ class TextToImageCollator:
             "attention_mask": pad_sequences([[1] * len(row) for row in ids], 0, side, length),
         }
 
+    def media_tensor(self, ref: Mapping[str, Any], flip: bool) -> torch.Tensor:
+        """One image reference -> ``(3, R, R)`` in [-1, 1]."""
+        return image_tensor(load_image(ref), self.resolution, flip)
+
     def _pixels(self, samples: list[dict[str, Any]], metas: list[dict[str, Any]]) -> torch.Tensor:
         flips = (torch.rand(len(samples)) < 0.5).tolist() if self.random_flip else [False] * len(samples)
         tensors = []
-        for side in range(len(IMAGE_SIDES[self.kind])):  # all chosen images, then all rejected ones
+        for side in range(len(self.sides[self.kind])):  # all chosen media, then all rejected ones
             for sample, meta, flip in zip(samples, metas, flips):
                 try:
-                    image = load_image(meta["images"][side])
+                    tensors.append(self.media_tensor(meta[self.meta_key][side], flip))
                 except DataFormatError as err:  # decoded when prepared: the file changed since
                     raise err.with_location(source=meta.get("_source"), row=sample.get("_row")) from None
-                tensors.append(image_tensor(image, self.resolution, flip))
         return torch.stack(tensors)
 
-    @staticmethod
-    def public_meta(sample: Mapping[str, Any], meta: Mapping[str, Any], kind: str) -> dict[str, Any]:
-        """What ``batch["meta"]`` shows of a sample: the prompt, the images' paths, the formatter's meta."""
-        shown = {key: value for key, value in meta.items() if key not in ("images", "_source")}
+    def public_meta(self, sample: Mapping[str, Any], meta: Mapping[str, Any], kind: str) -> dict[str, Any]:
+        """What ``batch["meta"]`` shows of a sample: the prompt, the media paths, the formatter's meta."""
+        shown = {key: value for key, value in meta.items() if key not in (self.meta_key, "_source")}
         shown["prompt"] = sample["prompt"]
-        for name, ref in zip(IMAGE_SIDES[kind], meta.get("images", ())):
+        for name, ref in zip(self.sides[kind], meta.get(self.meta_key, ())):
             shown[name] = media_label(ref)
         return shown
 
@@ -102,7 +113,7 @@ class TextToImageCollator:
         batch: dict[str, Any] = self._tokens(ids + ids if pairs else ids)
         if self.kind != "prompt_only":
             seeds = torch.randint(0, 2**62, (len(samples),), dtype=torch.int64)
-            batch["pixel_values"] = self._pixels(samples, metas)
+            batch[self.batch_key] = self._pixels(samples, metas)
             batch["noise_seed"] = torch.cat([seeds, seeds]) if pairs else seeds
         shown = [self.public_meta(s, m, self.kind) for s, m in zip(samples, metas)]
         batch[EXTRA] = meta_tensors(shown)

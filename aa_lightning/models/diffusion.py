@@ -1,4 +1,5 @@
-"""Text-to-image diffusion (Stable Diffusion style) behind the interface the algorithms already use.
+"""Latent diffusion models (text-to-image: Stable Diffusion style; text-to-video: TextToVideoSD / ModelScope
+style) behind the interface the algorithms already use.
 
 Every SFT/preference algorithm asks a model "how well do you explain this output": per row a score (a sum
 over scored units) and a count of units. A causal LM answers with the log-probability of the labels; a
@@ -10,6 +11,12 @@ where the VAE latent sample, the timestep ``t`` and the noise are drawn from the
 score DPO's sigmoid loss is Diffusion-DPO (Wallace et al., arXiv:2311.12908) and SFT's loss is 0.5 * MSE, the
 usual denoising loss. Chosen and rejected rows of a pair share a seed, and the policy and its frozen reference
 (a second instance, called separately) see the same seeds, so they are scored at the same noise.
+
+:class:`LatentDiffusion` holds all of that; a subclass only says how its media become latents:
+:class:`TextToImageDiffusion` encodes ``pixel_values`` ``(N, 3, H, W)`` to ``(N, c, h, w)``,
+:class:`TextToVideoDiffusion` encodes every frame of ``pixel_values_videos`` ``(N, F, 3, H, W)`` to
+``(N, c, F, h, w)`` (the layout of ``UNet3DConditionModel``). Loading picks the class from the pipeline
+folder's ``model_index.json`` ``_class_name`` (:func:`aa_lightning.models.loading.diffusion_class`).
 
 Only the UNet trains; the VAE and the text encoder stay frozen and in eval mode (Stable Diffusion
 fine-tuning as in diffusers' ``train_text_to_image.py``). Saving and loading write and read a diffusers
@@ -29,7 +36,14 @@ from torch import nn
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["DiffusionConfig", "OutputScores", "TextToImageDiffusion", "draw_row_noise"]
+__all__ = [
+    "DiffusionConfig",
+    "LatentDiffusion",
+    "OutputScores",
+    "TextToImageDiffusion",
+    "TextToVideoDiffusion",
+    "draw_row_noise",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -89,11 +103,17 @@ def _gathered_whole_under_zero3(*parts: nn.Module) -> None:
         set_z3_leaf_modules(part, [type(part)])
 
 
-class TextToImageDiffusion(nn.Module):
-    """A text-to-image latent diffusion model: ``unet`` (trained), ``vae`` and ``text_encoder`` (frozen).
+class LatentDiffusion(nn.Module):
+    """A text-conditioned latent diffusion model: ``unet`` (trained), ``vae`` and ``text_encoder`` (frozen).
+
+    The shared part of every media kind: the per-row seeded noise, the score, the frozen parts, saving and
+    loading. A subclass says how its media become VAE posteriors in the UNet's latent layout
+    (:meth:`posterior`), which batch key holds them (``media_key``), and which diffusers pipeline samples and
+    saves it (``pipeline_class``).
 
     Args:
-        unet: a ``UNet2DConditionModel`` predicting noise (or v) from latents, timestep and text states.
+        unet: a UNet (``UNet2DConditionModel``, ``UNet3DConditionModel``) predicting noise (or v) from
+            latents, timestep and text states.
         vae: an ``AutoencoderKL``; its posterior sample, times ``scaling_factor``, is the latent.
         text_encoder: a ``CLIPTextModel`` (or any encoder whose first output is the hidden states).
         tokenizer: the pipeline's tokenizer (prompts are padded to its ``model_max_length``).
@@ -101,6 +121,13 @@ class TextToImageDiffusion(nn.Module):
         noise_scheduler: the training noise schedule; a ``DDPMScheduler`` from ``scheduler``'s config if None.
         name_or_path: where the pipeline came from (for logs and peft).
     """
+
+    #: the batch key of the media the model scores (read by :meth:`explain_outputs`)
+    media_key = "pixel_values"
+    #: the diffusers pipeline class (a name in ``diffusers``) that samples, saves and loads the model
+    pipeline_class = "StableDiffusionPipeline"
+    #: the ``model.config.model_type`` generic code reads
+    model_type = "stable-diffusion"
 
     base_model_prefix = ""  # read by peft (through transformers) when it injects LoRA layers
     #: a row's score depends on the batch's noise seed, not on the sample alone, so a reference cannot be
@@ -133,6 +160,7 @@ class TextToImageDiffusion(nn.Module):
                 f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}"
             )
         self.config = DiffusionConfig(
+            model_type=self.model_type,
             name_or_path=name_or_path,
             prediction_type=prediction_type,
             num_train_timesteps=int(self.noise_scheduler.config.num_train_timesteps),
@@ -144,14 +172,14 @@ class TextToImageDiffusion(nn.Module):
         )  # called through its forward (the VAE is not: encode())
 
     # -- modes: only the UNet ever trains ----------------------------------------------------------------
-    def train(self, mode: bool = True) -> TextToImageDiffusion:
+    def train(self, mode: bool = True) -> LatentDiffusion:
         """The frozen VAE and text encoder stay in eval mode whatever mode the UNet is put in."""
         super().train(mode)
         self.vae.eval()
         self.text_encoder.eval()
         return self
 
-    def requires_grad_(self, requires_grad: bool = True) -> TextToImageDiffusion:
+    def requires_grad_(self, requires_grad: bool = True) -> LatentDiffusion:
         """Only the UNet's parameters follow ``requires_grad``: the VAE and text encoder are never trained, so
         an optimizer over ``model.parameters()`` that skips frozen ones sees the UNet alone."""
         self.unet.requires_grad_(requires_grad)
@@ -196,21 +224,29 @@ class TextToImageDiffusion(nn.Module):
         mask = attention_mask.to(device) if use_mask else None
         return self.text_encoder(input_ids.to(device), attention_mask=mask)[0]
 
+    def posterior(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the frozen VAE's posterior for ``media`` in ``[-1, 1]``, float32, laid out as the
+        UNet takes latents (the subclass's media layout)."""
+        raise NotImplementedError
+
+    def vae_posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the VAE's posterior for images ``(n, 3, H, W)``: ``(n, c, h, w)`` float32."""
+        vae_param = next(self.vae.parameters())
+        posterior = self.vae.encode(pixels.to(device=vae_param.device, dtype=vae_param.dtype)).latent_dist
+        return posterior.mean.float(), posterior.std.float()
+
     @torch.no_grad()
     def noised_latents(
-        self, pixel_values: torch.Tensor, noise_seed: torch.Tensor
+        self, media: torch.Tensor, noise_seed: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_t, timesteps, target)`` for images in ``[-1, 1]``, from the rows' seeds (float32, no grad).
+        """``(x_t, timesteps, target)`` for media in ``[-1, 1]``, from the rows' seeds (float32, no grad).
 
         The latent is the frozen VAE's posterior sample times ``scaling_factor`` (minus ``shift_factor`` first
         where the VAE has one); ``x_t = sqrt(abar_t) * latent + sqrt(1 - abar_t) * noise``; the target is the
-        noise, or ``v`` for v-prediction schedules.
+        noise, or ``v`` for v-prediction schedules. Each row's draws come from :func:`draw_row_noise` with
+        the row's latent shape.
         """
-        vae_param = next(self.vae.parameters())
-        posterior = self.vae.encode(
-            pixel_values.to(device=vae_param.device, dtype=vae_param.dtype)
-        ).latent_dist
-        mean, std = posterior.mean.float(), posterior.std.float()
+        mean, std = self.posterior(media)
         draws = [
             draw_row_noise(s, mean.shape[1:], self.config.num_train_timesteps) for s in noise_seed.tolist()
         ]
@@ -225,20 +261,18 @@ class TextToImageDiffusion(nn.Module):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         return noisy, timesteps, target
 
-    def explain_outputs(
+    def score(
         self,
+        media: torch.Tensor,
         input_ids: torch.Tensor,
-        pixel_values: torch.Tensor,
         noise_seed: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        **_: Any,
     ) -> OutputScores:
         """Per row ``-0.5 * mean((target - prediction)^2)`` over the latent dims (float32), count 1.
 
-        Gradients flow into the UNet only. Other batch tensors are accepted and ignored, so
-        ``model(**model_inputs(batch))`` works on any text-to-image batch.
+        Gradients flow into the UNet only.
         """
-        noisy, timesteps, target = self.noised_latents(pixel_values, noise_seed)
+        noisy, timesteps, target = self.noised_latents(media, noise_seed)
         hidden = self.encode_prompt(input_ids, attention_mask)
         dtype, device = self.dtype, self.device
         prediction = self.unet(
@@ -253,47 +287,40 @@ class TextToImageDiffusion(nn.Module):
         )
         return OutputScores(sum=-0.5 * mse, count=torch.ones_like(mse, dtype=torch.long))
 
+    def explain_outputs(
+        self,
+        input_ids: torch.Tensor,
+        noise_seed: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **inputs: Any,
+    ) -> OutputScores:
+        """:meth:`score` of the batch's media (``inputs[media_key]``); other batch tensors are ignored."""
+        if self.media_key not in inputs:
+            raise KeyError(
+                f"{type(self).__name__} scores the batch key {self.media_key!r}, which the batch lacks "
+                f"(it has {sorted(inputs)}): use the datamodule of this model's media kind"
+            )
+        return self.score(inputs[self.media_key], input_ids, noise_seed, attention_mask)
+
     def forward(self, **inputs: Any) -> OutputScores:
         """Same as :meth:`explain_outputs` (so DDP/DeepSpeed wrappers, which call forward, see it)."""
         return self.explain_outputs(**inputs)
 
     # -- sampling ----------------------------------------------------------------------------------------
     def pipeline(self) -> Any:
-        """A ``StableDiffusionPipeline`` over these components (no safety checker)."""
+        """A ``pipeline_class`` pipeline over these components (no safety checker)."""
         from aa_lightning.models.diffusion_pipeline_io import build_pipeline
 
         return build_pipeline(self)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        negative_prompt: str | list[str] | None = None,
-        **kwargs: Any,
-    ) -> list[Image.Image]:
-        """PIL images for ``prompts`` (one each), sampled with the UNet in eval mode (its mode is restored)."""
+    def _sample(self, **call: Any) -> Any:
+        """Run :meth:`pipeline` with the UNet in eval mode (its mode is restored)."""
         was_training = self.unet.training
         self.unet.eval()
         try:
-            out = self.pipeline()(
-                prompt=list(prompts),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                height=height,
-                width=width,
-                negative_prompt=negative_prompt,
-                output_type="pil",
-                **kwargs,
-            )
+            return self.pipeline()(**call)
         finally:
             self.unet.train(was_training)
-        return list(out.images)
 
     def mismatched_pairs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The batch with row ``i``'s prompt and row ``i+1``'s image (KTO's KL reference point, as for text:
@@ -344,9 +371,150 @@ class TextToImageDiffusion(nn.Module):
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
         **kwargs: Any,
-    ) -> TextToImageDiffusion:
-        """Load a Stable-Diffusion-style pipeline folder (``dtype`` applies to every component)."""
+    ) -> LatentDiffusion:
+        """Load a pipeline folder of ``pipeline_class``'s layout (``dtype`` applies to every component)."""
         from aa_lightning.models.diffusion_pipeline_io import load_pipeline_components
 
-        parts = load_pipeline_components(folder, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        parts = load_pipeline_components(
+            folder,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            pipeline_class=cls.pipeline_class,
+            **kwargs,
+        )
         return cls(**parts, name_or_path=str(folder))
+
+
+class TextToImageDiffusion(LatentDiffusion):
+    """Text-to-image (Stable Diffusion style): ``pixel_values`` ``(N, 3, H, W)`` -> latents ``(N, c, h, w)``.
+
+    The UNet is a ``UNet2DConditionModel``; samples and saves through ``StableDiffusionPipeline``.
+    """
+
+    def posterior(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.vae_posterior(media)
+
+    def explain_outputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        noise_seed: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> OutputScores:
+        """Per row ``-0.5 * mean((target - prediction)^2)`` over the latent dims (float32), count 1.
+
+        Gradients flow into the UNet only. Other batch tensors are accepted and ignored, so
+        ``model(**model_inputs(batch))`` works on any text-to-image batch.
+        """
+        return self.score(pixel_values, input_ids, noise_seed, attention_mask)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[Image.Image]:
+        """PIL images for ``prompts`` (one each), sampled with the UNet in eval mode (its mode is restored)."""
+        out = self._sample(
+            prompt=list(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            height=height,
+            width=width,
+            negative_prompt=negative_prompt,
+            output_type="pil",
+            **kwargs,
+        )
+        return list(out.images)
+
+
+class TextToVideoDiffusion(LatentDiffusion):
+    """Text-to-video (ModelScope / TextToVideoSD style): a ``UNet3DConditionModel`` over the latents of an
+    image VAE applied frame by frame.
+
+    ``pixel_values_videos`` ``(N, F, 3, H, W)`` in ``[-1, 1]`` -> every frame through the VAE -> latents
+    ``(N, c, F, h, w)`` (channels before frames, as ``TextToVideoSDPipeline`` and the 3D UNet take them). The
+    score is the same ``-0.5 * MSE`` over all latent dims (channels, frames, pixels), count 1: a clip is one
+    scored unit, and each row's VAE draw, timestep and noise come from its seed as for images. Samples and
+    saves through ``TextToVideoSDPipeline``.
+    """
+
+    media_key = "pixel_values_videos"
+    pipeline_class = "TextToVideoSDPipeline"
+    model_type = "text-to-video-sd"
+
+    def posterior(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if media.ndim != 5:
+            raise ValueError(
+                f"{self.media_key} must be (N, F, 3, H, W) videos, got shape {tuple(media.shape)}"
+            )
+        n, frames = media.shape[:2]
+        mean, std = self.vae_posterior(media.flatten(0, 1))  # (N * F, c, h, w), frame-major per video
+
+        def layout(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(0, (n, frames)).permute(0, 2, 1, 3, 4).contiguous()  # (N, c, F, h, w)
+
+        return layout(mean), layout(std)
+
+    def explain_outputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values_videos: torch.Tensor,
+        noise_seed: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **_: Any,
+    ) -> OutputScores:
+        """Per row ``-0.5 * mean((target - prediction)^2)`` over ``(c, F, h, w)`` (float32), count 1."""
+        return self.score(pixel_values_videos, input_ids, noise_seed, attention_mask)
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        if not getattr(self.unet, "_supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"{type(self.unet).__name__} does not support gradient checkpointing in diffusers "
+                "(UNet3DConditionModel has no checkpointed blocks); set gradient_checkpointing: false"
+            )
+        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        num_frames: int = 16,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 9.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[list[Image.Image]]:
+        """Per prompt a list of ``num_frames`` PIL frames, sampled with the UNet in eval mode."""
+        from PIL import Image
+
+        out = self._sample(
+            prompt=list(prompts),
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            height=height,
+            width=width,
+            negative_prompt=negative_prompt,
+            output_type="np",
+            **kwargs,
+        )
+        videos = out.frames  # (B, F, H, W, 3) floats in [0, 1]
+        return [
+            [Image.fromarray((frame.clip(0, 1) * 255).round().astype("uint8")) for frame in video]
+            for video in videos
+        ]

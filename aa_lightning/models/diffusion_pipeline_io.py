@@ -1,6 +1,8 @@
-"""Reading and writing diffusers pipeline folders for :class:`~aa_lightning.models.diffusion.TextToImageDiffusion`.
+"""Reading and writing diffusers pipeline folders for :class:`~aa_lightning.models.diffusion.LatentDiffusion`
+models (``TextToImageDiffusion``: ``StableDiffusionPipeline``; ``TextToVideoDiffusion``:
+``TextToVideoSDPipeline``).
 
-A trained text-to-image model is exported as what users of diffusers already load:
+A trained model is exported as what users of diffusers already load:
 ``DiffusionPipeline.from_pretrained(folder)`` on a folder with ``model_index.json``, ``unet/``, ``vae/``,
 ``text_encoder/``, ``tokenizer/`` and ``scheduler/``.
 """
@@ -18,12 +20,19 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from aa_lightning.models.diffusion import TextToImageDiffusion
+    from aa_lightning.models.diffusion import LatentDiffusion
 
-__all__ = ["COMPONENTS", "build_pipeline", "is_pipeline_folder", "load_pipeline_components", "save_pipeline"]
+__all__ = [
+    "COMPONENTS",
+    "build_pipeline",
+    "is_pipeline_folder",
+    "load_pipeline_components",
+    "pipeline_class_name",
+    "save_pipeline",
+]
 
 COMPONENTS = ("unet", "vae", "text_encoder")
-"""The weight-holding components, as ``TextToImageDiffusion.state_dict()`` prefixes their keys."""
+"""The weight-holding components, as ``LatentDiffusion.state_dict()`` prefixes their keys."""
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 UNSUPPORTED = ("text_encoder_2", "transformer", "prior", "decoder")  # SDXL, DiT/MMDiT, cascades
@@ -34,20 +43,38 @@ def is_pipeline_folder(path: str | os.PathLike) -> bool:
     return os.path.isfile(os.path.join(path, "model_index.json"))
 
 
-def build_pipeline(model: TextToImageDiffusion) -> Any:
-    """A ``StableDiffusionPipeline`` over ``model``'s components: no safety checker, and a fresh copy of the
-    inference scheduler, so sampling never changes ``model.scheduler``'s state."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class_name(path: str | os.PathLike) -> str:
+    """The ``_class_name`` of a pipeline folder's ``model_index.json`` (``""`` when it has none)."""
+    with open(os.path.join(path, "model_index.json")) as f:
+        return str(json.load(f).get("_class_name") or "")
 
-    pipe = StableDiffusionPipeline(
+
+#: Pipelines that have a safety checker (built and loaded without it).
+WITH_SAFETY_CHECKER = ("StableDiffusionPipeline",)
+
+
+def _no_safety_checker(pipeline_class: str) -> dict[str, Any]:
+    if pipeline_class not in WITH_SAFETY_CHECKER:
+        return {}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _pipeline_type(pipeline_class: str) -> Any:
+    import diffusers
+
+    return getattr(diffusers, pipeline_class)
+
+
+def build_pipeline(model: LatentDiffusion) -> Any:
+    """A ``model.pipeline_class`` pipeline over ``model``'s components: no safety checker, and a fresh copy of
+    the inference scheduler, so sampling never changes ``model.scheduler``'s state."""
+    pipe = _pipeline_type(model.pipeline_class)(
         vae=model.vae,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
         unet=model.unet,
         scheduler=type(model.scheduler).from_config(model.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **_no_safety_checker(model.pipeline_class),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -57,16 +84,15 @@ def load_pipeline_components(
     folder: str | os.PathLike,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    pipeline_class: str = "StableDiffusionPipeline",
     **kwargs: Any,
 ) -> dict[str, Any]:
-    """``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` of a Stable-Diffusion-style folder.
+    """``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` of a pipeline folder.
 
-    Loaded through ``StableDiffusionPipeline.from_pretrained`` (what users of diffusers run), without the
-    safety checker or its feature extractor. Other pipeline layouts (SDXL's two text encoders, transformer
-    backbones) are refused by name rather than half-loaded.
+    Loaded through ``<pipeline_class>.from_pretrained`` (what users of diffusers run: ``StableDiffusionPipeline``
+    or ``TextToVideoSDPipeline``), without a safety checker or its feature extractor. Other pipeline layouts
+    (SDXL's two text encoders, transformer backbones) are refused by name rather than half-loaded.
     """
-    from diffusers import StableDiffusionPipeline
-
     with open(os.path.join(folder, "model_index.json")) as f:
         index = json.load(f)
     present = {k for k, v in index.items() if isinstance(v, list) and v and v[0] is not None}
@@ -76,15 +102,13 @@ def load_pipeline_components(
         raise ValueError(
             f"{folder}: a {index.get('_class_name', 'pipeline')} folder is not a Stable-Diffusion-style "
             f"text-to-image pipeline (missing {missing or 'nothing'}, unsupported {extra or 'nothing'}); "
-            "TextToImageDiffusion takes unet + vae + one text_encoder + tokenizer + scheduler"
+            "a latent diffusion model takes unet + vae + one text_encoder + tokenizer + scheduler"
         )
     with outside_zero3_init():
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = _pipeline_type(pipeline_class).from_pretrained(
             folder,
             dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **_no_safety_checker(pipeline_class),
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
@@ -116,7 +140,7 @@ def outside_zero3_init() -> Iterator[None]:
 
 
 def save_pipeline(
-    model: TextToImageDiffusion,
+    model: LatentDiffusion,
     save_directory: str | os.PathLike,
     state_dict: dict[str, torch.Tensor] | None = None,
     safe_serialization: bool = True,
@@ -149,7 +173,7 @@ def _plain_names(component: nn.Module) -> set[str]:
 
 
 def split_state_dict(
-    model: TextToImageDiffusion, state_dict: dict[str, torch.Tensor]
+    model: LatentDiffusion, state_dict: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``state_dict`` per component, checked: every key belongs to a component, and a component that is given
     is given whole (a partial UNet would load with random weights where keys are missing)."""

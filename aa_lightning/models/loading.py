@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, ProcessorMixin
 
 from aa_lightning.models.aliases import resolve_model_path
-from aa_lightning.models.diffusion_pipeline_io import is_pipeline_folder
+from aa_lightning.models.diffusion_pipeline_io import is_pipeline_folder, pipeline_class_name
 from aa_lightning.models.family_repairs import repair_loaded_model
 from aa_lightning.models.registry import MODEL_REGISTRY, load_config, resolve_model_class
 from aa_lightning.models.score_model import ScoreModel
@@ -104,7 +104,8 @@ def load_pretrained_models(
     (``smollm2-135m-instruct``, ``tiny-llama``, ...). The model class comes from the registry
     (``@register_model``) and falls back to the transformers auto classes. ``score_model=True`` gives a
     :class:`ScoreModel` (backbone + score head) for reward/cost models and critics. A diffusers pipeline
-    folder (``model_index.json``, e.g. ``tiny-sd``) gives ``(TextToImageDiffusion, tokenizer, None)``.
+    folder (``model_index.json``, e.g. ``tiny-sd``, ``tiny-t2v``) gives ``(LatentDiffusion, tokenizer, None)``:
+    the class is picked by the folder's ``_class_name`` (:data:`DIFFUSION_CLASSES`).
     """
     path = resolve_model_path(name_or_path)
     if is_pipeline_folder(path):
@@ -143,6 +144,26 @@ def load_pretrained_models(
     return model, tokenizer, processor
 
 
+DIFFUSION_CLASSES: dict[str, str] = {
+    "StableDiffusionPipeline": "TextToImageDiffusion",
+    "TextToVideoSDPipeline": "TextToVideoDiffusion",
+}
+"""``model_index.json`` ``_class_name`` -> the class in :mod:`aa_lightning.models.diffusion` that loads it."""
+
+
+def diffusion_class(path: str) -> type[torch.nn.Module]:
+    """The model class for the pipeline folder ``path``, by its ``_class_name`` (refused by name if unknown)."""
+    from aa_lightning.models import diffusion
+
+    name = pipeline_class_name(path)
+    if name not in DIFFUSION_CLASSES:
+        raise ValueError(
+            f"{path}: a {name or 'nameless'} pipeline (model_index.json _class_name) is not supported; "
+            f"supported pipelines: {', '.join(DIFFUSION_CLASSES)}"
+        )
+    return getattr(diffusion, DIFFUSION_CLASSES[name])
+
+
 def load_diffusion_pipeline(
     path: str,
     *,
@@ -154,27 +175,28 @@ def load_diffusion_pipeline(
     attn_implementation: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, None]:
-    """``(TextToImageDiffusion, its tokenizer, None)`` for a diffusers pipeline folder.
+    """``(model, its tokenizer, None)`` for a diffusers pipeline folder: a ``TextToImageDiffusion`` for a
+    ``StableDiffusionPipeline``, a ``TextToVideoDiffusion`` for a ``TextToVideoSDPipeline`` (the
+    ``_class_name`` of ``model_index.json``; :data:`DIFFUSION_CLASSES`).
 
     Its tokenizer pads on the right (the text encoder was trained so, and the pipeline samples so); ``dtype``
     ``auto`` keeps diffusers' default (float32).
     """
-    from aa_lightning.models.diffusion import TextToImageDiffusion
-
     if score_model:
         raise ValueError(
-            f"{path} is a text-to-image pipeline: there is no score (reward/cost) model for diffusion "
+            f"{path} is a diffusion pipeline: there is no score (reward/cost) model for diffusion "
             "pipelines yet; point the reward model at a text or multimodal checkpoint"
         )
     if padding_side != "right":
-        raise ValueError(f"{path}: text-to-image prompts are padded on the right, not {padding_side!r}")
+        raise ValueError(f"{path}: diffusion prompts are padded on the right, not {padding_side!r}")
     if attn_implementation not in (None, "sdpa"):
         raise ValueError(
             f"{path}: attn_implementation {attn_implementation!r} is not supported for diffusion pipelines "
             "(diffusers uses scaled-dot-product attention)"
         )
     torch_dtype = to_torch_dtype(dtype)
-    model = TextToImageDiffusion.from_pretrained(
+    model_class = diffusion_class(path)
+    model = model_class.from_pretrained(
         path,
         dtype=None if torch_dtype == "auto" else torch_dtype,
         trust_remote_code=trust_remote_code,

@@ -24,9 +24,14 @@ __all__ = ["AA_T2I", "PickAPic", "PromptImage", "PromptImageLabel", "TextToImage
 
 
 class TextToImageFormatter(BaseFormatter):
-    """Unregistered base: reads the prompt and image columns and builds the conversations (module doc)."""
+    """Unregistered base: reads the prompt and image columns and builds the conversations (module doc).
+
+    ``media_type`` is the kind of the generated media (the content part's ``type``): ``image`` here, ``video``
+    for the text-to-video formatters (:mod:`.text_to_video`), which share everything else.
+    """
 
     prompt_key: str = "prompt"
+    media_type: str = "image"
 
     def prompt(self, raw_sample: Mapping[str, Any]) -> Conversation:
         return [{"role": "user", "content": self.field(raw_sample, self.prompt_key)}]
@@ -37,10 +42,13 @@ class TextToImageFormatter(BaseFormatter):
         for key in keys:
             if raw_sample.get(key) is not None:
                 return media_item(raw_sample[key], key)
-        raise DataFormatError(f"missing image (the row needs {' or '.join(map(repr, keys))})", field=keys[0])
+        raise DataFormatError(
+            f"missing {self.media_type} (the row needs {' or '.join(map(repr, keys))})", field=keys[0]
+        )
 
     def with_image(self, prompt: Conversation, image: dict[str, Any]) -> Conversation:
-        return [*prompt, {"role": "assistant", "content": [{"type": "image", "image": image}]}]
+        kind = self.media_type
+        return [*prompt, {"role": "assistant", "content": [{"type": kind, kind: image}]}]
 
     def pair(
         self, raw_sample: Mapping[str, Any], chosen: tuple[str, ...], rejected: tuple[str, ...]
