@@ -44,6 +44,7 @@ DATAMODULES = {
     "ta2t": "TextAudioToTextDataModule",
     "tv2t": "TextVideoToTextDataModule",
     "t2i": "TextToImageDataModule",
+    "t2a": "TextToAudioDataModule",
 }
 EXPORT = re.compile(r"^runs/([^/]+)/hf_model$")
 

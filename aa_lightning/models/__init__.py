@@ -1,9 +1,10 @@
-"""Model layer: registry, loading, score model, text-to-image diffusion and model aliases.
+"""Model layer: registry, loading, score model, text-to-image and text-to-audio diffusion and model aliases.
 
 The random tiny models that the ``tiny-*`` aliases build are test fixtures, in :mod:`aa_lightning.testing`.
 """
 
 from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.audio_diffusion import TextToAudioDiffusion
 from aa_lightning.models.diffusion import OutputScores, TextToImageDiffusion
 from aa_lightning.models.loading import load_pretrained_models, load_tokenizer_and_processor
 from aa_lightning.models.registry import MODEL_REGISTRY, register_model, resolve_model_class
@@ -14,6 +15,7 @@ __all__ = [
     "OutputScores",
     "ScoreModel",
     "ScoreModelOutput",
+    "TextToAudioDiffusion",
     "TextToImageDiffusion",
     "load_pretrained_models",
     "load_tokenizer_and_processor",

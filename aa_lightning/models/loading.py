@@ -104,7 +104,8 @@ def load_pretrained_models(
     (``smollm2-135m-instruct``, ``tiny-llama``, ...). The model class comes from the registry
     (``@register_model``) and falls back to the transformers auto classes. ``score_model=True`` gives a
     :class:`ScoreModel` (backbone + score head) for reward/cost models and critics. A diffusers pipeline
-    folder (``model_index.json``, e.g. ``tiny-sd``) gives ``(TextToImageDiffusion, tokenizer, None)``.
+    folder (``model_index.json``, e.g. ``tiny-sd``) gives ``(TextToImageDiffusion, tokenizer, None)``; an
+    ``AudioLDMPipeline`` folder (``tiny-audioldm``) gives ``(TextToAudioDiffusion, tokenizer, None)``.
     """
     path = resolve_model_path(name_or_path)
     if is_pipeline_folder(path):
@@ -159,8 +160,11 @@ def load_diffusion_pipeline(
     Its tokenizer pads on the right (the text encoder was trained so, and the pipeline samples so); ``dtype``
     ``auto`` keeps diffusers' default (float32).
     """
+    from aa_lightning.models.audio_diffusion import TextToAudioDiffusion, is_audio_pipeline_folder
     from aa_lightning.models.diffusion import TextToImageDiffusion
 
+    # an AudioLDMPipeline folder (model_index.json's _class_name) is text-to-audio, any other text-to-image
+    model_class = TextToAudioDiffusion if is_audio_pipeline_folder(path) else TextToImageDiffusion
     if score_model:
         raise ValueError(
             f"{path} is a text-to-image pipeline: there is no score (reward/cost) model for diffusion "
@@ -174,7 +178,7 @@ def load_diffusion_pipeline(
             "(diffusers uses scaled-dot-product attention)"
         )
     torch_dtype = to_torch_dtype(dtype)
-    model = TextToImageDiffusion.from_pretrained(
+    model = model_class.from_pretrained(
         path,
         dtype=None if torch_dtype == "auto" else torch_dtype,
         trust_remote_code=trust_remote_code,

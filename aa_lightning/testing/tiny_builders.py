@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from aa_lightning.testing.tiny_audio_diffusion import build_tiny_audioldm
 from aa_lightning.testing.tiny_diffusion import build_tiny_sd
 from aa_lightning.testing.tiny_multimodal import build_tiny_llava, build_tiny_qwen2_audio, build_tiny_qwen2_vl
 from aa_lightning.testing.tiny_text import build_tiny_llama, build_tiny_qwen2
@@ -23,4 +24,5 @@ TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-qwen2-vl": build_tiny_qwen2_vl,
     "tiny-qwen2-audio": build_tiny_qwen2_audio,
     "tiny-sd": build_tiny_sd,
+    "tiny-audioldm": build_tiny_audioldm,
 }

@@ -5,7 +5,7 @@ registers its classes with ``@register_template`` when imported, so a module mis
 name missing from configs. Text: :mod:`.instruction`, :mod:`.conversation`, :mod:`.preference`,
 :mod:`.safety`, :mod:`.math_problems` (on the shared :mod:`.chat` parsing). Image/audio/video:
 :mod:`.mllm`, :mod:`.rlaif_v`, :mod:`.speech`, :mod:`.align_anything_media` (on :mod:`.multimodal_chat`).
-Text to image (a prompt and its generated images): :mod:`.text_to_image`.
+Text to image (a prompt and its generated images): :mod:`.text_to_image`; text to audio: :mod:`.text_to_audio`.
 """
 
 from aa_lightning.data.formatters import (  # noqa: F401  (imported to register the built-ins)
@@ -18,6 +18,7 @@ from aa_lightning.data.formatters import (  # noqa: F401  (imported to register 
     rlaif_v,
     safety,
     speech,
+    text_to_audio,
     text_to_image,
 )
 from aa_lightning.data.formatters.base import SAMPLE_KINDS, BaseFormatter, Conversation, Meta
