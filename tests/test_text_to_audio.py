@@ -287,3 +287,11 @@ def test_the_export_is_an_audioldm_pipeline_that_loads_and_generates(tmp_path: P
     assert audio.shape == (10240,) and np.isfinite(audio).all() and audio.std() > 1e-3
     reloaded, _, _ = load_pretrained_models(str(folder))
     assert isinstance(reloaded, TextToAudioDiffusion)
+
+
+def test_image_settings_are_refused_unless_left_at_their_defaults() -> None:
+    """The CLI hands every datamodule the parent's defaults (``resolution: 512``): those pass, a changed one not."""
+    spec = DataSpec(os.path.join(T2A, "prompt_audio.json"), "T2A-Prompt-Audio")
+    TextToAudioDataModule("tiny-audioldm", train=spec, resolution=512, random_flip=False)
+    with pytest.raises(TypeError, match="resolution"):
+        TextToAudioDataModule("tiny-audioldm", train=spec, resolution=64)

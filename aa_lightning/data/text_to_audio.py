@@ -161,8 +161,10 @@ class TextToAudioDataModule(TextToImageDataModule):
     """
 
     def __init__(self, *args: Any, duration: float | None = None, **kwargs: Any) -> None:
+        # the CLI passes the parent's defaults of the image settings: only a changed one is an error
+        defaults = inspect.signature(TextToImageDataModule.__init__).parameters
         for name in ("resolution", "random_flip"):
-            if name in kwargs:
+            if name in kwargs and kwargs[name] != defaults[name].default:
                 raise TypeError(f"{name}: an image setting that {type(self).__name__} does not take")
         super().__init__(*args, **kwargs)
         self.duration = duration
