@@ -46,6 +46,7 @@ DATAMODULES = {
     "t2i": "TextToImageDataModule",
     "t2itok": "TextToImageTokensDataModule",
     "t2v": "TextToVideoDataModule",
+    "t2a": "TextToAudioDataModule",
 }
 EXPORT = re.compile(r"^runs/([^/]+)/hf_model$")
 

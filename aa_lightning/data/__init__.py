@@ -7,6 +7,7 @@ from aa_lightning.data.formatters import BaseFormatter, available_templates, get
 from aa_lightning.data.image import TextImageToTextDataModule
 from aa_lightning.data.multimodal import MultimodalDataModule
 from aa_lightning.data.sources import DataSpec
+from aa_lightning.data.text_to_audio import TextToAudioDataModule
 from aa_lightning.data.text_to_image import TextToImageDataModule
 from aa_lightning.data.text_to_image_tokens import TextToImageTokensDataModule
 from aa_lightning.data.text_to_video import TextToVideoDataModule
@@ -20,6 +21,7 @@ __all__ = [
     "MultimodalDataModule",
     "TextAudioToTextDataModule",
     "TextImageToTextDataModule",
+    "TextToAudioDataModule",
     "TextToImageDataModule",
     "TextToImageTokensDataModule",
     "TextToVideoDataModule",

@@ -1,9 +1,10 @@
-"""Model layer: registry, loading, score model, text-to-image and text-to-video diffusion and model aliases.
+"""Model layer: registry, loading, score model, text-to-image, -video and -audio diffusion and model aliases.
 
 The random tiny models that the ``tiny-*`` aliases build are test fixtures, in :mod:`aa_lightning.testing`.
 """
 
 from aa_lightning.models.aliases import resolve_model_path
+from aa_lightning.models.audio_diffusion import TextToAudioDiffusion
 from aa_lightning.models.diffusion import (
     LatentDiffusion,
     OutputScores,
@@ -24,6 +25,7 @@ __all__ = [
     "OutputScores",
     "ScoreModel",
     "ScoreModelOutput",
+    "TextToAudioDiffusion",
     "TextToImageDiffusion",
     "TextToVideoDiffusion",
     "load_pretrained_models",

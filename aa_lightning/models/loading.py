@@ -104,8 +104,9 @@ def load_pretrained_models(
     (``smollm2-135m-instruct``, ``tiny-llama``, ...). The model class comes from the registry
     (``@register_model``) and falls back to the transformers auto classes. ``score_model=True`` gives a
     :class:`ScoreModel` (backbone + score head) for reward/cost models and critics. A diffusers pipeline
-    folder (``model_index.json``, e.g. ``tiny-sd``, ``tiny-t2v``) gives ``(LatentDiffusion, tokenizer, None)``:
-    the class is picked by the folder's ``_class_name`` (:data:`DIFFUSION_CLASSES`).
+    folder (``model_index.json``, e.g. ``tiny-sd``, ``tiny-t2v``, ``tiny-audioldm``) gives
+    ``(LatentDiffusion, tokenizer, None)``: the class is picked by the folder's ``_class_name``
+    (:data:`DIFFUSION_CLASSES`).
     """
     path = resolve_model_path(name_or_path)
     if is_pipeline_folder(path):
@@ -145,15 +146,16 @@ def load_pretrained_models(
 
 
 DIFFUSION_CLASSES: dict[str, str] = {
-    "StableDiffusionPipeline": "TextToImageDiffusion",
-    "TextToVideoSDPipeline": "TextToVideoDiffusion",
+    "StableDiffusionPipeline": "aa_lightning.models.diffusion:TextToImageDiffusion",
+    "TextToVideoSDPipeline": "aa_lightning.models.diffusion:TextToVideoDiffusion",
+    "AudioLDMPipeline": "aa_lightning.models.audio_diffusion:TextToAudioDiffusion",
 }
-"""``model_index.json`` ``_class_name`` -> the class in :mod:`aa_lightning.models.diffusion` that loads it."""
+"""``model_index.json`` ``_class_name`` -> ``module:Class`` of the model class that loads it."""
 
 
 def diffusion_class(path: str) -> type[torch.nn.Module]:
     """The model class for the pipeline folder ``path``, by its ``_class_name`` (refused by name if unknown)."""
-    from aa_lightning.models import diffusion
+    import importlib
 
     name = pipeline_class_name(path)
     if name not in DIFFUSION_CLASSES:
@@ -161,7 +163,8 @@ def diffusion_class(path: str) -> type[torch.nn.Module]:
             f"{path}: a {name or 'nameless'} pipeline (model_index.json _class_name) is not supported; "
             f"supported pipelines: {', '.join(DIFFUSION_CLASSES)}"
         )
-    return getattr(diffusion, DIFFUSION_CLASSES[name])
+    module, cls = DIFFUSION_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def load_diffusion_pipeline(

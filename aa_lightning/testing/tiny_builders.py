@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from aa_lightning.testing.tiny_audio_diffusion import build_tiny_audioldm
 from aa_lightning.testing.tiny_diffusion import build_tiny_sd, build_tiny_t2v
 from aa_lightning.testing.tiny_image_generation import build_tiny_emu3
 from aa_lightning.testing.tiny_multimodal import build_tiny_llava, build_tiny_qwen2_audio, build_tiny_qwen2_vl
@@ -26,4 +27,5 @@ TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-sd": build_tiny_sd,
     "tiny-emu3": build_tiny_emu3,
     "tiny-t2v": build_tiny_t2v,
+    "tiny-audioldm": build_tiny_audioldm,
 }

@@ -5,7 +5,8 @@ registers its classes with ``@register_template`` when imported, so a module mis
 name missing from configs. Text: :mod:`.instruction`, :mod:`.conversation`, :mod:`.preference`,
 :mod:`.safety`, :mod:`.math_problems` (on the shared :mod:`.chat` parsing). Image/audio/video:
 :mod:`.mllm`, :mod:`.rlaif_v`, :mod:`.speech`, :mod:`.align_anything_media` (on :mod:`.multimodal_chat`).
-Text to image (a prompt and its generated images): :mod:`.text_to_image`; text to video: :mod:`.text_to_video`.
+Text to image (a prompt and its generated images): :mod:`.text_to_image`; text to video: :mod:`.text_to_video`;
+text to audio: :mod:`.text_to_audio`.
 """
 
 from aa_lightning.data.formatters import (  # noqa: F401  (imported to register the built-ins)
@@ -18,6 +19,7 @@ from aa_lightning.data.formatters import (  # noqa: F401  (imported to register 
     rlaif_v,
     safety,
     speech,
+    text_to_audio,
     text_to_image,
     text_to_video,
 )
