@@ -45,6 +45,7 @@ __all__ = [
     "MARGIN",
     "MEDIA_ROWS",
     "META",
+    "NOISE_SEED",
     "NON_MODEL_KEYS",
     "PER_TOKEN_KEYS",
     "PROMPT_STREAM",
@@ -106,6 +107,9 @@ STEP_CHOSEN_LABEL_TOKENS = "step_chosen_label_tokens"
 MEDIA_ROWS = "media_rows"
 #: ``list[str]``: the model inputs with the ``(N, L)`` shape of ``input_ids`` (e.g. token type ids).
 PER_TOKEN_KEYS = "per_token_keys"
+
+#: ``(N,)`` int64, diffusion batches: the seed of each row's noise and timestep (a pair's rows share it).
+NOISE_SEED = "noise_seed"
 
 #: Top-level batch keys that are not model inputs.
 NON_MODEL_KEYS = frozenset({LABELS})

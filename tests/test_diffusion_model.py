@@ -98,7 +98,14 @@ def test_only_the_unet_trains(model: TextToImageDiffusion) -> None:
     model.requires_grad_(True)  # what generic code may call: the frozen parts stay frozen
     assert all(n.startswith("unet.") for n, p in model.named_parameters() if p.requires_grad)
     model.train()
-    assert model.unet.training and not model.vae.training and not model.text_encoder.training
+    assert not model.vae.training and not model.text_encoder.training
+    # no active dropout: the UNet stays in eval mode (its train mode would only change memory layouts, and
+    # so the rounding against an eval-mode reference); with dropout it trains in train mode
+    assert not model.unet.training
+    model.unet.down_blocks[0].resnets[0].dropout.p = 0.1
+    model.train()
+    assert model.unet.training
+    model.unet.down_blocks[0].resnets[0].dropout.p = 0.0
     model.config.use_cache = False  # prepare_trainable sets it
     assert model.config.model_type == "stable-diffusion"
 
@@ -182,6 +189,8 @@ def test_gradient_checkpointing_gives_the_same_scores_and_gradients(sd_folder: s
 
 def test_generate_returns_decodable_images_of_the_requested_size(model: TextToImageDiffusion) -> None:
     model.train()
+    model.unet.train()  # as with active dropout: the UNet in train mode
+    unet_mode = model.unet.training
     images = model.generate(
         ["a red cat", "a blue dog"],
         num_inference_steps=3,
@@ -195,7 +204,7 @@ def test_generate_returns_decodable_images_of_the_requested_size(model: TextToIm
         assert image.size == (48, 32) and image.mode == "RGB"
         pixels = np.asarray(image).astype(np.float32)
         assert np.isfinite(pixels).all() and pixels.std() > 0
-    assert model.unet.training  # sampling ran in eval mode and put the mode back
+    assert model.unet.training == unet_mode  # sampling ran in eval mode and put the mode back
     again = model.generate(["a red cat"], num_inference_steps=3, generator=torch.Generator().manual_seed(0))
     assert again[0].size == (TINY_SD_RESOLUTION, TINY_SD_RESOLUTION)
 

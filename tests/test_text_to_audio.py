@@ -169,7 +169,8 @@ def test_only_the_unet_trains(model: TextToAudioDiffusion) -> None:
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"unet"}
     model.train()
-    assert model.unet.training and not model.vocoder.training and not model.vae.training
+    assert not model.vocoder.training and not model.vae.training
+    assert not model.unet.training  # no active dropout: kept in eval (see LatentDiffusion.train)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +251,8 @@ def test_dpo_raises_the_chosen_minus_rejected_margin_on_its_training_pairs(tmp_p
 
 def test_generation_gives_a_finite_audible_waveform(model: TextToAudioDiffusion) -> None:
     model.train()
+    model.unet.train()  # as with active dropout: the UNet in train mode
+    unet_mode = model.unet.training
     waves = model.generate(
         ["a man says seven", "a man says two"],
         num_inference_steps=2,
@@ -257,7 +260,7 @@ def test_generation_gives_a_finite_audible_waveform(model: TextToAudioDiffusion)
     )
     assert len(waves) == 2 and all(w.shape == (10240,) for w in waves)  # 0.64 s at 16 kHz
     assert all(np.isfinite(w).all() and w.std() > 1e-3 for w in waves)
-    assert model.unet.training  # sampled in eval mode, the training mode restored
+    assert model.unet.training == unet_mode  # sampled in eval mode, the mode restored
 
 
 def test_the_export_is_an_audioldm_pipeline_that_loads_and_generates(tmp_path: Path) -> None:

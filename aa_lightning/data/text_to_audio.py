@@ -24,7 +24,7 @@ from typing import Any
 import datasets
 import torch
 
-from aa_lightning.batch import SAMPLE_INDEX
+from aa_lightning.batch import NOISE_SEED, SAMPLE_INDEX
 from aa_lightning.data import audio_mel as audio_mel_module
 from aa_lightning.data import media as media_module
 from aa_lightning.data.collators import meta_tensors
@@ -33,6 +33,7 @@ from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Conversation, Meta
 from aa_lightning.data.media import MediaLoader, load_audio, media_label, resolve_media
 from aa_lightning.data.multimodal import check_media
+from aa_lightning.data.noise_seeds import row_noise_seeds
 from aa_lightning.data.reports import CUT, SAME, DataReport
 from aa_lightning.data.sources import DataSpec
 from aa_lightning.data.text_to_image import TextToImageDataModule, TextToImageEncoder, tokenizer_folder
@@ -134,9 +135,9 @@ class TextToAudioCollator(TextToImageCollator):
         pairs = self.kind == "preference"
         batch: dict[str, Any] = self._tokens(ids + ids if pairs else ids)
         if self.kind != "prompt_only":
-            seeds = torch.randint(0, 2**62, (len(samples),), dtype=torch.int64)
+            seeds = row_noise_seeds([s.get(SAMPLE_INDEX, i) for i, s in enumerate(samples)])
             batch["audio_mels"] = self._mels(samples, metas)
-            batch["noise_seed"] = torch.cat([seeds, seeds]) if pairs else seeds
+            batch[NOISE_SEED] = torch.cat([seeds, seeds]) if pairs else seeds
         shown = [self.public_meta(s, m, self.kind) for s, m in zip(samples, metas)]
         batch["extra"] = meta_tensors(shown)
         if SAMPLE_INDEX in samples[0]:

@@ -31,6 +31,7 @@ from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Conversation, Meta
 from aa_lightning.data.media import MediaLoader, resolve_media
 from aa_lightning.data.multimodal import check_media
+from aa_lightning.data.noise_seeds import NoiseSeedsPerEpoch
 from aa_lightning.data.reports import CUT, SAME, DataReport
 from aa_lightning.data.sources import DataSpec, media_root, source_name
 from aa_lightning.data.text_to_image_collator import TextToImageCollator
@@ -153,7 +154,7 @@ def _notes(encoder: TextToImageEncoder, kind: str, sample: dict[str, Any], forma
     return " ".join(notes)
 
 
-class TextToImageDataModule(ConversationDataModule):
+class TextToImageDataModule(NoiseSeedsPerEpoch, ConversationDataModule):
     """Prompt + image rows for a text-to-image diffusion model (batches: see the collator's module doc).
 
     Takes the arguments of :class:`ConversationDataModule` except its chat-only ones (:data:`CHAT_ONLY`), and:

@@ -7,8 +7,8 @@ Preference batches hold the ``B`` chosen rows, then the ``B`` rejected rows, wit
 the same ``noise_seed`` in rows ``i`` and ``i + B``: the two images of a pair get the same noise and
 timestep, so the difference of their denoising errors measures the preference, not the draw.
 
-The seeds come from torch's global RNG, so ``seed_everything`` makes them reproducible (each DataLoader
-worker has its own seeded RNG).
+The seeds are a hash of (``seed_everything``'s seed, sample index, epoch) (:mod:`aa_lightning.data.noise_seeds`):
+the same on every rank, worker and batch composition, and after a resume.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF  # noqa: N812
 
-from aa_lightning.batch import EXTRA, META, SAMPLE_INDEX
+from aa_lightning.batch import EXTRA, META, NOISE_SEED, SAMPLE_INDEX
 from aa_lightning.data.collators import meta_tensors, pad_sequences
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.media import load_image, media_label
+from aa_lightning.data.noise_seeds import row_noise_seeds
 
 __all__ = ["IMAGE_SIDES", "TextToImageCollator", "image_tensor"]
 
@@ -112,9 +113,9 @@ class TextToImageCollator:
         pairs = self.kind == "preference"
         batch: dict[str, Any] = self._tokens(ids + ids if pairs else ids)
         if self.kind != "prompt_only":
-            seeds = torch.randint(0, 2**62, (len(samples),), dtype=torch.int64)
+            seeds = row_noise_seeds([s.get(SAMPLE_INDEX, i) for i, s in enumerate(samples)])
             batch[self.batch_key] = self._pixels(samples, metas)
-            batch["noise_seed"] = torch.cat([seeds, seeds]) if pairs else seeds
+            batch[NOISE_SEED] = torch.cat([seeds, seeds]) if pairs else seeds
         shown = [self.public_meta(s, m, self.kind) for s, m in zip(samples, metas)]
         batch[EXTRA] = meta_tensors(shown)
         if SAMPLE_INDEX in samples[0]:

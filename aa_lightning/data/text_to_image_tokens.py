@@ -70,6 +70,9 @@ EMPTY = {
 class ImageTokenEncoder:
     """One formatted text-to-image row -> token columns (module doc), images encoded by ``image_tokenizer``."""
 
+    media_type = "image"  # read by the shared prompt/image reader below
+    prompt_and_image = TextToImageEncoder.prompt_and_image
+
     def __init__(
         self,
         processor: Any,
@@ -129,13 +132,13 @@ class ImageTokenEncoder:
         return json.dumps(shown)
 
     def supervised(self, conversation: Conversation, meta: Meta) -> dict[str, Any]:
-        prompt, image = TextToImageEncoder.prompt_and_image(conversation, "supervised")
+        prompt, image = self.prompt_and_image(conversation, "supervised")
         ids, labels, ref = self.sequence(prompt, image)
         return {"input_ids": ids, "labels": labels, "meta": self._meta(meta, prompt, ["image"], [ref])}
 
     def preference(self, chosen: Conversation, rejected: Conversation, meta: Meta) -> dict[str, Any]:
-        prompt, chosen_image = TextToImageEncoder.prompt_and_image(chosen, "chosen")
-        other, rejected_image = TextToImageEncoder.prompt_and_image(rejected, "rejected")
+        prompt, chosen_image = self.prompt_and_image(chosen, "chosen")
+        other, rejected_image = self.prompt_and_image(rejected, "rejected")
         if other != prompt:
             raise DataFormatError(f"the chosen and rejected prompts differ: {prompt!r} vs {other!r}")
         c_ids, c_labels, c_ref = self.sequence(prompt, chosen_image)
@@ -149,7 +152,7 @@ class ImageTokenEncoder:
         }
 
     def prompt_only(self, conversation: Conversation, meta: Meta) -> dict[str, Any]:
-        prompt, _ = TextToImageEncoder.prompt_and_image(conversation, "prompt-only", with_image=False)
+        prompt, _ = self.prompt_and_image(conversation, "prompt-only", with_image=False)
         height, width = self.grid()
         shown = json.loads(self._meta(meta, prompt, [], []))
         shown.update(height=height, width=width)  # the token grid generate must fill (decode needs it)

@@ -173,10 +173,20 @@ class LatentDiffusion(nn.Module):
 
     # -- modes: only the UNet ever trains ----------------------------------------------------------------
     def train(self, mode: bool = True) -> LatentDiffusion:
-        """The frozen VAE and text encoder stay in eval mode whatever mode the UNet is put in."""
+        """The frozen VAE and text encoder stay in eval mode whatever mode the UNet is put in.
+
+        A UNet without active dropout (diffusers' default, ``p == 0`` everywhere) stays in eval mode as well:
+        its train mode changes no function, only memory layouts (``ResnetBlock2D`` makes its shortcut input
+        contiguous when training), and so the rounding of the next kernels. A training policy and its
+        eval-mode reference would then score the same weights differently (by ~1e-7, which DPO's beta of
+        2500 turns into a visible margin at the first step). Gradient checkpointing follows
+        ``torch.is_grad_enabled()``, not the mode, so it is unaffected.
+        """
         super().train(mode)
         self.vae.eval()
         self.text_encoder.eval()
+        if not any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.unet.modules()):
+            self.unet.eval()
         return self
 
     def requires_grad_(self, requires_grad: bool = True) -> LatentDiffusion:
