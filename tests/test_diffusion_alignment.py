@@ -310,7 +310,9 @@ def test_diffusion_kto_on_unpaired_likes_and_dislikes_prefers_the_liked_kind(tmp
     # beta 100, not DPO's 2500: KTO's per-row sigmoids saturate at large beta (lowering every likelihood is
     # easy, and a saturated desirable term has no gradient left); measured held-out gains: liked -0.001,
     # disliked -0.006 (beta 2500: both -0.21, the liked kind not preferred)
-    module = KTOModule("tiny-sd", beta=100.0, optim=OptimConfig(lr=3e-4, warmup_steps=0, scheduler="constant"))
+    module = KTOModule(
+        "tiny-sd", beta=100.0, optim=OptimConfig(lr=3e-4, warmup_steps=0, scheduler="constant")
+    )
     trainer(24).fit(module, datamodule(train_file, "T2I-Unpaired", "supervised", batch_size=4))
     held = datamodule(held_file, "T2I-Unpaired", "supervised", batch_size=6)
     held.setup("fit")
