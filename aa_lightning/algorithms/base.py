@@ -30,15 +30,15 @@ from aa_lightning.algorithms.export import (
 from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
+from aa_lightning.algorithms.prediction import PredictionMixin
 from aa_lightning.algorithms.zero3 import deepspeed_engine_of, initialise_lora_in_shards
-from aa_lightning.batch import META, model_inputs
 from aa_lightning.models.loading import DTypeName, load_pretrained_models
 from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["AlignModule", "NonFiniteError", "freeze"]
 
 
-class AlignModule(pl.LightningModule):
+class AlignModule(PredictionMixin, pl.LightningModule):
     """Base of every algorithm module.
 
     Args:
@@ -299,36 +299,6 @@ class AlignModule(pl.LightningModule):
     def generation_model(self) -> nn.Module:
         """The causal LM that generates (the policy)."""
         return self.model
-
-    @torch.no_grad()
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Answers to the prompts of a prompt-only batch, as dicts ``{prompt, response, meta}``; a model family
-        that generates other outputs (``generate_outputs``: images, audio, video) gives ``{prompt, output, meta}``,
-        which the prediction writer saves as files."""
-        gen = self.generation or GenerationConfig(do_sample=False)
-        model = unwrap(self.generation_model())
-        inputs = model_inputs(batch, model)
-        metas = batch.get(META) or [{} for _ in range(inputs["input_ids"].shape[0])]
-        family = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if callable(getattr(family, "generate_outputs", None)):  # the family generates its own kind of output
-            prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-            outputs = family.generate_outputs(**inputs, generation=gen)
-            return [{"prompt": p, "output": o, "meta": m} for p, o, m in zip(prompts, outputs, metas)]
-        out = model.generate(
-            **inputs,
-            max_new_tokens=gen.max_new_tokens,
-            do_sample=gen.do_sample,
-            temperature=gen.temperature if gen.do_sample else None,
-            top_p=gen.top_p if gen.do_sample else None,
-            top_k=gen.top_k if gen.do_sample else None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
-        responses = self.tokenizer.batch_decode(
-            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        prompts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        return [{"prompt": p, "response": r, "meta": m} for p, r, m in zip(prompts, responses, metas)]
 
     # -- export ----------------------------------------------------------------------------------------
     def export_model(self) -> nn.Module:
