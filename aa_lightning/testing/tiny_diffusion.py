@@ -9,6 +9,7 @@ latents are 4x16x16); the whole pipeline has about a million parameters and buil
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -29,8 +30,7 @@ def build_tiny_sd(save_dir: str | os.PathLike, seed: int = 0, prediction_type: s
     The folder's ``scheduler`` is a DDIMScheduler (few-step sampling); training draws its noise with a
     DDPMScheduler built from that config, as diffusers' training scripts do.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = TINY_SD_MAX_LENGTH
@@ -47,37 +47,8 @@ def build_tiny_sd(save_dir: str | os.PathLike, seed: int = 0, prediction_type: s
         attention_head_dim=(2, 4),
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_SD_RESOLUTION,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=TINY_SD_MAX_LENGTH,
-            projection_dim=32,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    scheduler = DDIMScheduler(
-        **SD_SCHEDULE,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
+    vae, text_encoder, scheduler = tiny_vae_text_encoder_scheduler(
+        tokenizer, TINY_SD_RESOLUTION, prediction_type
     )
     pipeline = StableDiffusionPipeline(
         vae=vae.eval(),
@@ -104,8 +75,7 @@ def build_tiny_t2v(save_dir: str | os.PathLike, seed: int = 0, prediction_type: 
     the latents of the same tiny image VAE and CLIP text encoder as ``tiny-sd``; clips are 4 frames of 32x32
     (latents 4 x 4 x 16 x 16). The scheduler is a DDIMScheduler as in ``tiny-sd``.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
 
     tokenizer = build_tiny_tokenizer()
     tokenizer.model_max_length = TINY_SD_MAX_LENGTH
@@ -122,6 +92,28 @@ def build_tiny_t2v(save_dir: str | os.PathLike, seed: int = 0, prediction_type: 
         attention_head_dim=8,
         norm_num_groups=16,
     )
+    vae, text_encoder, scheduler = tiny_vae_text_encoder_scheduler(
+        tokenizer, TINY_T2V_RESOLUTION, prediction_type
+    )
+    pipeline = TextToVideoSDPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+    )
+    pipeline.save_pretrained(save_dir)
+    return str(save_dir)
+
+
+def tiny_vae_text_encoder_scheduler(
+    tokenizer: Any, resolution: int, prediction_type: str
+) -> tuple[Any, Any, Any]:
+    """The tiny image VAE (x2 down, 4 latent channels), CLIP text encoder and DDIM scheduler every tiny
+    latent-diffusion pipeline shares (built after the UNet, in this order, from the seeded RNG)."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -131,7 +123,7 @@ def build_tiny_t2v(save_dir: str | os.PathLike, seed: int = 0, prediction_type: 
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
-        sample_size=TINY_T2V_RESOLUTION,
+        sample_size=resolution,
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -154,12 +146,4 @@ def build_tiny_t2v(save_dir: str | os.PathLike, seed: int = 0, prediction_type: 
         steps_offset=1,
         prediction_type=prediction_type,
     )
-    pipeline = TextToVideoSDPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-    )
-    pipeline.save_pretrained(save_dir)
-    return str(save_dir)
+    return vae, text_encoder, scheduler
