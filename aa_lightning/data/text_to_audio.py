@@ -18,22 +18,19 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import datasets
 import torch
 
-from aa_lightning.batch import NOISE_SEED, SAMPLE_INDEX
 from aa_lightning.data import audio_mel as audio_mel_module
 from aa_lightning.data import media as media_module
-from aa_lightning.data.collators import meta_tensors
 from aa_lightning.data.datamodule import fingerprint_of, formatter_source
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Conversation, Meta
-from aa_lightning.data.media import MediaLoader, load_audio, media_label, resolve_media
+from aa_lightning.data.media import MediaLoader, load_audio, resolve_media
 from aa_lightning.data.multimodal import check_media
-from aa_lightning.data.noise_seeds import row_noise_seeds
 from aa_lightning.data.reports import CUT, SAME, DataReport
 from aa_lightning.data.sources import DataSpec
 from aa_lightning.data.text_to_image import TextToImageDataModule, TextToImageEncoder, tokenizer_folder
@@ -97,7 +94,11 @@ def _notes(encoder: TextToAudioEncoder, kind: str, sample: dict[str, Any], forma
 
 
 class TextToAudioCollator(TextToImageCollator):
-    """Encoded text-to-audio samples -> a batch (module doc)."""
+    """Encoded text-to-audio samples -> a batch (module doc): the image collator with clips as the media."""
+
+    meta_key = "audios"
+    batch_key = "audio_mels"
+    sides = AUDIO_SIDES
 
     def __init__(
         self,
@@ -110,40 +111,9 @@ class TextToAudioCollator(TextToImageCollator):
         super().__init__(kind, pad_token_id, max_length, resolution=1, padding_side=padding_side)
         self.mel = mel
 
-    def _mels(self, samples: list[dict[str, Any]], metas: list[dict[str, Any]]) -> torch.Tensor:
-        tensors = []
-        for side in range(len(AUDIO_SIDES[self.kind])):  # all chosen clips, then all rejected ones
-            for sample, meta in zip(samples, metas):
-                try:
-                    wav = load_audio(meta["audios"][side], self.mel.sampling_rate)
-                except DataFormatError as err:  # decoded when prepared: the file changed since
-                    raise err.with_location(source=meta.get("_source"), row=sample.get("_row")) from None
-                tensors.append(audio_mel_module.log_mel_spectrogram(wav, self.mel))
-        return torch.stack(tensors)
-
-    @staticmethod
-    def public_meta(sample: dict[str, Any], meta: dict[str, Any], kind: str) -> dict[str, Any]:  # type: ignore[override]
-        shown = {key: value for key, value in meta.items() if key not in ("audios", "_source")}
-        shown["prompt"] = sample["prompt"]
-        for name, ref in zip(AUDIO_SIDES[kind], meta.get("audios", ())):
-            shown[name] = media_label(ref)
-        return shown
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        metas = [json.loads(s["meta"]) if isinstance(s["meta"], str) else s["meta"] for s in samples]
-        ids = [list(s["input_ids"]) for s in samples]
-        pairs = self.kind == "preference"
-        batch: dict[str, Any] = self._tokens(ids + ids if pairs else ids)
-        if self.kind != "prompt_only":
-            seeds = row_noise_seeds([s.get(SAMPLE_INDEX, i) for i, s in enumerate(samples)])
-            batch["audio_mels"] = self._mels(samples, metas)
-            batch[NOISE_SEED] = torch.cat([seeds, seeds]) if pairs else seeds
-        shown = [self.public_meta(s, m, self.kind) for s, m in zip(samples, metas)]
-        batch["extra"] = meta_tensors(shown)
-        if SAMPLE_INDEX in samples[0]:
-            batch["extra"][SAMPLE_INDEX] = torch.tensor([s[SAMPLE_INDEX] for s in samples], dtype=torch.long)
-        batch["meta"] = shown
-        return batch
+    def media_tensor(self, ref: Mapping[str, Any], flip: bool) -> torch.Tensor:
+        """One clip reference -> its ``(1, frames, n_mels)`` log-mel spectrogram (``flip`` does not apply)."""
+        return audio_mel_module.log_mel_spectrogram(load_audio(ref, self.mel.sampling_rate), self.mel)
 
 
 class TextToAudioDataModule(TextToImageDataModule):
