@@ -25,8 +25,7 @@ import datasets
 import torch
 
 from aa_lightning.data import audio_mel as audio_mel_module
-from aa_lightning.data import media as media_module
-from aa_lightning.data.datamodule import fingerprint_of, formatter_source
+from aa_lightning.data.datamodule import fingerprint_of
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Conversation, Meta
 from aa_lightning.data.media import MediaLoader, load_audio, resolve_media
@@ -166,21 +165,11 @@ class TextToAudioDataModule(TextToImageDataModule):
         return functools.partial(_notes, encoder)
 
     def _fingerprint(self, rows: datasets.Dataset, spec: DataSpec, kind: str, formatter: Any) -> str:
-        tokenizer = self.tokenizer
         parts = {
-            "rows": rows._fingerprint,
-            "spec": spec.__dict__,
-            "kind": kind,
-            "formatter": formatter_source(formatter),
-            "max_length": self.max_length,
-            "on_bad_row": self.hparams.on_bad_row,
-            "tokenizer": [tokenizer.name_or_path, len(tokenizer), type(tokenizer).__name__],
-            "encoder": [inspect.getsource(TextToImageEncoder), inspect.getsource(TextToAudioEncoder)],
+            "base": super()._fingerprint(rows, spec, kind, formatter),  # rows, tokenizer, media checks ...
+            "encoder": inspect.getsource(TextToAudioEncoder),
             "notes": [inspect.getsource(_notes), inspect.getsource(_same_clips)],
-            "root": self._spec_root,
-            "media": inspect.getsource(media_module),
             "sampling_rate": self.mel.sampling_rate,  # clips are checked by decoding at this rate
-            "version": 1,
         }
         return fingerprint_of(parts)
 

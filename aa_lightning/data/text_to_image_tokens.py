@@ -39,7 +39,7 @@ from torchvision.transforms import functional as TF  # noqa: N812
 
 from aa_lightning.batch import IGNORE_INDEX
 from aa_lightning.data.collators import TextCollator
-from aa_lightning.data.datamodule import ConversationDataModule, fingerprint_of, formatter_source
+from aa_lightning.data.datamodule import ConversationDataModule, fingerprint_of
 from aa_lightning.data.encoding import PromptTooLongError
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Conversation, Meta
@@ -228,22 +228,13 @@ class TextToImageTokensDataModule(TextToImageDataModule):
 
     def _fingerprint(self, rows: datasets.Dataset, spec: DataSpec, kind: str, formatter: Any) -> str:
         assert self.image_tokenizer is not None
-        tokenizer = self.tokenizer
         parts = {
-            "rows": rows._fingerprint,
-            "spec": spec.__dict__,
-            "kind": kind,
-            "formatter": formatter_source(formatter),
-            "max_length": self.max_length,
+            "base": super()._fingerprint(rows, spec, kind, formatter),  # rows, tokenizer, media checks ...
             "resolution": self.hparams.resolution,
-            "on_bad_row": self.hparams.on_bad_row,
-            "tokenizer": [tokenizer.name_or_path, len(tokenizer), type(tokenizer).__name__],
             "image_processor": self.processor.image_processor.to_dict(),
             "vq": self.image_tokenizer.fingerprint,
             "encoder": inspect.getsource(ImageTokenEncoder),
             "notes": inspect.getsource(_notes),
-            "root": self._spec_root,
-            "version": 1,
         }
         return fingerprint_of(parts)
 
