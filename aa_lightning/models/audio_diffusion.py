@@ -115,26 +115,13 @@ class TextToAudioDiffusion(TextToImageDiffusion):
         attention_mask: torch.Tensor | None = None,
         **_: Any,
     ) -> OutputScores:
-        """Per row ``-0.5 * mean((target - prediction)^2)`` over the latent dims (float32), count 1.
+        """:meth:`score` of the clips' log-mel spectrograms (other batch tensors are ignored)."""
+        return self.score(audio_mels, input_ids, noise_seed, attention_mask)
 
-        ``audio_mels`` ``(N, 1, frames, n_mels)``: log-mel spectrograms as the vocoder reads them. Gradients
-        flow into the UNet only; other batch tensors are ignored.
-        """
-        noisy, timesteps, target = self.noised_latents(audio_mels, noise_seed)
-        embeds = self.encode_prompt(input_ids, attention_mask)
-        dtype, device = self.dtype, self.device
-        prediction = self.unet(
-            noisy.to(device=device, dtype=dtype),
-            timesteps.to(device),
-            encoder_hidden_states=None,
-            class_labels=embeds.to(device=device, dtype=dtype),
-        ).sample
-        mse = (
-            (prediction.float() - target.to(prediction.device))
-            .pow(2)
-            .mean(dim=tuple(range(1, prediction.ndim)))
-        )
-        return OutputScores(sum=-0.5 * mse, count=torch.ones_like(mse, dtype=torch.long))
+    def unet_conditioning(self, text: torch.Tensor) -> dict[str, Any]:
+        """AudioLDM conditions through class embeddings on the normalised CLAP projection, no cross-attention
+        (``explain_outputs`` scores ``audio_mels`` ``(N, 1, frames, n_mels)``, as the vocoder reads them)."""
+        return {"encoder_hidden_states": None, "class_labels": text}
 
     # -- sampling ----------------------------------------------------------------------------------------
     def pipeline(self) -> Any:

@@ -262,7 +262,7 @@ class LatentDiffusion(nn.Module):
         prediction = self.unet(
             noisy.to(device=device, dtype=dtype),
             timesteps.to(device),
-            encoder_hidden_states=hidden.to(device=device, dtype=dtype),
+            **self.unet_conditioning(hidden.to(device=device, dtype=dtype)),
         ).sample
         mse = (
             (prediction.float() - target.to(prediction.device))
@@ -270,6 +270,10 @@ class LatentDiffusion(nn.Module):
             .mean(dim=tuple(range(1, prediction.ndim)))
         )
         return OutputScores(sum=-0.5 * mse, count=torch.ones_like(mse, dtype=torch.long))
+
+    def unet_conditioning(self, text: torch.Tensor) -> dict[str, Any]:
+        """How the UNet takes the encoded prompt (cross-attention states; AudioLDM: class embeddings)."""
+        return {"encoder_hidden_states": text}
 
     def explain_outputs(
         self,
