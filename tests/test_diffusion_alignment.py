@@ -326,3 +326,33 @@ def test_diffusion_kto_on_unpaired_likes_and_dislikes_prefers_the_liked_kind(tmp
                     gains[bool(liked)].append(value)
     liked, disliked = np.mean(gains[True]), np.mean(gains[False])
     assert liked > disliked, (liked, disliked)
+
+
+@pytest.mark.parametrize("name, suffixes", [("tiny-audioldm", (".wav",)), ("tiny-t2v", (".mp4", ".png"))])
+def test_generated_audio_and_video_are_written_as_files(
+    name: str, suffixes: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The families' ``generate_outputs`` feed the prediction writer: a WAV per clip (at the vocoder's rate), an
+    MP4 (or a frame strip where no encoder is available) per video."""
+    import soundfile
+
+    from aa_lightning.algorithms import GenerationConfig
+    from aa_lightning.callbacks.predictions import save_media
+    from aa_lightning.models import load_pretrained_models
+
+    model, tokenizer, _ = load_pretrained_models(name)
+    tokens = tokenizer(
+        ["a man says seven", "a dog runs"],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    outputs = model.generate_outputs(
+        **tokens, generation=GenerationConfig(num_inference_steps=2, guidance_scale=2.0)
+    )
+    paths = [save_media(output, str(tmp_path / f"{i:06d}")) for i, output in enumerate(outputs)]
+    assert len(paths) == 2 and all(p.endswith(suffixes) and os.path.getsize(p) > 0 for p in paths)
+    if name == "tiny-audioldm":
+        audio, rate = soundfile.read(paths[0])
+        assert rate == 16000 and np.isfinite(audio).all() and audio.std() > 0

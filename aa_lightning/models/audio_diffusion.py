@@ -118,6 +118,11 @@ class TextToAudioDiffusion(TextToImageDiffusion):
         """:meth:`score` of the clips' log-mel spectrograms (other batch tensors are ignored)."""
         return self.score(audio_mels, input_ids, noise_seed, attention_mask)
 
+    def generate_outputs(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Waveforms for a prompt batch as ``{"audio", "sampling_rate"}`` (what the prediction writer saves as WAV)."""
+        waves = super().generate_outputs(*args, **kwargs)
+        return [{"audio": wave, "sampling_rate": self.sampling_rate} for wave in waves]
+
     def unet_conditioning(self, text: torch.Tensor) -> dict[str, Any]:
         """AudioLDM conditions through class embeddings on the normalised CLAP projection, no cross-attention
         (``explain_outputs`` scores ``audio_mels`` ``(N, 1, frames, n_mels)``, as the vocoder reads them)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 __all__ = ["PREDICTION_TYPES", "DiffusionConfig", "LatentDiffusion", "OutputScores", "draw_row_noise"]
 
@@ -323,8 +323,9 @@ class LatentDiffusion(nn.Module):
         attention_mask: torch.Tensor | None = None,
         generation: Any = None,
         **_: Any,
-    ) -> list[Image.Image]:
-        """Images for a prompt batch (``aa predict``, sample logging): the family's generation hook.
+    ) -> list[Any]:
+        """Outputs for a prompt batch (``aa predict``, sample logging): the family's generation hook (images; a
+        video family: lists of frames; audio: waveforms with their sampling rate).
 
         ``generation`` supplies ``num_inference_steps``, ``guidance_scale`` and ``seed`` (one generator per row,
         seeded ``seed + row``, so a prompt's image does not depend on its batch).
