@@ -33,8 +33,9 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
 
     Prompt = a row's non-pad tokens before its first labelled token; response = its tokens from there on,
     with their labels. Non-token tensors (media) are carried over unchanged, aligned with the prompts (each
-    row keeps its own prompt, hence its own media rows). Per-token inputs (the batch's ``PER_TOKEN_KEYS``, e.g.
-    token type ids) are re-paired like the ids: the prompt part of row ``i``, the response part of row ``i+1``.
+    row keeps its own prompt, hence its own media rows). Per-token inputs the batch lists in ``PER_TOKEN_KEYS``
+    (e.g. token type ids) are re-paired like the ids: the prompt part of row ``i``, the response part of row
+    ``i+1``; a tensor of that shape in a batch that lists none raises (it cannot be told from media).
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch[LABELS]
     size = ids.shape[0]
@@ -67,9 +68,12 @@ def mismatched_pairs(batch: dict[str, Any], pad_token_id: int = 0) -> dict[str, 
     for key, value in batch.items():
         if key in TOKEN_KEYS or not isinstance(value, torch.Tensor):
             continue
-        per_token = (
-            key in declared if declared is not None else value.dim() >= 2 and value.shape[:2] == ids.shape
-        )
+        if declared is None and value.dim() >= 2 and value.shape[:2] == ids.shape:
+            raise ValueError(
+                f"cannot build mismatched KTO pairs for the per-token tensor {key!r}: the batch does not list its "
+                f"per-token inputs (batch[{PER_TOKEN_KEYS!r}]), so it cannot be re-paired safely"
+            )
+        per_token = declared is not None and key in declared
         if not per_token:
             out[key] = value
             continue
