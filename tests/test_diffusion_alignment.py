@@ -12,13 +12,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from quick_training import fixed_batch
+from quick_training import quiet_trainer as trainer
 
 from aa_lightning.algorithms import DPOModule, OptimConfig, SFTModule
 from aa_lightning.algorithms.losses import dpo_loss
@@ -34,21 +35,6 @@ PHOTOS = [os.path.join(T2I, "images", n) for n in sorted(os.listdir(os.path.join
 OPTIM = OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant")
 
 
-def trainer(max_steps: int, **kwargs: Any) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        **kwargs,
-    )
-
-
 def datamodule(path: str, template: str, kind: str, batch_size: int = 2) -> TextToImageDataModule:
     return TextToImageDataModule(
         "tiny-sd",
@@ -58,13 +44,6 @@ def datamodule(path: str, template: str, kind: str, batch_size: int = 2) -> Text
         batch_size=batch_size,
         shuffle=False,
     )
-
-
-def fixed_batch(dm: TextToImageDataModule, seed: int = 1234) -> dict[str, Any]:
-    """The first training batch with noise seeds fixed by ``seed`` (so before/after see the same noise)."""
-    dm.setup("fit")
-    pl.seed_everything(seed)
-    return next(iter(dm.train_dataloader()))
 
 
 # --------------------------------------------------------------------------------------------------

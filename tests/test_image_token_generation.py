@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from PIL import Image
+from quick_training import quiet_trainer as trainer
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF  # noqa: N812
 
@@ -31,20 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2I = os.path.join(REPO, "configs", "data", "media", "text_to_image")
 OPTIM = OptimConfig(lr=3e-3, warmup_steps=0, scheduler="constant")
 GRID = RES // 8  # 4 x 4 codes -> 4 * (4 + 1) image tokens
-
-
-def trainer(max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
 
 
 def datamodule(name: str, template: str, kind: str, batch_size: int = 3, **kwargs: Any):

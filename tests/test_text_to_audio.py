@@ -19,6 +19,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from quick_training import fixed_batch
+from quick_training import quiet_trainer as trainer
 
 from aa_lightning.algorithms import DPOModule, OptimConfig, SFTModule
 from aa_lightning.batch import model_inputs
@@ -33,30 +35,10 @@ T2A = os.path.join(REPO, "configs", "data", "media", "text_to_audio")
 OPTIM = OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant")
 
 
-def trainer(max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 def datamodule(path: str, template: str, kind: str, batch_size: int = 2) -> TextToAudioDataModule:
     return TextToAudioDataModule(
         "tiny-audioldm", train=DataSpec(path, template), kind=kind, batch_size=batch_size, shuffle=False
     )
-
-
-def fixed_batch(dm: TextToAudioDataModule, seed: int = 1234) -> dict[str, Any]:
-    dm.setup("fit")
-    pl.seed_everything(seed)
-    return next(iter(dm.train_dataloader()))
 
 
 @pytest.fixture(scope="module")

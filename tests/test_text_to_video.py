@@ -18,6 +18,8 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from quick_training import fixed_batch
+from quick_training import quiet_trainer as trainer
 
 from aa_lightning.algorithms import DPOModule, OptimConfig, SFTModule
 from aa_lightning.batch import STEP_CHOSEN_LABEL_TOKENS, STEP_LABEL_TOKENS, model_inputs
@@ -32,20 +34,6 @@ FRAMES, RES = TINY_T2V_FRAMES, TINY_T2V_RESOLUTION
 OPTIM = OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant")
 
 
-def trainer(max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-
-
 def datamodule(path: str | Path, template: str, kind: str, batch_size: int = 2) -> TextToVideoDataModule:
     return TextToVideoDataModule(
         "tiny-t2v",
@@ -56,12 +44,6 @@ def datamodule(path: str | Path, template: str, kind: str, batch_size: int = 2) 
         batch_size=batch_size,
         shuffle=False,
     )
-
-
-def fixed_batch(dm: TextToVideoDataModule, seed: int = 1234) -> dict[str, Any]:
-    dm.setup("fit")
-    pl.seed_everything(seed)
-    return next(iter(dm.train_dataloader()))
 
 
 @pytest.fixture(scope="module")
