@@ -156,21 +156,16 @@ class TextToAudioDiffusion(TextToImageDiffusion):
         **kwargs: Any,
     ) -> list[np.ndarray]:
         """One mono float32 waveform at :attr:`sampling_rate` per prompt (the UNet's mode is restored)."""
-        was_training = self.unet.training
-        self.unet.eval()
-        try:
-            out = self.pipeline()(
-                prompt=list(prompts),
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                generator=generator,
-                audio_length_in_s=audio_length_in_s,
-                negative_prompt=negative_prompt,
-                output_type="np",
-                **kwargs,
-            )
-        finally:
-            self.unet.train(was_training)
+        out = self._sample(
+            prompt=list(prompts),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            audio_length_in_s=audio_length_in_s,
+            negative_prompt=negative_prompt,
+            output_type="np",
+            **kwargs,
+        )
         return [np.asarray(a, dtype=np.float32) for a in out.audios]
 
     # -- persistence: an AudioLDMPipeline folder -------------------------------------------------------
