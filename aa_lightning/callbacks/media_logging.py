@@ -10,6 +10,7 @@ them under one tag prefix per sample, next to that sample's text::
     rollout/sample_0/image    the image (IMAGES tab; ``image_1`` ... for more images of the same sample)
     rollout/sample_0/audio    the clip, mono, in [-1, 1] (AUDIO tab)
     rollout/sample_0/video    a few uniformly sampled frames (IMAGES tab; no moviepy needed)
+    rollout/sample_0/output   the image the model generated, for an image-output family (IMAGES tab)
 
 Callers pass only the metas: nothing here depends on the algorithm, and the algorithm never names a modality.
 A reference that cannot be decoded is skipped with a warning: logging never stops training.
@@ -48,7 +49,9 @@ class RolloutMediaLogger(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, samples: list[dict]
     ) -> None:
         metas = [sample.get("meta") for sample in samples]
-        if not self.enabled or not any(metas):
+        outputs = [sample.get("response") for sample in samples]
+        generated_media = any(not isinstance(output, str) for output in outputs if output is not None)
+        if not self.enabled or not (any(metas) or generated_media):
             return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -58,6 +61,7 @@ class RolloutMediaLogger(pl.Callback):
                     metas,
                     trainer.global_step,
                     texts=[sample.get("text", "") for sample in samples],
+                    outputs=outputs,
                     processor=getattr(pl_module, "processor", None),
                     num_frames=self.num_frames,
                     max_side=self.max_side,
@@ -122,6 +126,7 @@ def log_sample_media(
     processor: Any = None,
     num_frames: int = 4,
     max_side: int = 512,
+    outputs: Sequence[Any] | None = None,
 ) -> int:
     """Write each sample's media, and the text of samples with media, under ``{tag_prefix}/sample_{i}``.
 
@@ -134,15 +139,23 @@ def log_sample_media(
         processor: the model's processor; audio is logged at its feature extractor's sampling rate.
         num_frames: frames shown per video.
         max_side: images and frames are shrunk to at most this many pixels on their longest side.
+        outputs: the samples' responses; a generated image (an image family's decoded tokens) is written as
+            ``{tag_prefix}/sample_{i}/output`` (text responses are in ``texts`` already).
 
     Returns the number of media items written.
     """
     rate = media_sampling_rate(processor)
     written = 0
     for i, meta in enumerate(metas):
-        if not meta:
-            continue
         sample_written = 0
+        output = outputs[i] if outputs is not None and i < len(outputs) else None
+        if output is not None and hasattr(output, "convert"):  # a PIL image the model generated
+            frame = _shrink(np.asarray(output.convert("RGB"), dtype=np.uint8), max_side)
+            experiment.add_image(f"{tag_prefix}/sample_{i}/output", frame, step, dataformats="HWC")
+            sample_written += 1
+        if not meta and not sample_written:
+            continue
+        meta = meta or {}
         for key, kind in MEDIA_KEYS.items():
             refs = meta.get(key) or []
             for j, ref in enumerate(refs if isinstance(refs, (list, tuple)) else [refs]):

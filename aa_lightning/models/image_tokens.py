@@ -17,13 +17,21 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from aa_lightning.models.registry import MODEL_REGISTRY, register_model
+from aa_lightning.models.token_outputs import register_token_outputs
 
-__all__ = ["Emu3ImageTokenizer", "ImageGridConstraint", "register_image_token_models"]
+__all__ = [
+    "Emu3ImageOutputs",
+    "Emu3ImageTokenizer",
+    "ImageGridConstraint",
+    "image_grids",
+    "register_image_token_models",
+]
 
 _VQ_PREFIXES = ("vqmodel.", "model.vqmodel.")
 
@@ -34,6 +42,7 @@ def register_image_token_models() -> None:
 
     if MODEL_REGISTRY.get("emu3", None) is None:
         register_model("emu3")(Emu3ForConditionalGeneration)
+    register_token_outputs("emu3", Emu3ImageOutputs, override=True)
 
 
 def _weight_files(path: str) -> list[str]:
@@ -118,14 +127,21 @@ class Emu3ImageTokenizer:
 
 
 class ImageGridConstraint:
-    """``prefix_allowed_tokens_fn`` for ``generate`` in image mode: an ``height`` x ``width`` token grid.
+    """``prefix_allowed_tokens_fn`` for ``generate`` in image mode: a ``height`` x ``width`` token grid.
 
     After the prompt's last ``<|image token|>``: ``width`` visual tokens and an end-of-line token per row,
     then ``<eof><|image end|><eos>``, then padding (Emu3's documented generation recipe), so what comes out
-    always decodes with ``decode_image_tokens(..., height, width)``.
+    always decodes with ``decode_image_tokens(..., height, width)``. ``grids`` gives one ``(height, width)``
+    per row of the generated batch instead (rows of one batch may differ).
     """
 
-    def __init__(self, tokenizer: Any, height: int, width: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        height: int = 0,
+        width: int = 0,
+        grids: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         vocab = tokenizer.get_vocab()
         self.visual = sorted(i for name, i in vocab.items() if name.startswith("<|visual token"))
         self.wrapper = tokenizer.convert_tokens_to_ids(tokenizer.image_wrapper_token)
@@ -134,15 +150,87 @@ class ImageGridConstraint:
         self.ends = [tokenizer.convert_tokens_to_ids(token) for token in ends]
         self.pad = tokenizer.pad_token_id
         self.height, self.width = height, width
+        self.grids = list(grids) if grids is not None else None
+        if self.grids is None and not (height > 0 and width > 0):
+            raise ValueError("ImageGridConstraint needs height and width (or one grid per row)")
+
+    def new_tokens(self, height: int, width: int) -> int:
+        """Tokens generated for one image: the grid and the three end tokens."""
+        return height * (width + 1) + len(self.ends)
 
     def __call__(self, batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        height, width = self.grids[batch_id] if self.grids is not None else (self.height, self.width)
         where = torch.nonzero(input_ids == self.wrapper, as_tuple=True)[0]
         if not len(where):
             raise ValueError("image-mode generation needs a prompt ending with the image prompt")
         offset = input_ids.shape[0] - int(where[-1])  # 1 = the first image token
-        grid = self.height * (self.width + 1)
+        grid = height * (width + 1)
         if offset > grid + len(self.ends):
             return [self.pad]
         if offset > grid:
             return [self.ends[offset - grid - 1]]
-        return [self.eol] if offset % (self.width + 1) == 0 else self.visual
+        return [self.eol] if offset % (width + 1) == 0 else self.visual
+
+
+def image_grids(metas: Sequence[dict[str, Any]]) -> list[tuple[int, int]] | None:
+    """Each row's ``(height, width)`` token grid from its meta (the image-token datamodule writes it), or
+    ``None`` when no row asks for an image; a batch mixing image and text prompts is refused."""
+    grids = [(m.get("height"), m.get("width")) for m in metas]
+    asks = [h is not None and w is not None for h, w in grids]
+    if not any(asks):
+        return None
+    if not all(asks):
+        rows = [i for i, a in enumerate(asks) if not a][:5]
+        raise ValueError(
+            f"a prompt batch mixes image prompts with prompts whose meta has no height/width (rows {rows}): "
+            "generate image and text prompts in separate batches"
+        )
+    return [(int(h), int(w)) for h, w in grids]
+
+
+class Emu3ImageOutputs:
+    """The token-output codec of Emu3 (:mod:`aa_lightning.models.token_outputs`): rows whose meta carries a
+    token grid are sampled under :class:`ImageGridConstraint` and decoded by the model's own VQ-VAE.
+
+    The sampled distribution is the model's, renormalised over the tokens the grid allows; the RL log-probs
+    stay the unconstrained ones (as with ``top_k``): at the forced end-of-line and end tokens this only
+    pushes up tokens the constraint would force anyway.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, processor: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+
+    def generation_overrides(self, metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        grids = image_grids(metas)
+        if grids is None:
+            return {}
+        constraint = ImageGridConstraint(self.tokenizer, grids=grids)
+        return {
+            "prefix_allowed_tokens_fn": constraint,
+            "max_new_tokens": max(constraint.new_tokens(h, w) for h, w in grids),
+        }
+
+    @torch.no_grad()
+    def decode(self, response_ids: torch.Tensor, metas: Sequence[dict[str, Any]]) -> list[Any]:
+        """One ``PIL.Image`` per row (the row's grid, end-of-line tokens dropped by the vocabulary map)."""
+        grids = image_grids(metas)
+        if grids is None:
+            return self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        family = self.model.model
+        images = []
+        for row, (height, width) in zip(response_ids, grids):
+            grid = row[: height * (width + 1)].view(1, height, width + 1)
+            codes = family.vocabulary_mapping.convert_bpe2img(grid)
+            pixels = family.vqmodel.decode(codes)  # (1, 3, H, W) in the processor's normalised range
+            images.append(self.to_image(pixels))
+        return images
+
+    def to_image(self, pixels: torch.Tensor) -> Any:
+        """Pixels in the image processor's normalised space -> ``PIL.Image`` (its own ``postprocess``)."""
+        if self.processor is None or not hasattr(self.processor, "postprocess"):
+            raise ValueError(
+                "decoding Emu3 image tokens needs the checkpoint's processor (its image statistics)"
+            )
+        return self.processor.postprocess(pixels.float(), return_tensors="PIL.Image.Image")["pixel_values"][0]

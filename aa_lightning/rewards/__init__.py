@@ -6,10 +6,11 @@
     def mentions_paris(prompt: str, response: str, meta: dict) -> float:
         return float("paris" in response.lower())
 
-Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``.
+Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``; on generated images
+(an image family's decoded responses): ``image_color``.
 """
 
-from aa_lightning.rewards import builtin  # noqa: F401  (registers the built-ins)
+from aa_lightning.rewards import builtin, image_rules  # noqa: F401  (registers the built-ins)
 from aa_lightning.rewards.builtin import (
     extract_final_answer,
     format_reward,
@@ -18,6 +19,7 @@ from aa_lightning.rewards.builtin import (
     response_length,
     target_token_share,
 )
+from aa_lightning.rewards.image_rules import image_color
 from aa_lightning.rewards.registry import (
     RegisteredReward,
     RewardSpec,
@@ -35,6 +37,7 @@ __all__ = [
     "extract_final_answer",
     "format_reward",
     "get_reward",
+    "image_color",
     "gsm8k_answer",
     "normalize_number",
     "register_reward",

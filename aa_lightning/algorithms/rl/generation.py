@@ -2,7 +2,9 @@
 
 One KV-cached ``generate`` call per rollout with every model input of the prompt batch (all top-level tensors
 except ``labels``, so media inputs flow through untouched); the response mask keeps tokens up to and
-including the first EOS. Per-token inputs of the prompt are extended with zeros over the response
+including the first EOS. A family whose responses are not text (an image model's token grid) adds its
+``generate`` constraints and decodes the responses itself (:mod:`aa_lightning.models.token_outputs`), so the
+rewards see images; the algorithm never asks which. Per-token inputs of the prompt are extended with zeros over the response
 (:func:`aa_lightning.batch.extend_per_token_inputs`), so the training forwards see what ``generate`` saw;
 media rows go with their prompt when it is repeated (:func:`aa_lightning.batch.repeat_batch_inputs`). Sampling is seeded per rollout from ``(rollout_seed, rollout index, rank)`` inside
 ``torch.random.fork_rng``, so a resumed run samples exactly what the uninterrupted run would have, and the
@@ -28,6 +30,7 @@ from aa_lightning.batch import (
     repeat_batch_inputs,
     select_media_rows,
 )
+from aa_lightning.models.token_outputs import token_output_codec
 from aa_lightning.models.turns import end_of_turn_token_ids
 from aa_lightning.models.unwrap import unwrap
 
@@ -120,17 +123,29 @@ class GenerationMixin:
                 media_rows, torch.arange(batch_size).repeat_interleave(num_samples)
             )
         prompt_length = inputs["input_ids"].shape[1]
+        metas = [m for m in metas for _ in range(num_samples)]
         actor = self.model
+        codec = token_output_codec(unwrap(actor), self.tokenizer, self.processor)
+        overrides = codec.generation_overrides(metas) if codec is not None else {}
+        kwargs = self.generation_kwargs(do_sample)
+        if "max_new_tokens" in overrides:  # the family's outputs have a fixed length (an image's token grid)
+            kwargs["generation_config"].max_new_tokens = overrides.pop("max_new_tokens")
         was_training = actor.training
         actor.eval()
         try:
             with self.seeded(seed_offset), self.generation_context():
-                sequences = actor.generate(**inputs, **self.generation_kwargs(do_sample))
+                sequences = actor.generate(**inputs, **kwargs, **overrides)
+                response = sequences[:, prompt_length:]
+                mask, has_eos = response_mask_from_eos(response, self.eos_token_ids())
+                response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
+                # decoded while the actor is gathered (ZeRO-3): an image family decodes with its own weights
+                outputs = (
+                    codec.decode(response, metas)
+                    if codec is not None
+                    else self.tokenizer.batch_decode(response, skip_special_tokens=True)
+                )
         finally:
             actor.train(was_training)
-        response = sequences[:, prompt_length:]
-        mask, has_eos = response_mask_from_eos(response, self.eos_token_ids())
-        response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
         sequences = torch.cat([sequences[:, :prompt_length], response], dim=1)
         attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
         extras = extend_per_token_inputs(
@@ -148,6 +163,6 @@ class GenerationMixin:
             extra_inputs=extras,
             media_rows=media_rows,
             prompts=[p for p in prompt_texts for _ in range(num_samples)],
-            responses=self.tokenizer.batch_decode(response, skip_special_tokens=True),
-            metas=[m for m in metas for _ in range(num_samples)],
+            responses=outputs,
+            metas=metas,
         )

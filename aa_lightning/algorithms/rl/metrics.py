@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from aa_lightning.algorithms.logprobs import masked_mean
+from aa_lightning.models.token_outputs import describe_output
 
 __all__ = ["MetricAccumulator", "RunningMoments", "explained_variance", "samples_markdown"]
 
@@ -131,13 +132,15 @@ class MetricAccumulator:
 
 def samples_markdown(
     prompts: Sequence[str],
-    responses: Sequence[str],
+    responses: Sequence[Any],
     columns: dict[str, Sequence[float]],
     max_chars: int = 400,
 ) -> str:
-    """A markdown table (TensorBoard ``add_text`` renders it) of prompts, responses and numbers."""
+    """A markdown table (TensorBoard ``add_text`` renders it) of prompts, responses and numbers (a decoded
+    image response is named by its size; the media logger shows the image itself)."""
 
-    def cell(text: str) -> str:
+    def cell(output: Any) -> str:
+        text = describe_output(output)
         text = text if len(text) <= max_chars else text[: max_chars - 3] + "..."
         return text.replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
 
