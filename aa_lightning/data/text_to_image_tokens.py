@@ -193,6 +193,10 @@ class TextToImageTokensDataModule(TextToImageDataModule):
         max_length: tokens per sequence (prompt + image + end tokens); default the LM's
             ``max_position_embeddings``. Longer rows are dropped and counted.
         random_flip: not supported (an image's tokens are encoded once, when the data is prepared).
+
+    The ``Any2Any`` template's supervised files may mix image-understanding rows (their input image is
+    tokenized with its aspect ratio by the image processor, not cropped to ``resolution``) with the
+    text-to-image rows.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
