@@ -22,7 +22,7 @@ from quick_training import quiet_trainer as trainer
 
 from aa_lightning.algorithms import OptimConfig, SFTModule
 from aa_lightning.batch import IGNORE_INDEX
-from aa_lightning.data import DataFormatError, DataSpec, TextToImageTokensDataModule
+from aa_lightning.data import DataFormatError, DataSpec, TextToImageTokensDataModule, get_formatter
 from aa_lightning.models import resolve_model_path
 from aa_lightning.testing.tiny_image_generation import TINY_EMU3_RESOLUTION as RES
 
@@ -72,6 +72,26 @@ def sub_batch(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
     index = torch.tensor(rows)
     out = {k: batch[k][index] for k in ("input_ids", "attention_mask", "labels")}
     return {**out, "meta": [batch["meta"][i] for i in rows], "extra": {}}
+
+
+def test_the_formatter_gives_an_understanding_or_a_text_to_image_conversation_by_mode():
+    fmt = get_formatter("Any2Any")
+    assert fmt.supported_kinds() == ("supervised",)  # a TU prompt-only row would need its image: not offered
+    tu = {"mode": "TU", "input_text": "What is it?", "input_image": "a.jpg", "output_text": "A bus."}
+    conversation, meta = fmt.format_supervised_sample(tu)
+    image = {"type": "image", "image": {"value": "a.jpg", "field": "input_image"}}
+    assert meta == {"mode": "TU"} and conversation == [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A bus."},
+    ]
+    tg = {"mode": "TG", "input_text": "Draw a bus.", "output_image": "a.jpg"}
+    plain = get_formatter("T2I-Prompt-Image").format_supervised_sample(
+        {"prompt": "Draw a bus.", "image": "a.jpg"}
+    )
+    conversation, meta = fmt.format_supervised_sample(tg)
+    assert meta == {"mode": "TG"}
+    assert json.dumps(conversation).replace("output_image", "image") == json.dumps(plain[0])
 
 
 def test_a_mixed_file_gives_one_token_batch_with_both_kinds(mixed):
@@ -201,3 +221,14 @@ def test_bad_rows_are_skipped_and_counted_when_asked(tmp_path):
     dm = datamodule(str(path), batch_size=2, on_bad_row="skip")
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 2 and [row for row, _ in dm.reports["train"][0].bad] == [1]
+
+
+def test_an_understanding_row_over_max_length_is_dropped_and_counted_not_cut(mixed):
+    lengths = mixed["attention_mask"].sum(1).tolist()
+    limit = max(lengths[i] for i in rows_of(mixed, "TG"))
+    over = [i for i in rows_of(mixed, "TU") if lengths[i] > limit]
+    assert over  # the fixture's TU rows with long answers are longer than every TG row
+    dm = datamodule(ANY2ANY, max_length=limit)
+    dm.setup("fit")
+    assert dm.reports["train"][0].truncated == over
+    assert len(dm.datasets["train"]) == 6 - len(over)
