@@ -1,4 +1,4 @@
-"""Any2Any rows (align-anything's mixed layout): image understanding (TU) and generation (TG) in one Emu3 file.
+"""Any2Any rows (align-anything's mixed layout): image understanding (TU) and generation (TG) in one file.
 
 A TU row's input image is encoded into VQ tokens when the data is prepared and written into ``input_ids``
 where ``Emu3Processor`` puts its placeholders, so the ids are what ``Emu3Model.forward(pixel_values=...)``

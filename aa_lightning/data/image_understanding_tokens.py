@@ -1,11 +1,13 @@
-"""Image UNDERSTANDING rows (image + question -> answer text) as plain token rows for Emu3, images pre-encoded.
+"""Image UNDERSTANDING rows (image + question -> answer) as plain token rows for Emu3, images pre-encoded.
 
 The TU rows of align-anything's Any2Any files (:mod:`aa_lightning.data.formatters.any_to_any`), next to the
 TG (text -> image) rows of :mod:`aa_lightning.data.text_to_image_tokens`, so one supervised batch may hold
 both and SFT trains on it unchanged. A TU sequence is::
 
-    <bos>{system} USER: <|image start|>{h}*{w}<|image token|> v v v v <eol> ... <eof><|image end|>{question} ASSISTANT: {answer}<eos>
-    |------------------------------------------------ labels -100 ------------------------------------------------|  |-- labelled --|
+    <bos>{system} USER: <|image start|>{h}*{w}<|image token|> v v v v <eol> ... <eof><|image end|>
+    {question} ASSISTANT: {answer}<eos>                                   (one sequence, wrapped here)
+
+labelled on `` {answer}<eos>`` only: everything up to ``ASSISTANT:`` (image tokens included) and padding -100.
 
 It is what ``Emu3Processor(text=..., images=[image])`` gives and what ``Emu3Model.forward(pixel_values=...)``
 then embeds: the processor expands the ``<image>`` placeholder to the image block with ``h * (w + 1)``
@@ -54,9 +56,9 @@ def understanding_parts(conversation: Conversation) -> tuple[str, str, Any, str]
     answer = turns[-1].get("content") if roles == ["user", "assistant"] else None
     if len(images) != 1 or len(texts) != 1 or not isinstance(answer, str) or not isinstance(system, str):
         raise DataFormatError(
-            "an image-understanding sample is a user turn with one image and one text and an assistant text "
-            f"turn, but the formatter gave the turns {roles} with {len(images)} images and {len(texts)} texts "
-            "(use the Any2Any template)"
+            "an image-understanding sample is a user turn with one image and one text and an assistant "
+            f"text turn, but the formatter gave the turns {roles} with {len(images)} images and "
+            f"{len(texts)} texts (use the Any2Any template)"
         )
     question = texts[0]
     if not isinstance(question, str) or not question.strip() or not answer.strip():
@@ -93,7 +95,7 @@ class UnderstandingTokens:
         return f"{head}USER: {placeholder}{question} ASSISTANT:"
 
     def prompt_ids(self, text: str, image: Any) -> list[int]:
-        """The processor's ids for ``text`` + ``image`` with the placeholders replaced by the image's tokens."""
+        """The processor's ids for ``text`` + ``image``, the placeholders replaced by the image's tokens."""
         inputs = self.processor(text=[text], images=[image], return_tensors="pt")
         ids = inputs["input_ids"][0].tolist()
         (_, _, image_ids), *_ = self.image_tokenizer.encode(inputs["pixel_values"], inputs["image_sizes"])
@@ -117,7 +119,7 @@ class UnderstandingTokens:
         ids = prompt + target
         if len(ids) > self.max_length:
             raise PromptTooLongError(
-                f"image, question and answer take {len(ids)} tokens, over max_length {self.max_length} (image "
-                "tokens are never cut)"
+                f"image, question and answer take {len(ids)} tokens, over max_length {self.max_length} "
+                "(image tokens are never cut)"
             )
         return ids, [IGNORE_INDEX] * len(prompt) + target, ref, question
