@@ -45,6 +45,7 @@ DATAMODULES = {
     "tv2t": "TextVideoToTextDataModule",
     "t2i": "TextToImageDataModule",
     "t2itok": "TextToImageTokensDataModule",
+    "any2any": "TextToImageTokensDataModule",  # Emu3 understanding + generation rows (Any2Any)
     "t2v": "TextToVideoDataModule",
     "t2a": "TextToAudioDataModule",
 }

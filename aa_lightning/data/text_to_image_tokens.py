@@ -23,6 +23,11 @@ encoding it once at preparation (the LM is not loaded, only ``vqmodel.*`` weight
 other encoding, and the algorithms, the collator and the model's forward stay the text ones. The cache key
 includes a hash of the VQ-VAE encoder weights. A sequence longer than ``max_length`` is dropped and counted
 (cutting an image's tokens would leave a broken image).
+
+Supervised rows may also be image UNDERSTANDING rows (image + question -> answer, the TU rows of the
+``Any2Any`` template, mixed with TG rows in one file): :mod:`aa_lightning.data.image_understanding_tokens`
+encodes those (input image as VQ tokens in the prompt, the answer text labelled), so a batch may hold both
+kinds and stays a plain token batch.
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF  # noqa: N812
 
 from aa_lightning.batch import IGNORE_INDEX
+from aa_lightning.data import image_understanding_tokens
 from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.datamodule import ConversationDataModule, fingerprint_of
 from aa_lightning.data.encoding import PromptTooLongError
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.formatters.base import Conversation, Meta
+from aa_lightning.data.image_understanding_tokens import UnderstandingTokens, understanding_parts
 from aa_lightning.data.media import load_image, media_label, resolve_media
 from aa_lightning.data.reports import SAME, DataReport
 from aa_lightning.data.sources import DataSpec
@@ -91,6 +98,7 @@ class ImageTokenEncoder:
         self.source = source
         tok = self.tokenizer
         self.end_ids = tok.convert_tokens_to_ids([tok.eof_token, tok.eoi_token, tok.eos_token])
+        self.understanding = UnderstandingTokens(processor, image_tokenizer, max_length, media_root)
 
     def grid(self) -> tuple[int, int]:
         """The ``(h, w)`` token grid of a ``resolution`` x ``resolution`` image after the image processor."""
@@ -132,6 +140,13 @@ class ImageTokenEncoder:
         return json.dumps(shown)
 
     def supervised(self, conversation: Conversation, meta: Meta) -> dict[str, Any]:
+        if understanding_parts(conversation) is not None:  # image in, text out (TU)
+            ids, labels, ref, question = self.understanding.sequence(conversation)
+            return {
+                "input_ids": ids,
+                "labels": labels,
+                "meta": self._meta(meta, question, ["input_image"], [ref]),
+            }
         prompt, image = self.prompt_and_image(conversation, "supervised")
         ids, labels, ref = self.sequence(prompt, image)
         return {"input_ids": ids, "labels": labels, "meta": self._meta(meta, prompt, ["image"], [ref])}
@@ -178,6 +193,10 @@ class TextToImageTokensDataModule(TextToImageDataModule):
         max_length: tokens per sequence (prompt + image + end tokens); default the LM's
             ``max_position_embeddings``. Longer rows are dropped and counted.
         random_flip: not supported (an image's tokens are encoded once, when the data is prepared).
+
+    The ``Any2Any`` template's supervised files may mix image-understanding rows (their input image is
+    tokenized with its aspect ratio by the image processor, not cropped to ``resolution``) with the
+    text-to-image rows.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -233,7 +252,7 @@ class TextToImageTokensDataModule(TextToImageDataModule):
             "resolution": self.hparams.resolution,
             "image_processor": self.processor.image_processor.to_dict(),
             "vq": self.image_tokenizer.fingerprint,
-            "encoder": inspect.getsource(ImageTokenEncoder),
+            "encoder": [inspect.getsource(ImageTokenEncoder), inspect.getsource(image_understanding_tokens)],
             "notes": inspect.getsource(_notes),
         }
         return fingerprint_of(parts)

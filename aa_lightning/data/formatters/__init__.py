@@ -7,10 +7,12 @@ name missing from configs. Text: :mod:`.instruction`, :mod:`.conversation`, :mod
 :mod:`.mllm`, :mod:`.rlaif_v`, :mod:`.speech`, :mod:`.align_anything_media` (on :mod:`.multimodal_chat`).
 Text to image (a prompt and its generated images): :mod:`.text_to_image`; text to video: :mod:`.text_to_video`;
 text to audio: :mod:`.text_to_audio`.
+Image understanding and generation mixed in one file (align-anything's Any2Any): :mod:`.any_to_any`.
 """
 
 from aa_lightning.data.formatters import (  # noqa: F401  (imported to register the built-ins)
     align_anything_media,
+    any_to_any,
     conversation,
     instruction,
     math_problems,
