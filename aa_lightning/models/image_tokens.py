@@ -43,6 +43,33 @@ def register_image_token_models() -> None:
     if MODEL_REGISTRY.get("emu3", None) is None:
         register_model("emu3")(Emu3ForConditionalGeneration)
     register_token_outputs("emu3", Emu3ImageOutputs, override=True)
+    _skip_loaded_modules_in_vqvae_init()
+
+
+def _skip_loaded_modules_in_vqvae_init() -> None:
+    """``Emu3VQVAE._init_weights`` reads ``weight``'s fan-in before any guarded init call.
+
+    Under ZeRO-3 ``from_pretrained`` runs ``initialize_weights`` after loading, gathering only the parameters
+    the checkpoint lacked; a loaded convolution's weight is then a 0-element shard and that read raises
+    ("fan in and fan out can not be computed"), so an Emu3 checkpoint could not be loaded under ZeRO-3 at all.
+    A module whose own parameters were all loaded has nothing to initialise (every init call would be skipped
+    anyway): skip it before the read. Idempotent; other modules keep transformers' own initialisation.
+    """
+    from transformers.models.emu3 import modeling_emu3
+
+    cls = modeling_emu3.Emu3VQVAE
+    original = cls._init_weights
+    if getattr(original, "_aa_skips_loaded", False):
+        return
+
+    def _init_weights(self: Any, module: torch.nn.Module) -> None:
+        params = list(module.parameters(recurse=False))
+        if params and all(getattr(p, "_is_hf_initialized", False) for p in params):
+            return
+        original(self, module)
+
+    _init_weights._aa_skips_loaded = True  # type: ignore[attr-defined]
+    cls._init_weights = _init_weights
 
 
 def _weight_files(path: str) -> list[str]:

@@ -249,6 +249,35 @@ def build_diffusion_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _text_to_image_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
 
 
+def _image_token_data(ctx: BuildContext, kind: str, file: str, template: str, global_batch: int) -> Any:
+    from aa_lightning.data import TextToImageTokensDataModule
+
+    return TextToImageTokensDataModule(
+        "tiny-emu3",
+        train={"path": os.path.join(MEDIA, "text_to_image", file), "template": template},
+        kind=kind,
+        resolution=32,  # 4 x 4 VQ codes: 20 image tokens + 3 end tokens
+        batch_size=ctx.per_rank_batch(global_batch),
+        shuffle=False,
+    )
+
+
+def build_image_token_sft(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged SFTModule on an autoregressive image-output model (Emu3: the image is VQ tokens)."""
+    from aa_lightning.algorithms import SFTModule
+
+    module = SFTModule("tiny-emu3", optim=_optim(), lora=ctx.lora)
+    return module, _image_token_data(ctx, "supervised", "prompt_image.json", "T2I-Prompt-Image", 2)
+
+
+def build_image_token_dpo(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged DPOModule on Emu3: chosen and rejected image tokens of one prompt."""
+    from aa_lightning.algorithms import DPOModule
+
+    module = DPOModule("tiny-emu3", beta=0.1, optim=_optim(), lora=ctx.lora)
+    return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
+
+
 DPO_REWARDS = ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins")
 KTO_REWARDS = ("train/kl", "train/rewards/desirable", "train/rewards/undesirable")
 
@@ -274,6 +303,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("dpo_audio", lambda ctx: build_media_dpo(ctx, "audio"), zero_at_start=DPO_REWARDS),
         Algorithm("sft_t2i", build_diffusion_sft),
         Algorithm("dpo_t2i", build_diffusion_dpo, zero_at_start=DPO_REWARDS),
+        Algorithm("sft_t2itok", build_image_token_sft),
+        Algorithm("dpo_t2itok", build_image_token_dpo, zero_at_start=DPO_REWARDS),
         Algorithm(
             "ppo_audio", lambda ctx: build_media_ppo(ctx, "audio"), rl=True, zero_at_start=("rollout/kl",)
         ),
@@ -282,6 +313,7 @@ ALGORITHMS: dict[str, Algorithm] = {
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
+IMAGE_TOKEN_CELLS = ("sft_t2itok", "dpo_t2itok")  # autoregressive image outputs (Emu3's VQ tokens)
 
 # ------------------------------------------------------------------------------------------------------
 # strategy columns
@@ -311,19 +343,26 @@ class Column:
 COLUMNS: dict[str, Column] = {
     c.name: c
     for c in (
-        Column("single", reference=None, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
+        Column("single", reference=None, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
-        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS),
+        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
         Column(
             "zero3",
             strategy="zero3",
-            algorithms=(*TEXT, *MEDIA_CELLS, *DIFFUSION_CELLS, "sft_skip_nonfinite"),
+            algorithms=(*TEXT, *MEDIA_CELLS, *DIFFUSION_CELLS, *IMAGE_TOKEN_CELLS, "sft_skip_nonfinite"),
         ),
-        Column("zero3_2p", strategy="zero3", devices=2, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
-        Column("lora", lora=True, reference=None),
-        Column("lora_zero3", strategy="zero3", lora=True, reference="lora"),
+        Column(
+            "zero3_2p",
+            strategy="zero3",
+            devices=2,
+            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS,
+        ),
+        Column("lora", lora=True, reference=None, algorithms=TEXT + IMAGE_TOKEN_CELLS),
+        Column(
+            "lora_zero3", strategy="zero3", lora=True, reference="lora", algorithms=TEXT + IMAGE_TOKEN_CELLS
+        ),
         Column(
             "zero3_configs", strategy="deepspeed_cpu_stage_3", reference=None, algorithms=(), kind="configs"
         ),
