@@ -25,6 +25,7 @@ from aa_lightning.data import (
     DataSpec,
     TextToAudioDataModule,
     TextToImageDataModule,
+    TextToImageTokensDataModule,
     TextToTextDataModule,
     TextToVideoDataModule,
 )
@@ -115,6 +116,23 @@ def test_images_are_logged_before_at_every_validation_and_after(tmp_path: Path) 
     assert pixels.shape == (32, 32, 3) and pixels.std() > 0
     # the end-of-fit image is the same sample as the last validation's (same weights, same seed)
     assert np.array_equal(pixels, decoded(events.Images("samples/after/0")[0]))
+
+
+def test_image_token_models_log_the_images_they_generate(tmp_path: Path) -> None:
+    """Emu3 (images as tokens): the callback asks the family's token-output codec for image prompts, samples
+    the token grid and logs the decoded 32x32 image, not text."""
+    rows = spec("text_to_image", "prompt_image.json", "T2I-Prompt-Image")
+    data = TextToImageTokensDataModule(
+        "tiny-emu3", train=rows, val=rows, resolution=32, batch_size=2, shuffle=False
+    )
+    callback = SampleGenerationCallback(prompts=["a red bus"], print_samples=False)
+    events = fit_and_read(tmp_path, "tiny-emu3", data, callback)
+    assert set(events.Tags()["images"]) == {"samples/before/0", "samples/val/0", "samples/after/0"}
+    assert steps(events.Images("samples/val/0")) == [1, 2]
+    pixels = decoded(events.Images("samples/after/0")[0])
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 0
+    # seeded sampling: the same weights give the same image (last validation and fit end)
+    assert np.array_equal(pixels, decoded(events.Images("samples/val/0")[-1]))
 
 
 def test_audio_is_logged_at_its_sampling_rate(tmp_path: Path) -> None:

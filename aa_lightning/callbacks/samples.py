@@ -6,7 +6,8 @@ TensorBoard tags (``step`` = the global step, so the slider of one tag walks thr
 * ``samples/val/<i>``: the same prompt's output at the end of every ``every_n_validations``-th validation run
   (never in the sanity check);
 
-for a model family with ``generate_outputs``, each tag holds its kind of output: an image (IMAGES tab), a
+for a model family with ``generate_outputs`` (or a causal family with a token-output codec that builds its
+own prompts, :mod:`aa_lightning.models.token_outputs`: Emu3's images), each tag holds its kind of output: an image (IMAGES tab), a
 waveform at the family's sampling rate (AUDIO tab) or a video as a strip of frames (IMAGES tab). Text models
 log markdown instead: ``samples/before_after`` at fit end, ``samples/val`` at each validation.
 """
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from aa_lightning.callbacks.media_logging import log_generated_output
+from aa_lightning.models.token_outputs import token_output_codec
 from aa_lightning.models.unwrap import unwrap
 
 
@@ -76,6 +78,9 @@ class SampleGenerationCallback(pl.Callback):
                 return_tensors="pt",
             ).to(pl_module.device)
             return family.generate_outputs(**tokens, generation=getattr(pl_module, "generation", None))
+        codec = token_output_codec(model, tokenizer, getattr(pl_module, "processor", None))
+        if codec is not None and callable(getattr(codec, "prompt_inputs", None)):
+            return self.generate_token_outputs(model, codec, pl_module)
         was_training = model.training
         model.eval()
         answers = []
@@ -96,6 +101,31 @@ class SampleGenerationCallback(pl.Callback):
             answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
         model.train(was_training)
         return answers
+
+    def generate_token_outputs(self, model: Any, codec: Any, pl_module: pl.LightningModule) -> list[Any]:
+        """A causal family whose outputs are not text (Emu3 images): its own prompts, constraint and decoding,
+        sampled with the module's ``generation`` settings and seed (the same images at every validation
+        for an unchanged model)."""
+        inputs, metas = codec.prompt_inputs(self.prompts)
+        inputs = {k: v.to(pl_module.device) for k, v in inputs.items()}
+        gen = getattr(pl_module, "generation", None)
+        overrides = codec.generation_overrides(metas)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(getattr(gen, "seed", 0) or 0))
+                out = model.generate(
+                    **inputs,
+                    do_sample=True,
+                    temperature=getattr(gen, "temperature", 1.0) or 1.0,
+                    top_k=getattr(gen, "top_k", None),
+                    pad_token_id=pl_module.tokenizer.pad_token_id,
+                    **overrides,
+                )
+            return codec.decode(out[:, inputs["input_ids"].shape[1] :], metas)
+        finally:
+            model.train(was_training)
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -229,6 +229,29 @@ class Emu3ImageOutputs:
         self.tokenizer = tokenizer
         self.processor = processor
 
+    def prompt_inputs(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """Image-generation prompts for plain texts (sample callbacks), left-padded, with their metas.
+
+        The grid is the processor's square image area, bounded by its image processor's ``max_pixels`` (the
+        checkpoint's native size: 90 x 90 tokens for Emu3-Gen, 4 x 4 for ``tiny-emu3``).
+        """
+        area = int(getattr(self.processor, "image_area", 518400))
+        area = min(area, int(getattr(self.processor.image_processor, "max_pixels", area)))
+        factor = int(getattr(self.processor, "downsample_ratio", 8))
+        height, width = self.processor.calculate_generate_size("1:1", area, factor)
+        tok = self.tokenizer
+        prompts = [
+            f"{tok.bos_token or ''}{t}{tok.boi_token}{height}*{width}{tok.image_wrapper_token}" for t in texts
+        ]
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            inputs = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        metas = [{"prompt": t, "height": int(height), "width": int(width)} for t in texts]
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, metas
+
     def generation_overrides(self, metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
         grids = image_grids(metas)
         if grids is None:
