@@ -45,6 +45,7 @@ DATAMODULES = {
     "tv2t": "TextVideoToTextDataModule",
     "t2i": "TextToImageDataModule",
     "t2itok": "TextToImageTokensDataModule",
+    "t2ijanus": "TextToImageTokensDataModule",
     "t2v": "TextToVideoDataModule",
     "t2a": "TextToAudioDataModule",
 }
