@@ -249,6 +249,34 @@ def build_diffusion_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _text_to_image_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
 
 
+def _janus_data(ctx: BuildContext, kind: str, file: str, template: str, global_batch: int) -> Any:
+    from aa_lightning.data import TextToImageTokensDataModule
+
+    return TextToImageTokensDataModule(
+        "tiny-janus",
+        train={"path": os.path.join(MEDIA, "text_to_image", file), "template": template},
+        kind=kind,
+        resolution=32,
+        batch_size=ctx.per_rank_batch(global_batch),
+        shuffle=False,
+    )
+
+
+def build_janus_sft(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged SFTModule on Janus image generation (the family scores its image codes itself)."""
+    from aa_lightning.algorithms import SFTModule
+
+    module = SFTModule("tiny-janus", optim=_optim(), lora=ctx.lora)
+    return module, _janus_data(ctx, "supervised", "prompt_image.json", "T2I-Prompt-Image", 4)
+
+
+def build_janus_dpo(ctx: BuildContext) -> tuple[Any, Any]:
+    from aa_lightning.algorithms import DPOModule
+
+    module = DPOModule("tiny-janus", beta=0.1, optim=_optim(), lora=ctx.lora)
+    return module, _janus_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
+
+
 DPO_REWARDS = ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins")
 KTO_REWARDS = ("train/kl", "train/rewards/desirable", "train/rewards/undesirable")
 
@@ -274,6 +302,8 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("dpo_audio", lambda ctx: build_media_dpo(ctx, "audio"), zero_at_start=DPO_REWARDS),
         Algorithm("sft_t2i", build_diffusion_sft),
         Algorithm("dpo_t2i", build_diffusion_dpo, zero_at_start=DPO_REWARDS),
+        Algorithm("sft_t2ijanus", build_janus_sft),
+        Algorithm("dpo_t2ijanus", build_janus_dpo, zero_at_start=DPO_REWARDS),
         Algorithm(
             "ppo_audio", lambda ctx: build_media_ppo(ctx, "audio"), rl=True, zero_at_start=("rollout/kl",)
         ),
@@ -282,6 +312,7 @@ ALGORITHMS: dict[str, Algorithm] = {
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
+JANUS_CELLS = ("sft_t2ijanus", "dpo_t2ijanus")  # image codes scored by Janus's own head, same modules
 
 # ------------------------------------------------------------------------------------------------------
 # strategy columns
@@ -311,19 +342,24 @@ class Column:
 COLUMNS: dict[str, Column] = {
     c.name: c
     for c in (
-        Column("single", reference=None, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
+        Column("single", reference=None, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + JANUS_CELLS),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
-        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS),
+        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS + JANUS_CELLS),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
         Column(
             "zero3",
             strategy="zero3",
-            algorithms=(*TEXT, *MEDIA_CELLS, *DIFFUSION_CELLS, "sft_skip_nonfinite"),
+            algorithms=(*TEXT, *MEDIA_CELLS, *DIFFUSION_CELLS, *JANUS_CELLS, "sft_skip_nonfinite"),
         ),
-        Column("zero3_2p", strategy="zero3", devices=2, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
-        Column("lora", lora=True, reference=None),
-        Column("lora_zero3", strategy="zero3", lora=True, reference="lora"),
+        Column(
+            "zero3_2p",
+            strategy="zero3",
+            devices=2,
+            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + JANUS_CELLS,
+        ),
+        Column("lora", lora=True, reference=None, algorithms=TEXT + JANUS_CELLS),
+        Column("lora_zero3", strategy="zero3", lora=True, reference="lora", algorithms=TEXT + JANUS_CELLS),
         Column(
             "zero3_configs", strategy="deepspeed_cpu_stage_3", reference=None, algorithms=(), kind="configs"
         ),
