@@ -46,6 +46,7 @@ DATAMODULES = {
     "t2i": "TextToImageDataModule",
     "t2itok": "TextToImageTokensDataModule",
     "any2any": "TextToImageTokensDataModule",  # Emu3 understanding + generation rows (Any2Any)
+    "t2ijanus": "TextToImageTokensDataModule",
     "t2v": "TextToVideoDataModule",
     "t2a": "TextToAudioDataModule",
 }
