@@ -16,6 +16,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from image_token_data import first_batch, image_token_datamodule
 from PIL import Image
 from quick_training import quiet_trainer as trainer
 from torchvision.transforms import InterpolationMode
@@ -24,7 +25,7 @@ from torchvision.transforms import functional as TF  # noqa: N812
 from aa_lightning.algorithms import DPOModule, GenerationConfig, OptimConfig, SFTModule
 from aa_lightning.algorithms.logprobs import deterministic_scores, explains_its_outputs, output_log_probs
 from aa_lightning.batch import IGNORE_INDEX, IMAGE_CODES, PER_TOKEN_KEYS
-from aa_lightning.data import DataSpec, TextToImageTokensDataModule
+from aa_lightning.data import TextToImageTokensDataModule
 from aa_lightning.models import load_pretrained_models, resolve_model_path
 from aa_lightning.models.janus_generation import JanusImageGeneration
 from aa_lightning.models.unwrap import unwrap
@@ -40,23 +41,7 @@ OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, scheduler="constant")
 
 
 def datamodule(name: str, template: str, kind: str, batch_size: int = 3, **kwargs: Any):
-    spec = DataSpec(os.path.join(T2I, name), template)
-    split = "predict" if kind == "prompt_only" else "train"
-    return TextToImageTokensDataModule(
-        "tiny-janus",
-        kind=kind,
-        resolution=RES,
-        batch_size=batch_size,
-        shuffle=False,
-        **{split: spec},
-        **kwargs,
-    )
-
-
-def first_batch(dm: TextToImageTokensDataModule, split: str = "train") -> dict[str, Any]:
-    dm.setup("fit" if split == "train" else "predict")
-    loader = dm.train_dataloader() if split == "train" else dm.predict_dataloader()
-    return next(iter(loader))
+    return image_token_datamodule("tiny-janus", name, template, kind, batch_size, resolution=RES, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -249,24 +249,15 @@ def build_diffusion_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _text_to_image_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
 
 
-def _image_token_data(ctx: BuildContext, kind: str, file: str, template: str, global_batch: int) -> Any:
+def _image_token_data(
+    ctx: BuildContext, kind: str, file: str, template: str, global_batch: int, model: str = "tiny-emu3"
+) -> Any:
+    """Text-to-image rows as image-token batches: Emu3's VQ tokens (4 x 4 codes at 32 px: 20 image tokens +
+    3 end tokens) or Janus's codes (``model="tiny-janus"``)."""
     from aa_lightning.data import TextToImageTokensDataModule
 
     return TextToImageTokensDataModule(
-        "tiny-emu3",
-        train={"path": os.path.join(MEDIA, "text_to_image", file), "template": template},
-        kind=kind,
-        resolution=32,  # 4 x 4 VQ codes: 20 image tokens + 3 end tokens
-        batch_size=ctx.per_rank_batch(global_batch),
-        shuffle=False,
-    )
-
-
-def _janus_data(ctx: BuildContext, kind: str, file: str, template: str, global_batch: int) -> Any:
-    from aa_lightning.data import TextToImageTokensDataModule
-
-    return TextToImageTokensDataModule(
-        "tiny-janus",
+        model,
         train={"path": os.path.join(MEDIA, "text_to_image", file), "template": template},
         kind=kind,
         resolution=32,
@@ -296,14 +287,16 @@ def build_janus_sft(ctx: BuildContext) -> tuple[Any, Any]:
     from aa_lightning.algorithms import SFTModule
 
     module = SFTModule("tiny-janus", optim=_optim(), lora=ctx.lora)
-    return module, _janus_data(ctx, "supervised", "prompt_image.json", "T2I-Prompt-Image", 4)
+    return module, _image_token_data(
+        ctx, "supervised", "prompt_image.json", "T2I-Prompt-Image", 4, "tiny-janus"
+    )
 
 
 def build_janus_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     from aa_lightning.algorithms import DPOModule
 
     module = DPOModule("tiny-janus", beta=0.1, optim=_optim(), lora=ctx.lora)
-    return module, _janus_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
+    return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2, "tiny-janus")
 
 
 DPO_REWARDS = ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins")
