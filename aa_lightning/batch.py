@@ -41,6 +41,7 @@ __all__ = [
     "DESIRABLE",
     "EXTRA",
     "IGNORE_INDEX",
+    "IMAGE_CODES",
     "LABELS",
     "MARGIN",
     "MEDIA_ROWS",
@@ -110,6 +111,13 @@ PER_TOKEN_KEYS = "per_token_keys"
 
 #: ``(N,)`` int64, diffusion batches: the seed of each row's noise and timestep (a pair's rows share it).
 NOISE_SEED = "noise_seed"
+
+#: ``(N, L)`` long, image-code batches of families whose image codes are not vocabulary ids (Janus): the VQ
+#: codebook index at each image position (where ``input_ids`` holds the image placeholder token),
+#: :data:`IGNORE_INDEX` on text and padding. A per-token model input (listed in :data:`PER_TOKEN_KEYS`) the
+#: model embeds and scores with its own image head; the rows' ``labels`` equal it, so step token counts
+#: count codes.
+IMAGE_CODES = "image_codes"
 
 #: Top-level batch keys that are not model inputs.
 NON_MODEL_KEYS = frozenset({LABELS})

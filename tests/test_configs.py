@@ -48,6 +48,7 @@ DATAMODULES = {
     "t2i": "TextToImageDataModule",
     "t2itok": "TextToImageTokensDataModule",
     "any2any": "TextToImageTokensDataModule",  # Emu3 understanding + generation rows (Any2Any)
+    "t2ijanus": "TextToImageTokensDataModule",
     "t2v": "TextToVideoDataModule",
     "t2a": "TextToAudioDataModule",
 }

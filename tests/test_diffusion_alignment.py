@@ -229,7 +229,10 @@ def test_aa_fit_then_predict_writes_images_next_to_a_jsonl_index(
     monkeypatch.chdir(REPO)  # the config's data paths are relative to the repository
     root = str(tmp_path / "run")
     common = ["--trainer.default_root_dir", root, "--trainer.enable_progress_bar", "false"]
-    cli = build_cli(["fit", "--config", "configs/tiny/sft_t2i.yaml", "--trainer.max_steps", "2", *common])
+    fit = ["fit", "--config", "configs/tiny/sft_t2i.yaml", "--trainer.max_steps", "2", *common]
+    # one validation run, at step 2 (the config's SampleGenerationCallback samples there: every_n_validations 1)
+    fit += ["--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
+    cli = build_cli(fit)
     assert cli.trainer.global_step == 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -237,6 +240,7 @@ def test_aa_fit_then_predict_writes_images_next_to_a_jsonl_index(
     events = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert {"samples/before/0", "samples/after/1"} <= set(events.Tags()["images"])  # SampleGenerationCallback
+    assert [e.step for e in events.Images("samples/val/1")] == [2]
     export = os.path.join(root, "hf_model")
     assert os.path.isfile(os.path.join(export, "model_index.json"))
     build_cli(

@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from image_token_data import first_batch, image_token_datamodule
 from PIL import Image
 from quick_training import quiet_trainer as trainer
 from torchvision.transforms import InterpolationMode
@@ -22,7 +23,7 @@ from torchvision.transforms import functional as TF  # noqa: N812
 
 from aa_lightning.algorithms import DPOModule, OptimConfig, RewardModule, SFTModule
 from aa_lightning.batch import IGNORE_INDEX
-from aa_lightning.data import DataSpec, TextToImageTokensDataModule
+from aa_lightning.data import TextToImageTokensDataModule
 from aa_lightning.models import resolve_model_path
 from aa_lightning.models.image_tokens import ImageGridConstraint
 from aa_lightning.models.unwrap import unwrap
@@ -35,23 +36,7 @@ GRID = RES // 8  # 4 x 4 codes -> 4 * (4 + 1) image tokens
 
 
 def datamodule(name: str, template: str, kind: str, batch_size: int = 3, **kwargs: Any):
-    spec = DataSpec(os.path.join(T2I, name), template)
-    split = "predict" if kind == "prompt_only" else "train"
-    return TextToImageTokensDataModule(
-        "tiny-emu3",
-        kind=kind,
-        resolution=RES,
-        batch_size=batch_size,
-        shuffle=False,
-        **{split: spec},
-        **kwargs,
-    )
-
-
-def first_batch(dm: TextToImageTokensDataModule, split: str = "train") -> dict[str, Any]:
-    dm.setup("fit" if split == "train" else "predict")
-    loader = dm.train_dataloader() if split == "train" else dm.predict_dataloader()
-    return next(iter(loader))
+    return image_token_datamodule("tiny-emu3", name, template, kind, batch_size, resolution=RES, **kwargs)
 
 
 @pytest.fixture(scope="module")

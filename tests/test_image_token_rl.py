@@ -15,13 +15,14 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from image_token_data import first_batch, image_token_datamodule
 from lightning.pytorch.loggers import TensorBoardLogger
 from test_rl_modules import Recorder
 
 from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule
 from aa_lightning.callbacks.media_logging import RolloutMediaLogger
 from aa_lightning.callbacks.predictions import JsonlPredictionWriter
-from aa_lightning.data import DataSpec, TextToImageTokensDataModule
+from aa_lightning.data import TextToImageTokensDataModule
 from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec, image_color
 from aa_lightning.testing.tiny_image_generation import TINY_EMU3_RESOLUTION as RES
@@ -33,9 +34,9 @@ RED = [RewardSpec("image_color", kwargs={"color": [255, 0, 0]})]
 
 
 def prompts(batch_size: int = 2, split: str = "train") -> TextToImageTokensDataModule:
-    spec = DataSpec(os.path.join(T2I, "pick_a_pic.json"), "Pick-a-Pic")
-    return TextToImageTokensDataModule(
-        "tiny-emu3", kind="prompt_only", resolution=RES, batch_size=batch_size, shuffle=False, **{split: spec}
+    """The Pick-a-Pic prompts as image prompts (RL reads them from the train split)."""
+    return image_token_datamodule(
+        "tiny-emu3", "pick_a_pic.json", "Pick-a-Pic", "prompt_only", batch_size, split
     )
 
 
@@ -66,11 +67,6 @@ def fit(module: pl.LightningModule, dm: pl.LightningDataModule, rollouts: int, *
     )
     trainer.fit(module, dm)
     return trainer
-
-
-def first_batch(dm: TextToImageTokensDataModule) -> dict[str, Any]:
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
 
 
 def test_rollouts_are_token_grids_decoded_to_images_for_the_rewards():

@@ -184,3 +184,19 @@ def test_lora_trains_adapters_only_and_exports_merged_weights(tmp_path, repo_pat
     module.model.eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, module.model(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "trained", "frozen"),
+    [("tiny-emu3", ".text_model.", (".vqmodel.",)), ("tiny-sd", ".unet.", (".text_encoder.", ".vae."))],
+)
+def test_lora_all_linear_puts_no_adapter_in_a_frozen_part(name: str, trained: str, frozen: tuple) -> None:
+    """Emu3's VQ-VAE and a diffusion model's VAE and text encoder never train: adapters there would be
+    parameters without gradients (DDP stops on them: "parameters that were not used in producing the loss")."""
+    from aa_lightning.algorithms import LoraConfig
+
+    module = SFTModule(name, lora=LoraConfig(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    module.configure_model()
+    adapters = [n for n, p in module.model.named_parameters() if "lora_" in n and p.requires_grad]
+    assert adapters and all(trained in n for n in adapters), adapters[:4]
+    assert not [n for n in adapters if any(part in n for part in frozen)]

@@ -2,7 +2,8 @@
 
 Rows: SFT, reward model, cost model, DPO (live reference and precomputed reference log-probs), SimPO, ORPO,
 KTO, PPO (frozen reward model, critic started from it), GRPO, Safe-RLHF (frozen cost model); DPO and PPO on
-tiny-llava (image) and tiny-qwen2-audio (audio). Columns (``strategy_matrix/cells.py``): one process, bf16-mixed,
+tiny-llava (image) and tiny-qwen2-audio (audio); SFT and DPO on text-to-image diffusion (tiny-sd) and on
+autoregressive image tokens (tiny-emu3, also with LoRA). Columns (``strategy_matrix/cells.py``): one process, bf16-mixed,
 DDP on 2 processes, ZeRO-2, ZeRO-3 on 1 and on 2 processes (every tensor sharded), LoRA, LoRA + ZeRO-3; and the
 tiny twins of the shipped ZeRO-3 configs through the ``aa`` CLI.
 

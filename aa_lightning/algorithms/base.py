@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -36,6 +37,18 @@ from aa_lightning.models.loading import DTypeName, load_pretrained_models
 from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["AlignModule", "NonFiniteError", "freeze"]
+
+
+def frozen_module_names(model: nn.Module) -> list[str]:
+    """Modules whose own parameters the model family froze before LoRA (a diffusion model's VAE and text
+    encoder, Emu3's VQ-VAE): adapters there would be trainable parameters of a part that never trains (no
+    gradient reaches it, or it does not run in the training forward: DDP stops on such "unused parameters")."""
+    names = []
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if name and params and not any(p.requires_grad for p in params):
+            names.append(name)
+    return names
 
 
 class AlignModule(PredictionMixin, pl.LightningModule):
@@ -156,22 +169,29 @@ class AlignModule(PredictionMixin, pl.LightningModule):
                 model.config.use_cache = False
         lora = self.lora
         if lora is not None:
-            from peft import LoraConfig as PeftLoraConfig
-            from peft import get_peft_model
-
-            model = get_peft_model(
-                model,
-                PeftLoraConfig(
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=lora.target_modules,
-                    # a score model's head is new: it trains in full next to the adapters
-                    modules_to_save=["score_head"] if hasattr(model, "score_head") else None,
-                ),
-            )
+            with warnings.catch_warnings():  # peft warns when none of the frozen modules was a target
+                warnings.filterwarnings("ignore", message="You have passed exclude_modules")
+                model = self._with_adapters(model, lora)
             initialise_lora_in_shards(model)  # under zero.Init peft's lora_B = 0 would miss the shards
         return model
+
+    @staticmethod
+    def _with_adapters(model: nn.Module, lora: LoraConfig) -> nn.Module:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        return get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                exclude_modules=frozen_module_names(model) or None,
+                # a score model's head is new: it trains in full next to the adapters
+                modules_to_save=["score_head"] if hasattr(model, "score_head") else None,
+            ),
+        )
 
     def trained_modules(self) -> list[nn.Module]:
         return [self.model]

@@ -66,7 +66,9 @@ class GenerationConfig:
     """Sampling settings for rollouts, sample logging and ``aa predict``.
 
     Token-generating models read the first five; models that generate by denoising (diffusion) read
-    ``num_inference_steps``, ``guidance_scale`` and ``seed`` (the modules pass them through untouched).
+    ``num_inference_steps``, ``guidance_scale`` and ``seed`` (the modules pass them through untouched), and
+    their RL rollouts ``eta``: the noise weight of the stochastic DDIM steps whose log-probs are trained
+    (0 would be deterministic DDIM, no density; 1 is DDPM-like, DDPO's default).
     """
 
     max_new_tokens: int = 64
@@ -77,6 +79,7 @@ class GenerationConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
+    eta: float = 1.0
 
 
 # Lightning loads checkpoints with ``weights_only=True``; the hyper-parameters saved in them hold these

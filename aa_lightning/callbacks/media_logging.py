@@ -29,7 +29,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.media import MEDIA_KEYS, load_audio, load_image, load_video
 
-__all__ = ["RolloutMediaLogger", "log_sample_media", "media_sampling_rate"]
+__all__ = [
+    "RolloutMediaLogger",
+    "frame_strip",
+    "log_generated_output",
+    "log_sample_media",
+    "media_sampling_rate",
+]
 
 
 class RolloutMediaLogger(pl.Callback):
@@ -89,6 +95,52 @@ def _shrink(frame: np.ndarray, max_side: int) -> np.ndarray:
     scale = max_side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(frame).resize(size, Image.BILINEAR))
+
+
+def frame_strip(
+    frames: Sequence[Any], num_frames: int | None = None, max_side: int | None = None
+) -> np.ndarray:
+    """One HWC uint8 image: ``num_frames`` uniformly spaced frames (all when None) side by side, each shrunk to
+    ``max_side`` first. A video as ONE image shows its motion at a glance and needs no video encoder."""
+    if not len(frames):
+        raise ValueError("a frame strip needs at least one frame")
+    if num_frames is not None and len(frames) > num_frames:
+        frames = [frames[int(i)] for i in np.linspace(0, len(frames) - 1, num_frames).round()]
+    arrays = [np.asarray(f.convert("RGB") if hasattr(f, "convert") else f, dtype=np.uint8) for f in frames]
+    if max_side is not None:
+        arrays = [_shrink(np.ascontiguousarray(a), max_side) for a in arrays]
+    return np.concatenate(arrays, axis=1)
+
+
+def log_generated_output(
+    experiment: Any, tag: str, value: Any, step: int, num_frames: int = 4, max_side: int = 512
+) -> str:
+    """Write one output of a family's ``generate_outputs`` under ``tag``; returns its kind.
+
+    The kinds are what :func:`aa_lightning.callbacks.predictions.save_media` writes as files: a PIL image
+    (IMAGES tab), ``{"audio": waveform, "sampling_rate": int}`` (AUDIO tab, mono, clipped to [-1, 1]), a
+    list of PIL frames (a video: IMAGES tab, one :func:`frame_strip`)."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        experiment.add_image(
+            tag, _shrink(np.asarray(value.convert("RGB")), max_side), step, dataformats="HWC"
+        )
+        return "image"
+    if isinstance(value, Mapping) and "audio" in value:
+        import torch
+
+        wave = np.asarray(value["audio"], dtype=np.float32)
+        if wave.ndim == 2:  # (channels, samples): TensorBoard plays one channel
+            wave = wave.mean(axis=0)
+        wave = np.clip(wave.reshape(-1), -1.0, 1.0)
+        rate = int(value["sampling_rate"])
+        experiment.add_audio(tag, torch.from_numpy(wave).unsqueeze(0), step, sample_rate=rate)
+        return "audio"
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], Image.Image):
+        experiment.add_image(tag, frame_strip(value, num_frames, max_side), step, dataformats="HWC")
+        return "video"
+    raise TypeError(f"cannot log a generated output of type {type(value).__name__} to TensorBoard")
 
 
 def _log_one(

@@ -82,6 +82,8 @@ def save_media(value: Any, stem: str) -> str:
             write_video(stem + ".mp4", torch.from_numpy(np.stack(frames)), fps=8)
             return stem + ".mp4"
         except Exception:  # no video encoder available: one image, frames side by side
-            Image.fromarray(np.concatenate(frames, axis=1)).save(stem + ".png")
+            from aa_lightning.callbacks.media_logging import frame_strip
+
+            Image.fromarray(frame_strip(frames)).save(stem + ".png")
             return stem + ".png"
     raise TypeError(f"cannot save a generated output of type {type(value).__name__}")

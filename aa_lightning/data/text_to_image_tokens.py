@@ -1,4 +1,4 @@
-"""Text -> image TOKENS: prompt + target image as discrete VQ tokens, for autoregressive image models (Emu3).
+"""Text -> image TOKENS: prompt + target image as discrete VQ tokens, for autoregressive image models (Emu3, Janus).
 
 The rows and formatters are those of :mod:`aa_lightning.data.text_to_image` (``T2I-Prompt-Image``,
 ``AA_T2I``, ``Pick-a-Pic``: the same JSON files as the diffusion models). What differs is the sample: the
@@ -28,10 +28,21 @@ Supervised rows may also be image UNDERSTANDING rows (image + question -> answer
 ``Any2Any`` template, mixed with TG rows in one file): :mod:`aa_lightning.data.image_understanding_tokens`
 encodes those (input image as VQ tokens in the prompt, the answer text labelled), so a batch may hold both
 kinds and stays a plain token batch.
+
+Janus (the checkpoint's ``model_type`` picks the family, :data:`FAMILIES`) keeps its codes out of the
+vocabulary, so its rows are laid out by :class:`JanusCodeEncoder`: the processor's image-generation prompt
+(chat template, then ``<begin_of_image>``, as ``JanusProcessor(..., generation_mode="image")`` prompts
+``generate``), then one ``<image_placeholder>`` per code in ``input_ids``; ``labels`` hold the codes (-100
+on the prompt and padding) and the collator hands them to the model as ``image_codes``
+(:data:`~aa_lightning.batch.IMAGE_CODES`, a per-token input). There are no end tokens: image-mode
+``generate`` writes exactly ``num_image_tokens`` codes, so the image processor's output must give that grid
+(checked when the data is prepared). Prompts are never dropped for classifier-free guidance (Janus's
+pre-training does; its fine-tuning here trains the conditional distribution the guidance starts from).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 from collections.abc import Callable, Sequence
@@ -42,7 +53,7 @@ import numpy as np
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF  # noqa: N812
 
-from aa_lightning.batch import IGNORE_INDEX
+from aa_lightning.batch import IGNORE_INDEX, IMAGE_CODES, LABELS, PER_TOKEN_KEYS
 from aa_lightning.data import image_understanding_tokens
 from aa_lightning.data.collators import TextCollator
 from aa_lightning.data.datamodule import ConversationDataModule, fingerprint_of
@@ -55,11 +66,17 @@ from aa_lightning.data.reports import SAME, DataReport
 from aa_lightning.data.sources import DataSpec
 from aa_lightning.data.text_to_image import PromptImageReport, TextToImageDataModule, TextToImageEncoder
 from aa_lightning.models.aliases import resolve_model_path
-from aa_lightning.models.image_tokens import Emu3ImageTokenizer
+from aa_lightning.models.image_tokens import IMAGE_TOKENIZERS, Emu3ImageTokenizer, JanusImageTokenizer
 from aa_lightning.models.loading import load_tokenizer_and_processor
 from aa_lightning.models.registry import load_config
 
-__all__ = ["ImageTokenEncoder", "TextToImageTokensDataModule"]
+__all__ = [
+    "FAMILIES",
+    "ImageCodeCollator",
+    "ImageTokenEncoder",
+    "JanusCodeEncoder",
+    "TextToImageTokensDataModule",
+]
 
 EMPTY = {
     "supervised": {"input_ids": [], "labels": [], "meta": "{}"},
@@ -75,7 +92,9 @@ EMPTY = {
 
 
 class ImageTokenEncoder:
-    """One formatted text-to-image row -> token columns (module doc), images encoded by ``image_tokenizer``."""
+    """One formatted text-to-image row -> token columns (module doc: Emu3's layout), images encoded by
+    ``image_tokenizer``; a family with another layout overrides :meth:`grid`, :meth:`prompt_ids` and
+    :meth:`target`."""
 
     media_type = "image"  # read by the shared prompt/image reader below
     prompt_and_image = TextToImageEncoder.prompt_and_image
@@ -83,7 +102,7 @@ class ImageTokenEncoder:
     def __init__(
         self,
         processor: Any,
-        image_tokenizer: Emu3ImageTokenizer,
+        image_tokenizer: Any,
         resolution: int,
         max_length: int,
         media_root: str | None = None,
@@ -96,9 +115,15 @@ class ImageTokenEncoder:
         self.max_length = max_length
         self.media_root = media_root
         self.source = source
+        self.understanding: UnderstandingTokens | None = UnderstandingTokens(
+            processor, image_tokenizer, max_length, media_root
+        )
+
+    @functools.cached_property
+    def end_ids(self) -> list[int]:
+        """Emu3's tokens after an image: end of frame, end of image, end of sequence."""
         tok = self.tokenizer
-        self.end_ids = tok.convert_tokens_to_ids([tok.eof_token, tok.eoi_token, tok.eos_token])
-        self.understanding = UnderstandingTokens(processor, image_tokenizer, max_length, media_root)
+        return tok.convert_tokens_to_ids([tok.eof_token, tok.eoi_token, tok.eos_token])
 
     def grid(self) -> tuple[int, int]:
         """The ``(h, w)`` token grid of a ``resolution`` x ``resolution`` image after the image processor."""
@@ -119,20 +144,25 @@ class ImageTokenEncoder:
         picture = TF.resize(load_image(ref).convert("RGB"), self.resolution, InterpolationMode.BICUBIC)
         picture = TF.center_crop(picture, self.resolution)
         inputs = self.processor.image_processor([picture], return_tensors="pt")
-        return self.image_tokenizer.encode(inputs["pixel_values"], inputs["image_sizes"])[0]
+        return self.image_tokenizer.encode(inputs["pixel_values"], inputs.get("image_sizes"))[0]
+
+    def target(self, image_ids: list[int]) -> tuple[list[int], list[int]]:
+        """``(input ids, labels)`` of the output part: Emu3's image tokens and end tokens, labelled as is."""
+        target = image_ids + list(self.end_ids)
+        return target, list(target)
 
     def sequence(self, prompt: str, image: Any) -> tuple[list[int], list[int], Any]:
         ref = resolve_media(image, "image", self.media_root, "image")
         height, width, image_ids = self.image_ids(ref)
         prompt_ids = self.prompt_ids(prompt, height, width)
-        target = image_ids + list(self.end_ids)
+        target, labels = self.target(image_ids)
         ids = prompt_ids + target
         if len(ids) > self.max_length:
             raise PromptTooLongError(
                 f"prompt and image take {len(ids)} tokens, over max_length {self.max_length} (image tokens "
                 "are never cut)"
             )
-        return ids, [IGNORE_INDEX] * len(prompt_ids) + target, ref
+        return ids, [IGNORE_INDEX] * len(prompt_ids) + labels, ref
 
     def _meta(self, meta: Meta, prompt: str, names: Sequence[str], refs: Sequence[Any]) -> str:
         shown = {**meta, "prompt": prompt, "_source": self.source}
@@ -141,6 +171,11 @@ class ImageTokenEncoder:
 
     def supervised(self, conversation: Conversation, meta: Meta) -> dict[str, Any]:
         if understanding_parts(conversation) is not None:  # image in, text out (TU)
+            if self.understanding is None:
+                raise DataFormatError(
+                    "an image-understanding (TU) row: this model family trains image generation only "
+                    "(TU rows need an Emu3 checkpoint)"
+                )
             ids, labels, ref, question = self.understanding.sequence(conversation)
             return {
                 "input_ids": ids,
@@ -174,20 +209,86 @@ class ImageTokenEncoder:
         return {"input_ids": self.prompt_ids(prompt, height, width), "meta": json.dumps(shown)}
 
 
+class JanusCodeEncoder(ImageTokenEncoder):
+    """Janus's layout (module doc): generation prompt, one placeholder per code; the labels are the codes."""
+
+    image_tokenizer: JanusImageTokenizer
+
+    def __init__(
+        self, processor: Any, image_tokenizer: JanusImageTokenizer, *args: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(processor, image_tokenizer, *args, **kwargs)
+        self.understanding = None  # Janus's understanding path is not this family's
+        self.placeholder = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        height, width = image_tokenizer.grid
+        self.num_codes = height * width
+        # the processor resizes and pads every image to its square ``size``: one grid for all rows, checked once
+        side = processor.image_processor.size["height"]
+        factor = 2 ** (len(image_tokenizer.vqmodel.config.channel_multiplier) - 1)
+        if (side // factor, side // factor) != (height, width):
+            raise ValueError(
+                f"the image processor makes {side}x{side} images, {side // factor}x{side // factor} codes, but the "
+                f"VQ-VAE decodes (and the model generates) a {height}x{width} grid: the checkpoint's processor "
+                "and model do not match"
+            )
+
+    def grid(self) -> tuple[int, int]:
+        return self.image_tokenizer.grid
+
+    def prompt_ids(self, prompt: str, height: int, width: int) -> list[int]:
+        """What image-mode ``generate`` is prompted with: the chat template's rendering (when the processor
+        has one) and ``<begin_of_image>``, tokenized by the processor (BOS as its tokenizer adds it)."""
+        text = prompt
+        if getattr(self.processor, "chat_template", None):
+            turn = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(turn, add_generation_prompt=True)
+        ids = self.processor(text=[text], generation_mode="image", return_tensors="pt")["input_ids"][0]
+        return [int(i) for i in ids]
+
+    def target(self, image_ids: list[int]) -> tuple[list[int], list[int]]:
+        if len(image_ids) != self.num_codes:
+            raise DataFormatError(
+                f"the image gives {len(image_ids)} codes, but the VQ-VAE decodes (and the model generates) "
+                f"{self.num_codes} ({self.image_tokenizer.grid} grid)"
+            )
+        return [self.placeholder] * len(image_ids), list(image_ids)
+
+
+class ImageCodeCollator(TextCollator):
+    """:class:`TextCollator` + ``image_codes`` (= the labels: codes on image positions, -100 elsewhere), a
+    per-token model input for families that embed and score codes themselves (Janus)."""
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().__call__(samples)
+        if LABELS in batch:
+            batch[IMAGE_CODES] = batch[LABELS].clone()
+            batch[PER_TOKEN_KEYS] = [IMAGE_CODES]
+        return batch
+
+
+#: ``config.model_type`` -> (image tokenizer, row encoder, collator) of an image-token family.
+FAMILIES: dict[str, tuple[type, type[ImageTokenEncoder], type[TextCollator]]] = {
+    "emu3": (IMAGE_TOKENIZERS["emu3"], ImageTokenEncoder, TextCollator),
+    "janus": (IMAGE_TOKENIZERS["janus"], JanusCodeEncoder, ImageCodeCollator),
+}
+
+
 def _notes(kind: str, sample: dict[str, Any], formatted: Sequence[Any]) -> str:
-    """Identical chosen and rejected image TOKENS carry no preference signal (counted in the report)."""
-    same = kind == "preference" and sample["chosen_input_ids"] == sample["rejected_input_ids"]
+    """Identical chosen and rejected image TOKENS carry no preference signal (counted in the report); the
+    labels tell (Janus's ``input_ids`` hold placeholders, its labels the codes)."""
+    same = kind == "preference" and sample["chosen_labels"] == sample["rejected_labels"]
     return SAME if same else ""
 
 
 class TextToImageTokensDataModule(TextToImageDataModule):
-    """Prompt + image-token rows for an autoregressive image model (Emu3; batches: the module doc).
+    """Prompt + image-token rows for an autoregressive image model (Emu3, Janus; batches: the module doc).
 
     Takes the arguments of :class:`~aa_lightning.data.text_to_image.TextToImageDataModule`, with:
 
     Args:
-        model_name_or_path: the Emu3 checkpoint (or ``tiny-emu3``): its processor tokenizes the prompts and
-            its VQ-VAE (loaded alone, once) tokenizes the images.
+        model_name_or_path: the Emu3 or Janus checkpoint (or ``tiny-emu3``, ``tiny-janus``): its processor
+            tokenizes the prompts and its VQ-VAE (loaded alone, once) tokenizes the images; its
+            ``model_type`` picks the layout (:data:`FAMILIES`).
         resolution: images are resized (shorter side) and center-cropped to ``resolution`` x ``resolution``,
             then given to the checkpoint's image processor (which may resize to its pixel bounds).
         max_length: tokens per sequence (prompt + image + end tokens); default the LM's
@@ -206,7 +307,8 @@ class TextToImageTokensDataModule(TextToImageDataModule):
                 "random_flip: the image tokens are encoded once when the data is prepared, so there is no "
                 "per-epoch augmentation; remove it"
             )
-        self.image_tokenizer: Emu3ImageTokenizer | None = None
+        self.image_tokenizer: Emu3ImageTokenizer | JanusImageTokenizer | None = None
+        self.family = ""
 
     def load_processing(self) -> None:
         if self.tokenizer is not None:
@@ -215,16 +317,23 @@ class TextToImageTokensDataModule(TextToImageDataModule):
             raise ValueError("data.model_name_or_path is empty: set it (the aa CLI links it to the model's)")
         path = resolve_model_path(self.hparams.model_name_or_path)
         trust = self.hparams.trust_remote_code
+        config = load_config(path, trust_remote_code=trust)
+        if config.model_type not in FAMILIES:
+            raise ValueError(
+                f"{path}: a {config.model_type!r} checkpoint; image-token data needs one of "
+                f"{', '.join(FAMILIES)} (a VQ-VAE that turns the target images into tokens)"
+            )
         self.tokenizer, self.processor = load_tokenizer_and_processor(path, trust_remote_code=trust)
         if self.processor is None or not hasattr(self.processor, "image_processor"):
-            raise ValueError(f"{path}: no image processor; image-token data needs an Emu3 checkpoint")
-        self.image_tokenizer = Emu3ImageTokenizer.from_pretrained(path)
-        limit = load_config(path, trust_remote_code=trust).text_config.max_position_embeddings
+            raise ValueError(f"{path}: no image processor; image-token data needs the checkpoint's processor")
+        self.family = config.model_type
+        self.image_tokenizer = FAMILIES[self.family][0].from_pretrained(path)
+        limit = config.text_config.max_position_embeddings
         self.max_length = self.hparams.max_length or limit
 
     def build_encoder(self) -> ImageTokenEncoder:  # type: ignore[override]
         assert self.image_tokenizer is not None
-        return ImageTokenEncoder(
+        return FAMILIES[self.family][1](
             self.processor,
             self.image_tokenizer,
             self.hparams.resolution,
@@ -252,13 +361,18 @@ class TextToImageTokensDataModule(TextToImageDataModule):
             "resolution": self.hparams.resolution,
             "image_processor": self.processor.image_processor.to_dict(),
             "vq": self.image_tokenizer.fingerprint,
-            "encoder": [inspect.getsource(ImageTokenEncoder), inspect.getsource(image_understanding_tokens)],
+            "encoder": [
+                inspect.getsource(ImageTokenEncoder),
+                inspect.getsource(FAMILIES[self.family][1]),
+                inspect.getsource(image_understanding_tokens),
+            ],
+            "chat_template": getattr(self.processor, "chat_template", None),
             "notes": inspect.getsource(_notes),
         }
         return fingerprint_of(parts)
 
     def build_collator(self, kind: str) -> TextCollator:  # type: ignore[override]
-        return TextCollator(self.tokenizer.pad_token_id, kind)
+        return FAMILIES[self.family][2](self.tokenizer.pad_token_id, kind)
 
     def step_tokens(self, data: datasets.Dataset) -> dict[str, np.ndarray]:
         return ConversationDataModule.step_tokens(self, data)

@@ -75,6 +75,23 @@ class TextToImageDiffusion(LatentDiffusion):
         """
         return self.score(pixel_values, input_ids, noise_seed, attention_mask)
 
+    def trajectory_latent_shape(self) -> tuple[int, ...]:
+        """``(C, h, w)``: the UNet's latent channels at its ``sample_size`` (the pipeline's default image size)."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(self.unet.config.in_channels), int(h), int(w))
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> list[Image.Image]:
+        """PIL images of final latents, decoded and post-processed as ``StableDiffusionPipeline`` does."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae = self.vae
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        param = next(vae.parameters())
+        pixels = vae.decode(latents.to(param.device, param.dtype) / vae.config.scaling_factor).sample
+        return list(VaeImageProcessor(vae_scale_factor=scale).postprocess(pixels.float(), output_type="pil"))
+
     @torch.no_grad()
     def generate(
         self,

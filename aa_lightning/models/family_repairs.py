@@ -34,11 +34,13 @@ def _qwen2_audio_encoder(encoder: nn.Module) -> None:
         deepspeed.zero.register_external_parameter(encoder, weight)
 
 
-def _emu3_vqvae(vqmodel: nn.Module) -> None:
-    """Emu3's VQ-VAE is frozen (its ``__init__`` says so and calls ``eval()``) but its weights load trainable.
+def _frozen_vqvae(vqmodel: nn.Module) -> None:
+    """Emu3's and Janus's VQ-VAEs are frozen (their ``__init__`` says so and calls ``eval()``) but their weights
+    load trainable.
 
-    Image tokens reach the LM as token ids, so the VQ-VAE never runs in a training forward: trainable, its
-    weights would be "unused parameters" under DDP and dead optimizer entries everywhere. Freeze it.
+    Image tokens reach the LM as token ids (Emu3) or codes (Janus), so the VQ-VAE never runs in a training
+    forward: trainable, its weights would be "unused parameters" under DDP and dead optimizer entries
+    everywhere. Freeze it.
     """
     vqmodel.requires_grad_(False)
     vqmodel.eval()
@@ -46,7 +48,8 @@ def _emu3_vqvae(vqmodel: nn.Module) -> None:
 
 REPAIRS: dict[str, Callable[[nn.Module], None]] = {
     "Qwen2AudioEncoder": _qwen2_audio_encoder,
-    "Emu3VQVAE": _emu3_vqvae,
+    "Emu3VQVAE": _frozen_vqvae,
+    "JanusVQVAE": _frozen_vqvae,
 }
 
 

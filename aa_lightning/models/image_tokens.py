@@ -1,4 +1,4 @@
-"""Autoregressive image generation over discrete VQ tokens (Emu3): model class and the image tokenizer.
+"""Autoregressive image generation over discrete VQ tokens (Emu3, Janus): registration and image tokenizers.
 
 Emu3's image tokens live in the language model's vocabulary (see
 :mod:`aa_lightning.testing.tiny_image_generation`), so an Emu3 checkpoint trains with the unchanged algorithms:
@@ -9,6 +9,10 @@ like any text token. What is family-specific is only turning images into tokens 
   load the text-only ``Emu3ForCausalLM`` and leave the VQ-VAE out);
 - :class:`Emu3ImageTokenizer` loads ONLY the frozen VQ-VAE of a checkpoint (its ``vqmodel.*`` weights, no
   language model), so a datamodule can encode its target images once when the data is prepared.
+
+Janus keeps its codes out of the vocabulary (its own embedding and head: :mod:`.janus_generation`);
+:class:`JanusImageTokenizer` is its VQ-VAE behind the same ``encode`` / ``decode`` / ``fingerprint``
+interface, and :data:`IMAGE_TOKENIZERS` picks the one of a checkpoint by ``config.model_type``.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from aa_lightning.models.registry import MODEL_REGISTRY, register_model
 from aa_lightning.models.token_outputs import register_token_outputs
 
 __all__ = [
+    "IMAGE_TOKENIZERS",
     "Emu3ImageOutputs",
     "Emu3ImageTokenizer",
     "ImageGridConstraint",
+    "JanusImageTokenizer",
     "image_grids",
     "register_image_token_models",
 ]
@@ -40,9 +46,40 @@ def register_image_token_models() -> None:
     """Register the autoregressive image-output families (idempotent)."""
     from transformers import Emu3ForConditionalGeneration
 
+    from aa_lightning.models.janus_generation import JanusImageGeneration
+
     if MODEL_REGISTRY.get("emu3", None) is None:
         register_model("emu3")(Emu3ForConditionalGeneration)
+    if MODEL_REGISTRY.get("janus", None) is None:
+        register_model("janus")(JanusImageGeneration)
     register_token_outputs("emu3", Emu3ImageOutputs, override=True)
+    _skip_loaded_modules_in_vqvae_init()
+
+
+def _skip_loaded_modules_in_vqvae_init() -> None:
+    """``Emu3VQVAE._init_weights`` reads ``weight``'s fan-in before any guarded init call.
+
+    Under ZeRO-3 ``from_pretrained`` runs ``initialize_weights`` after loading, gathering only the parameters
+    the checkpoint lacked; a loaded convolution's weight is then a 0-element shard and that read raises
+    ("fan in and fan out can not be computed"), so an Emu3 checkpoint could not be loaded under ZeRO-3 at all.
+    A module whose own parameters were all loaded has nothing to initialise (every init call would be skipped
+    anyway): skip it before the read. Idempotent; other modules keep transformers' own initialisation.
+    """
+    from transformers.models.emu3 import modeling_emu3
+
+    cls = modeling_emu3.Emu3VQVAE
+    original = cls._init_weights
+    if getattr(original, "_aa_skips_loaded", False):
+        return
+
+    def _init_weights(self: Any, module: torch.nn.Module) -> None:
+        params = list(module.parameters(recurse=False))
+        if params and all(getattr(p, "_is_hf_initialized", False) for p in params):
+            return
+        original(self, module)
+
+    _init_weights._aa_skips_loaded = True  # type: ignore[attr-defined]
+    cls._init_weights = _init_weights
 
 
 def _weight_files(path: str) -> list[str]:
@@ -53,6 +90,47 @@ def _weight_files(path: str) -> list[str]:
         names = {file for key, file in weight_map.items() if key.startswith(_VQ_PREFIXES)}
         return [os.path.join(path, name) for name in sorted(names)]
     return [os.path.join(path, "model.safetensors")]
+
+
+def _checkpoint_config(path: str, model_type: str) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != model_type:
+        raise ValueError(
+            f"{path}: a {config.model_type!r} checkpoint; this image tokenizer needs a {model_type!r} one "
+            "(its VQ-VAE turns the target images into tokens)"
+        )
+    return config
+
+
+def _load_vqmodel(path: str, vqmodel: torch.nn.Module) -> torch.nn.Module:
+    """``vqmodel`` with the checkpoint's ``vqmodel.*`` weights (only the files that hold them are read)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path):
+        for key, value in load_file(file).items():
+            for prefix in _VQ_PREFIXES:
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = value
+    missing, unexpected = vqmodel.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the VQ-VAE weights do not match (missing {missing[:3]}, extra {unexpected[:3]})"
+        )
+    return vqmodel
+
+
+def _vq_fingerprint(vqmodel: torch.nn.Module) -> str:
+    """A hash of every VQ-VAE weight but the decoder's (computed once per tokenizer: the weights are frozen,
+    about a second per GB)."""
+    digest = hashlib.sha1()
+    for name, tensor in sorted(vqmodel.state_dict().items()):
+        if not name.startswith("decoder."):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Emu3ImageTokenizer:
@@ -72,40 +150,15 @@ class Emu3ImageTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str) -> Emu3ImageTokenizer:
-        from safetensors.torch import load_file
-        from transformers import AutoConfig, Emu3VQVAE
+        from transformers import Emu3VQVAE
 
-        config = AutoConfig.from_pretrained(path)
-        if config.model_type != "emu3":
-            raise ValueError(
-                f"{path}: a {config.model_type!r} checkpoint; image-token data needs an Emu3 checkpoint "
-                "(its VQ-VAE turns the target images into tokens)"
-            )
-        vqmodel = Emu3VQVAE(config.vq_config)
-        state: dict[str, torch.Tensor] = {}
-        for file in _weight_files(path):
-            for key, value in load_file(file).items():
-                for prefix in _VQ_PREFIXES:
-                    if key.startswith(prefix):
-                        state[key[len(prefix) :]] = value
-        missing, unexpected = vqmodel.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{path}: the VQ-VAE weights do not match (missing {missing[:3]}, extra {unexpected[:3]})"
-            )
-        return cls(vqmodel, config.vocabulary_map)
+        config = _checkpoint_config(path, "emu3")
+        return cls(_load_vqmodel(path, Emu3VQVAE(config.vq_config)), config.vocabulary_map)
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """A hash of the codebook and encoder weights: cached encodings follow the VQ-VAE, not its path.
-
-        Computed once (about a second per GB of weights): the weights are frozen."""
-        digest = hashlib.sha1()
-        for name, tensor in sorted(self.vqmodel.state_dict().items()):
-            if not name.startswith("decoder."):
-                digest.update(name.encode())
-                digest.update(tensor.detach().to(torch.float32).cpu().numpy().tobytes())
-        return digest.hexdigest()
+        """A hash of the codebook and encoder weights: cached encodings follow the VQ-VAE, not its path."""
+        return _vq_fingerprint(self.vqmodel)
 
     @torch.no_grad()
     def encode(
@@ -124,6 +177,54 @@ class Emu3ImageTokenizer:
         """``(N, h * (w + 1))`` BPE image tokens (end-of-line tokens included) -> ``(N, 3, 8h, 8w)`` pixels."""
         rows = ids.view(-1, height, width + 1)
         return self.vqmodel.decode(self.mapping.convert_bpe2img(rows))
+
+
+class JanusImageTokenizer:
+    """Images <-> Janus VQ codes with a checkpoint's frozen ``JanusVQVAE`` (codes are NOT vocabulary ids).
+
+    ``encode(pixel_values)`` gives, per image, ``(h, w, codes)``: the ``h * w`` codebook indices in raster
+    order (``JanusVQVAE.encode(...).image_tokens``). ``decode(codes, h, w)`` is ``JanusVQVAE.decode``: pixels
+    ``(N, 3, H, W)`` in the image processor's normalised range ([-1, 1] for Janus-Pro). ``h x w`` must be
+    the model's ``num_patches`` grid, which is all its ``decode`` (and image-mode ``generate``) knows.
+    """
+
+    def __init__(self, vqmodel: Any) -> None:
+        self.vqmodel = vqmodel.eval().requires_grad_(False)
+        self.grid = tuple(int(n) for n in vqmodel.quantize.quant_state_dims)  # (h, w) decode expects
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> JanusImageTokenizer:
+        from transformers import JanusVQVAE
+
+        config = _checkpoint_config(path, "janus")
+        return cls(_load_vqmodel(path, JanusVQVAE(config.vq_config)))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A hash of the codebook and encoder weights: cached encodings follow the VQ-VAE, not its path."""
+        return _vq_fingerprint(self.vqmodel)
+
+    @torch.no_grad()
+    def encode(
+        self, pixel_values: torch.Tensor, image_sizes: Sequence[Any] | None = None
+    ) -> list[tuple[int, int, list[int]]]:
+        """``image_sizes`` is unused (the processor pads every image to its square ``size``)."""
+        param = next(self.vqmodel.parameters())
+        out = self.vqmodel.encode(pixel_values.to(param.device, param.dtype), return_dict=True)
+        n, _, h, w = out.quantized_last_hidden_state.shape
+        codes = out.image_tokens.view(n, h * w)
+        return [(int(h), int(w), [int(c) for c in row]) for row in codes.tolist()]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``(N, h * w)`` codes -> ``(N, 3, H, W)`` pixels."""
+        if (height, width) != self.grid:
+            raise ValueError(f"this VQ-VAE decodes a {self.grid} grid of codes, not ({height}, {width})")
+        return self.vqmodel.decode(codes.view(-1, height * width))
+
+
+#: ``config.model_type`` -> the image tokenizer of that family's checkpoints.
+IMAGE_TOKENIZERS: dict[str, type] = {"emu3": Emu3ImageTokenizer, "janus": JanusImageTokenizer}
 
 
 class ImageGridConstraint:
@@ -201,6 +302,29 @@ class Emu3ImageOutputs:
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
+
+    def prompt_inputs(self, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        """Image-generation prompts for plain texts (sample callbacks), left-padded, with their metas.
+
+        The grid is the processor's square image area, bounded by its image processor's ``max_pixels`` (the
+        checkpoint's native size: 90 x 90 tokens for Emu3-Gen, 4 x 4 for ``tiny-emu3``).
+        """
+        area = int(getattr(self.processor, "image_area", 518400))
+        area = min(area, int(getattr(self.processor.image_processor, "max_pixels", area)))
+        factor = int(getattr(self.processor, "downsample_ratio", 8))
+        height, width = self.processor.calculate_generate_size("1:1", area, factor)
+        tok = self.tokenizer
+        prompts = [
+            f"{tok.bos_token or ''}{t}{tok.boi_token}{height}*{width}{tok.image_wrapper_token}" for t in texts
+        ]
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            inputs = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        metas = [{"prompt": t, "height": int(height), "width": int(width)} for t in texts]
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, metas
 
     def generation_overrides(self, metas: Sequence[dict[str, Any]]) -> dict[str, Any]:
         grids = image_grids(metas)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    pass
+from aa_lightning.models.denoising_policy import DDIMPolicy
+from aa_lightning.models.trajectories import SampledTrajectories, StepLogProbs
 
 __all__ = ["PREDICTION_TYPES", "DiffusionConfig", "LatentDiffusion", "OutputScores", "draw_row_noise"]
 
@@ -338,6 +338,41 @@ class LatentDiffusion(nn.Module):
         return self.generate(
             prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
         )
+
+    # -- trajectories: the denoising chain as a policy (online RL, :mod:`.trajectories`) ----------------
+    def sample_trajectories(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generation: Any,
+        seed: int,
+        stochastic: bool = True,
+    ) -> SampledTrajectories:
+        """DDIM trajectories (``generation.eta``) of the prompts, decoded (:mod:`.denoising_policy`)."""
+        return self._trajectory_policy().sample(input_ids, attention_mask, generation, seed, stochastic)
+
+    def trajectory_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        trajectory: dict[str, torch.Tensor],
+    ) -> StepLogProbs:
+        """Step log-probs ``(N, T)`` of recorded trajectories under the current UNet (with gradients)."""
+        return self._trajectory_policy().log_probs(input_ids, attention_mask, timesteps, trajectory)
+
+    def _trajectory_policy(self) -> DDIMPolicy:
+        if "_ddim_policy" not in self.__dict__:
+            self.__dict__["_ddim_policy"] = DDIMPolicy(self)
+        return self.__dict__["_ddim_policy"]
+
+    def trajectory_latent_shape(self) -> tuple[int, ...]:
+        """The shape of one row's initial noise (the family's latent layout at its default size)."""
+        raise NotImplementedError(f"online RL (trajectories) is not implemented for {type(self).__name__}")
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        """Final latents -> one output per row (what the rewards see)."""
+        raise NotImplementedError(f"online RL (trajectories) is not implemented for {type(self).__name__}")
 
     # -- persistence: a diffusers pipeline folder ------------------------------------------------------
     def save_pretrained(

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aa_lightning.testing.tiny_audio_diffusion import build_tiny_audioldm
 from aa_lightning.testing.tiny_diffusion import build_tiny_sd, build_tiny_t2v
 from aa_lightning.testing.tiny_image_generation import build_tiny_emu3
+from aa_lightning.testing.tiny_janus import build_tiny_janus
 from aa_lightning.testing.tiny_multimodal import build_tiny_llava, build_tiny_qwen2_audio, build_tiny_qwen2_vl
 from aa_lightning.testing.tiny_text import build_tiny_llama, build_tiny_qwen2
 
@@ -26,6 +27,7 @@ TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-qwen2-audio": build_tiny_qwen2_audio,
     "tiny-sd": build_tiny_sd,
     "tiny-emu3": build_tiny_emu3,
+    "tiny-janus": build_tiny_janus,
     "tiny-t2v": build_tiny_t2v,
     "tiny-audioldm": build_tiny_audioldm,
 }

@@ -249,6 +249,56 @@ def build_diffusion_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _text_to_image_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
 
 
+def _image_token_data(
+    ctx: BuildContext, kind: str, file: str, template: str, global_batch: int, model: str = "tiny-emu3"
+) -> Any:
+    """Text-to-image rows as image-token batches: Emu3's VQ tokens (4 x 4 codes at 32 px: 20 image tokens +
+    3 end tokens) or Janus's codes (``model="tiny-janus"``)."""
+    from aa_lightning.data import TextToImageTokensDataModule
+
+    return TextToImageTokensDataModule(
+        model,
+        train={"path": os.path.join(MEDIA, "text_to_image", file), "template": template},
+        kind=kind,
+        resolution=32,
+        batch_size=ctx.per_rank_batch(global_batch),
+        shuffle=False,
+    )
+
+
+def build_image_token_sft(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged SFTModule on an autoregressive image-output model (Emu3: the image is VQ tokens)."""
+    from aa_lightning.algorithms import SFTModule
+
+    module = SFTModule("tiny-emu3", optim=_optim(), lora=ctx.lora)
+    return module, _image_token_data(ctx, "supervised", "prompt_image.json", "T2I-Prompt-Image", 2)
+
+
+def build_image_token_dpo(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged DPOModule on Emu3: chosen and rejected image tokens of one prompt."""
+    from aa_lightning.algorithms import DPOModule
+
+    module = DPOModule("tiny-emu3", beta=0.1, optim=_optim(), lora=ctx.lora)
+    return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
+
+
+def build_janus_sft(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged SFTModule on Janus image generation (the family scores its image codes itself)."""
+    from aa_lightning.algorithms import SFTModule
+
+    module = SFTModule("tiny-janus", optim=_optim(), lora=ctx.lora)
+    return module, _image_token_data(
+        ctx, "supervised", "prompt_image.json", "T2I-Prompt-Image", 4, "tiny-janus"
+    )
+
+
+def build_janus_dpo(ctx: BuildContext) -> tuple[Any, Any]:
+    from aa_lightning.algorithms import DPOModule
+
+    module = DPOModule("tiny-janus", beta=0.1, optim=_optim(), lora=ctx.lora)
+    return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2, "tiny-janus")
+
+
 # --- issue 13, onlinedpo helper: Online DPO and best-of-n (RAFT) -----------------------------------------
 
 
@@ -302,6 +352,10 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("dpo_audio", lambda ctx: build_media_dpo(ctx, "audio"), zero_at_start=DPO_REWARDS),
         Algorithm("sft_t2i", build_diffusion_sft),
         Algorithm("dpo_t2i", build_diffusion_dpo, zero_at_start=DPO_REWARDS),
+        Algorithm("sft_t2itok", build_image_token_sft),
+        Algorithm("dpo_t2itok", build_image_token_dpo, zero_at_start=DPO_REWARDS),
+        Algorithm("sft_t2ijanus", build_janus_sft),
+        Algorithm("dpo_t2ijanus", build_janus_dpo, zero_at_start=DPO_REWARDS),
         Algorithm(
             "ppo_audio", lambda ctx: build_media_ppo(ctx, "audio"), rl=True, zero_at_start=("rollout/kl",)
         ),
@@ -313,6 +367,8 @@ ALGORITHMS: dict[str, Algorithm] = {
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
+IMAGE_TOKEN_CELLS = ("sft_t2itok", "dpo_t2itok")  # autoregressive image outputs (Emu3's VQ tokens)
+JANUS_CELLS = ("sft_t2ijanus", "dpo_t2ijanus")  # image codes scored by Janus's own head, same modules
 
 # ------------------------------------------------------------------------------------------------------
 # strategy columns
@@ -345,10 +401,20 @@ COLUMNS: dict[str, Column] = {
         Column(
             "single",
             reference=None,
-            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + ONLINE_PREFERENCE_CELLS,
+            algorithms=TEXT
+            + MEDIA_CELLS
+            + DIFFUSION_CELLS
+            + IMAGE_TOKEN_CELLS
+            + JANUS_CELLS
+            + ONLINE_PREFERENCE_CELLS,
         ),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
-        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS + ONLINE_PREFERENCE_CELLS),
+        Column(
+            "ddp",
+            strategy="ddp",
+            devices=2,
+            algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + ONLINE_PREFERENCE_CELLS,
+        ),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
         Column(
@@ -358,13 +424,23 @@ COLUMNS: dict[str, Column] = {
                 *TEXT,
                 *MEDIA_CELLS,
                 *DIFFUSION_CELLS,
+                *IMAGE_TOKEN_CELLS,
+                *JANUS_CELLS,
                 *ONLINE_PREFERENCE_CELLS,
                 "sft_skip_nonfinite",
             ),
         ),
-        Column("zero3_2p", strategy="zero3", devices=2, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
-        Column("lora", lora=True, reference=None),
-        Column("lora_zero3", strategy="zero3", lora=True, reference="lora"),
+        Column(
+            "zero3_2p",
+            strategy="zero3",
+            devices=2,
+            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS,
+        ),
+        # Janus joins the LoRA columns once (its DDP and 2-process ZeRO-3 runs were checked by hand: CI time)
+        Column("lora", lora=True, reference=None, algorithms=TEXT + IMAGE_TOKEN_CELLS + JANUS_CELLS),
+        Column(
+            "lora_zero3", strategy="zero3", lora=True, reference="lora", algorithms=TEXT + IMAGE_TOKEN_CELLS
+        ),
         Column(
             "zero3_configs", strategy="deepspeed_cpu_stage_3", reference=None, algorithms=(), kind="configs"
         ),

@@ -1,5 +1,8 @@
 """Training-time forwards of a rollout: token log-probs from temperature-scaled logits, critic values,
-and the chunked no-grad passes (``forward_batch_size`` sequences at a time)."""
+and the chunked no-grad passes (``forward_batch_size`` sequences at a time).
+
+A family that samples its own trajectories (:mod:`aa_lightning.models.trajectories`) scores its recorded
+steps itself: the same ``(N, R)`` log-probs, one per step, so every loss reads them as token log-probs."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from torch import nn
 from aa_lightning.algorithms.logprobs import entropy_from_logits, selective_log_softmax
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.models.positions import computes_own_positions
+from aa_lightning.models.trajectories import trajectory_family
 from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["ForwardsMixin"]
@@ -42,6 +46,17 @@ class ForwardsMixin:
 
         The entropy is detached unless ``entropy_grad`` (an entropy bonus needs its gradient).
         """
+        family = trajectory_family(model)
+        if family is not None:  # the steps of a trajectory: the family's step densities (no temperature)
+            prompt = rollout.prompt_length
+            steps = family.trajectory_log_probs(
+                rollout.sequences[:, :prompt],
+                rollout.attention_mask[:, :prompt],
+                rollout.response_ids,
+                rollout.trajectory,
+            )
+            entropy = steps.entropy if entropy_grad else steps.entropy.detach() if with_entropy else None
+            return steps.log_probs, entropy
         inputs = rollout.model_inputs(not computes_own_positions(model))
         r = rollout.response_length
         kwargs: dict[str, Any] = {"use_cache": False}
@@ -62,6 +77,8 @@ class ForwardsMixin:
 
     def value_forward(self, critic: nn.Module, rollout: Rollout) -> torch.Tensor:
         """Critic values ``(N, R)``: the value of the state *before* each response token."""
+        if rollout.trajectory:
+            raise ValueError("a critic reads token sequences; a sampled trajectory has no tokens to read")
         inputs = rollout.model_inputs(not computes_own_positions(critic))
         scores = critic(**inputs).scores
         r = rollout.response_length

@@ -4,7 +4,9 @@ One KV-cached ``generate`` call per rollout with every model input of the prompt
 except ``labels``, so media inputs flow through untouched); the response mask keeps tokens up to and
 including the first EOS. A family whose responses are not text (an image model's token grid) adds its
 ``generate`` constraints and decodes the responses itself (:mod:`aa_lightning.models.token_outputs`), so the
-rewards see images; the algorithm never asks which. Per-token inputs of the prompt are extended with zeros over the response
+rewards see images; the algorithm never asks which. A family that samples its own multi-step trajectories
+(a diffusion model's denoising chain, :mod:`aa_lightning.models.trajectories`) is handed the prompts instead
+of ``generate``: its steps become the response "tokens" (all kept) and its decoded outputs the responses. Per-token inputs of the prompt are extended with zeros over the response
 (:func:`aa_lightning.batch.extend_per_token_inputs`), so the training forwards see what ``generate`` saw;
 media rows go with their prompt when it is repeated (:func:`aa_lightning.batch.repeat_batch_inputs`). Sampling is seeded per rollout from ``(rollout_seed, rollout index, rank)`` inside
 ``torch.random.fork_rng``, so a resumed run samples exactly what the uninterrupted run would have, and the
@@ -31,6 +33,7 @@ from aa_lightning.batch import (
     select_media_rows,
 )
 from aa_lightning.models.token_outputs import token_output_codec
+from aa_lightning.models.trajectories import trajectory_family
 from aa_lightning.models.turns import end_of_turn_token_ids
 from aa_lightning.models.unwrap import unwrap
 
@@ -124,6 +127,10 @@ class GenerationMixin:
             )
         prompt_length = inputs["input_ids"].shape[1]
         metas = [m for m in metas for _ in range(num_samples)]
+        prompts = [p for p in prompt_texts for _ in range(num_samples)]
+        family = trajectory_family(self.model)
+        if family is not None:  # the family samples (and decodes) its own trajectories
+            return self.trajectory_rollout(family, inputs, prompts, metas, do_sample, seed_offset)
         actor = self.model
         codec = token_output_codec(unwrap(actor), self.tokenizer, self.processor)
         overrides = codec.generation_overrides(metas) if codec is not None else {}
@@ -162,7 +169,46 @@ class GenerationMixin:
             prompt_length=prompt_length,
             extra_inputs=extras,
             media_rows=media_rows,
-            prompts=[p for p in prompt_texts for _ in range(num_samples)],
+            prompts=prompts,
             responses=outputs,
             metas=metas,
+        )
+
+    def trajectory_rollout(
+        self,
+        family: Any,
+        inputs: dict[str, torch.Tensor],
+        prompts: list[str],
+        metas: list[dict[str, Any]],
+        do_sample: bool | None,
+        seed_offset: int,
+    ) -> Rollout:
+        """The rollout of a family that samples its own trajectories: ``sequences`` = prompt + the steps'
+        timesteps (every step kept, no EOS to wait for), ``trajectory`` = the family's record of the steps,
+        ``data["sampling_logprobs"]`` = the step log-probs the sampler drew with. ``do_sample: false``
+        (validation) asks for a deterministic chain."""
+        sample = self.generation.do_sample if do_sample is None else do_sample
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.generation_context():
+                sampled = family.sample_trajectories(
+                    ids, attention, self.generation, seed=self.rollout_seed(seed_offset), stochastic=sample
+                )
+        finally:
+            self.model.train(was_training)
+        steps = sampled.timesteps.to(ids.device, ids.dtype)
+        mask = torch.ones_like(steps, dtype=torch.bool)
+        return Rollout(
+            sequences=torch.cat([ids, steps], dim=1),
+            attention_mask=torch.cat([attention, mask.to(attention.dtype)], dim=1),
+            response_mask=mask,
+            has_eos=torch.ones(len(steps), dtype=torch.bool, device=steps.device),
+            prompt_length=ids.shape[1],
+            prompts=prompts,
+            responses=sampled.outputs,
+            metas=metas,
+            data={"sampling_logprobs": sampled.log_probs},
+            trajectory=sampled.trajectory,
         )

@@ -34,6 +34,7 @@ from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
+from aa_lightning.models.trajectories import trajectory_family
 from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
@@ -149,6 +150,12 @@ class OnlineRLModule(
         if self.disable_dropout:
             disable_dropout(model)
         self.model = self.prepare_trainable(model)
+        if self.reward_model_name_or_path and trajectory_family(model) is not None:
+            raise ValueError(
+                f"reward_model_name_or_path {self.reward_model_name_or_path!r}: a score model reads token "
+                f"sequences, but {self.model_name_or_path!r} samples trajectories whose outputs are decoded "
+                "media; score them with reward_functions instead"
+            )
         if self.reward_model_name_or_path:
             self.load_frozen("reward", self.reward_model_name_or_path, score_model=True)
 

@@ -30,6 +30,7 @@ from aa_lightning.algorithms.rl.module import OnlineRLModule
 from aa_lightning.algorithms.rl.rollout import Rollout, rollout_mean_kl
 from aa_lightning.algorithms.rl.update import MinibatchWeights
 from aa_lightning.batch import LABELS, model_inputs
+from aa_lightning.models.trajectories import trajectory_family
 
 __all__ = ["PPOModule"]
 
@@ -114,6 +115,13 @@ class PPOModule(OnlineRLModule):
         if self.model is not None:
             return
         self.build_actor()
+        if trajectory_family(self.model) is not None:
+            raise ValueError(
+                f"{self.model_name_or_path!r} samples multi-step trajectories (a denoising chain): PPO's critic "
+                "is a score model that predicts a value per token from the token sequence, and a trajectory "
+                "has no tokens for it to read; train GRPOModule instead (with group-normalised advantages it "
+                "is DDPO's clipped importance-sampling objective, no critic)"
+            )
         self.build_reference()
         critic_path = self.critic_init_path(
             self.critic_model_name_or_path, self.reward_model, self.reward_tokenizer

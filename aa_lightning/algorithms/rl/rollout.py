@@ -53,6 +53,10 @@ class Rollout:
     the response) and ``media_rows`` says whose rows the non-batch-first ones are
     (:data:`aa_lightning.batch.MEDIA_ROWS`). ``data`` holds per-sequence results the algorithms add
     (``old_logprobs`` (N, R), ``values``, ``scores`` (N,) ...).
+
+    ``trajectory`` is set when the family sampled its own multi-step trajectories
+    (:mod:`aa_lightning.models.trajectories`): its batch-first record of the steps; the response "tokens" are
+    then the steps (their timesteps), all kept, and ``responses`` the decoded outputs.
     """
 
     sequences: torch.Tensor
@@ -66,6 +70,7 @@ class Rollout:
     responses: list[str] = field(default_factory=list)
     metas: list[dict[str, Any]] = field(default_factory=list)
     data: dict[str, torch.Tensor] = field(default_factory=dict)
+    trajectory: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.sequences.shape[0]
@@ -115,4 +120,5 @@ class Rollout:
             responses=[self.responses[i] for i in idx_list] if self.responses else [],
             metas=[self.metas[i] for i in idx_list] if self.metas else [],
             data={k: take(v) for k, v in self.data.items()},
+            trajectory={k: take(v) for k, v in self.trajectory.items()},
         )
