@@ -36,6 +36,8 @@ MODULES = {
     "kto": "KTOModule",
     "ppo": "PPOModule",
     "grpo": "GRPOModule",
+    "online_dpo": "OnlineDPOModule",
+    "best_of_n": "BestOfNModule",
     "safe_rlhf": "SafeRLHFModule",
 }
 DATAMODULES = {

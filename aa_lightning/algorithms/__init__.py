@@ -7,12 +7,13 @@ from aa_lightning.algorithms.kto import KTOModule
 from aa_lightning.algorithms.orpo import ORPOModule
 from aa_lightning.algorithms.reference_free import ReferenceFreeModule
 from aa_lightning.algorithms.reward import CostModule, RewardModule
-from aa_lightning.algorithms.rl import GRPOModule, PPOModule, SafeRLHFModule
+from aa_lightning.algorithms.rl import BestOfNModule, GRPOModule, OnlineDPOModule, PPOModule, SafeRLHFModule
 from aa_lightning.algorithms.sft import SFTModule
 from aa_lightning.algorithms.simpo import SimPOModule
 
 __all__ = [
     "AlignModule",
+    "BestOfNModule",
     "CostModule",
     "DPOModule",
     "GRPOModule",
@@ -20,6 +21,7 @@ __all__ = [
     "KTOModule",
     "LoraConfig",
     "ORPOModule",
+    "OnlineDPOModule",
     "OptimConfig",
     "PPOModule",
     "ReferenceFreeModule",

@@ -299,6 +299,34 @@ def build_janus_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2, "tiny-janus")
 
 
+# --- issue 13, onlinedpo helper: Online DPO and best-of-n (RAFT) -----------------------------------------
+
+
+def build_online_dpo(ctx: BuildContext) -> tuple[Any, Any]:
+    """Online DPO: 2 samples per prompt ranked by the rule reward, DPO's sigmoid loss against the reference."""
+    from aa_lightning.algorithms import OnlineDPOModule
+
+    module = OnlineDPOModule("tiny-qwen2", reward_functions=[E_SHARE], beta=0.1, **_rl_kwargs(ctx))
+    return module, _text_data(ctx, "alpaca_200.json", "Alpaca", 4)
+
+
+def build_best_of_n(ctx: BuildContext) -> tuple[Any, Any]:
+    """Best-of-n: 4 samples per prompt, the best one by the frozen reward model kept for an SFT step."""
+    from aa_lightning.algorithms import BestOfNModule
+
+    module = BestOfNModule(
+        "tiny-qwen2",
+        reward_model_name_or_path=ctx.reward_model,
+        num_generations=4,
+        top_k=1,
+        **_rl_kwargs(ctx),
+    )
+    return module, _text_data(ctx, "alpaca_200.json", "Alpaca", 4)
+
+
+ONLINE_PREFERENCE_CELLS = ("online_dpo", "best_of_n")
+# --- end of the onlinedpo block -------------------------------------------------------------------------
+
 DPO_REWARDS = ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins")
 KTO_REWARDS = ("train/kl", "train/rewards/desirable", "train/rewards/undesirable")
 
@@ -331,6 +359,9 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "ppo_audio", lambda ctx: build_media_ppo(ctx, "audio"), rl=True, zero_at_start=("rollout/kl",)
         ),
+        # issue 13 (onlinedpo helper)
+        Algorithm("online_dpo", build_online_dpo, rl=True, zero_at_start=DPO_REWARDS),
+        Algorithm("best_of_n", build_best_of_n, rl=True),
     )
 }
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
@@ -370,10 +401,20 @@ COLUMNS: dict[str, Column] = {
         Column(
             "single",
             reference=None,
-            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + JANUS_CELLS,
+            algorithms=TEXT
+            + MEDIA_CELLS
+            + DIFFUSION_CELLS
+            + IMAGE_TOKEN_CELLS
+            + JANUS_CELLS
+            + ONLINE_PREFERENCE_CELLS,
         ),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
-        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS),
+        Column(
+            "ddp",
+            strategy="ddp",
+            devices=2,
+            algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + ONLINE_PREFERENCE_CELLS,
+        ),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
         Column(
@@ -385,6 +426,7 @@ COLUMNS: dict[str, Column] = {
                 *DIFFUSION_CELLS,
                 *IMAGE_TOKEN_CELLS,
                 *JANUS_CELLS,
+                *ONLINE_PREFERENCE_CELLS,
                 "sft_skip_nonfinite",
             ),
         ),
