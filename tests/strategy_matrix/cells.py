@@ -249,6 +249,25 @@ def build_diffusion_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _text_to_image_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
 
 
+def build_grpo_dapo(ctx: BuildContext) -> tuple[Any, Any]:
+    """DAPO's dynamic sampling (every prompt of a rank's batch must give a varied group: a drop makes every rank
+    generate one more round, at most 2, then the cap tops up with zero-advantage groups) and overlong shaping."""
+    from aa_lightning.algorithms import GRPOModule
+
+    module = GRPOModule(
+        "tiny-qwen2",
+        reward_functions=[E_SHARE],
+        num_generations=2,
+        beta=0.04,
+        clip_range_high=0.28,
+        dynamic_sampling=True,
+        max_generation_rounds=2,
+        overlong_buffer_length=2,
+        **_rl_kwargs(ctx),
+    )
+    return module, _text_data(ctx, "alpaca_200.json", "Alpaca", 4)
+
+
 DPO_REWARDS = ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins")
 KTO_REWARDS = ("train/kl", "train/rewards/desirable", "train/rewards/undesirable")
 
@@ -277,8 +296,11 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm(
             "ppo_audio", lambda ctx: build_media_ppo(ctx, "audio"), rl=True, zero_at_start=("rollout/kl",)
         ),
+        # ---- issue 13 (RL options): one cell per new option family --------------------------------------
+        Algorithm("grpo_dapo", build_grpo_dapo, rl=True, zero_at_start=("train/kl",)),
     )
 }
+ISSUE13_RL = ("grpo_dapo",)  # run in the single (reference), ddp and zero3 columns
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
@@ -311,15 +333,15 @@ class Column:
 COLUMNS: dict[str, Column] = {
     c.name: c
     for c in (
-        Column("single", reference=None, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
+        Column("single", reference=None, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + ISSUE13_RL),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
-        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS),
+        Column("ddp", strategy="ddp", devices=2, algorithms=TEXT + DIFFUSION_CELLS + ISSUE13_RL),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
         Column(
             "zero3",
             strategy="zero3",
-            algorithms=(*TEXT, *MEDIA_CELLS, *DIFFUSION_CELLS, "sft_skip_nonfinite"),
+            algorithms=(*TEXT, *MEDIA_CELLS, *DIFFUSION_CELLS, *ISSUE13_RL, "sft_skip_nonfinite"),
         ),
         Column("zero3_2p", strategy="zero3", devices=2, algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS),
         Column("lora", lora=True, reference=None),
