@@ -299,7 +299,7 @@ def build_janus_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2, "tiny-janus")
 
 
-# --- issue 13, onlinedpo helper: Online DPO and best-of-n (RAFT) -----------------------------------------
+# --- issue 13: Online DPO, best-of-n (RAFT), DAPO ------------------------------------------------------
 
 
 def build_online_dpo(ctx: BuildContext) -> tuple[Any, Any]:
@@ -324,8 +324,24 @@ def build_best_of_n(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _text_data(ctx, "alpaca_200.json", "Alpaca", 4)
 
 
-ONLINE_PREFERENCE_CELLS = ("online_dpo", "best_of_n")
-# --- end of the onlinedpo block -------------------------------------------------------------------------
+def build_grpo_dapo(ctx: BuildContext) -> tuple[Any, Any]:
+    """DAPO's dynamic sampling (every prompt of a rank's batch must give a varied group: a drop makes every rank
+    generate one more round, at most 2, then the cap tops up with zero-advantage groups) and overlong shaping."""
+    from aa_lightning.algorithms import GRPOModule
+
+    module = GRPOModule(
+        "tiny-qwen2",
+        reward_functions=[E_SHARE],
+        num_generations=2,
+        beta=0.04,
+        clip_range_high=0.28,
+        dynamic_sampling=True,
+        max_generation_rounds=2,
+        overlong_buffer_length=2,
+        **_rl_kwargs(ctx),
+    )
+    return module, _text_data(ctx, "alpaca_200.json", "Alpaca", 4)
+
 
 DPO_REWARDS = ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins")
 KTO_REWARDS = ("train/kl", "train/rewards/desirable", "train/rewards/undesirable")
@@ -362,10 +378,13 @@ ALGORITHMS: dict[str, Algorithm] = {
         # issue 13 (onlinedpo helper)
         Algorithm("online_dpo", build_online_dpo, rl=True, zero_at_start=DPO_REWARDS),
         Algorithm("best_of_n", build_best_of_n, rl=True),
+        Algorithm("grpo_dapo", build_grpo_dapo, rl=True, zero_at_start=("train/kl",)),
     )
 }
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
+# issue 13: the new online methods and RL options, in the single (reference), ddp and zero3 columns
+ISSUE13_CELLS = ("online_dpo", "best_of_n", "grpo_dapo")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
 IMAGE_TOKEN_CELLS = ("sft_t2itok", "dpo_t2itok")  # autoregressive image outputs (Emu3's VQ tokens)
 JANUS_CELLS = ("sft_t2ijanus", "dpo_t2ijanus")  # image codes scored by Janus's own head, same modules
@@ -401,19 +420,14 @@ COLUMNS: dict[str, Column] = {
         Column(
             "single",
             reference=None,
-            algorithms=TEXT
-            + MEDIA_CELLS
-            + DIFFUSION_CELLS
-            + IMAGE_TOKEN_CELLS
-            + JANUS_CELLS
-            + ONLINE_PREFERENCE_CELLS,
+            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + JANUS_CELLS + ISSUE13_CELLS,
         ),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
         Column(
             "ddp",
             strategy="ddp",
             devices=2,
-            algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + ONLINE_PREFERENCE_CELLS,
+            algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + ISSUE13_CELLS,
         ),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
@@ -426,7 +440,7 @@ COLUMNS: dict[str, Column] = {
                 *DIFFUSION_CELLS,
                 *IMAGE_TOKEN_CELLS,
                 *JANUS_CELLS,
-                *ONLINE_PREFERENCE_CELLS,
+                *ISSUE13_CELLS,
                 "sft_skip_nonfinite",
             ),
         ),

@@ -56,6 +56,7 @@ class StepRecorder(pl.Callback):
         self.steps: list[dict[str, Any]] = []
         self._squares = 0.0
         self._seen = False
+        self._last_step = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is not None:
@@ -84,6 +85,9 @@ class StepRecorder(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not pl_module.automatic_optimization and trainer.global_step == self._last_step:
+            return  # a manual-optimization batch that did not step (e.g. one more dynamic-sampling round)
+        self._last_step = trainer.global_step
         metrics = scalar_metrics(trainer.callback_metrics)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.steps.append(

@@ -14,7 +14,8 @@ import callers need:
 * :mod:`.kl`: per-token KL estimators;
 * :mod:`.advantages`: GAE and GRPO group-relative advantages;
 * :mod:`.policy_gradient`: PPO / GRPO clipped objectives, PPO value loss, token aggregation;
-* :mod:`.lagrangian`: Safe-RLHF's PPO-Lagrangian advantage and multiplier loss.
+* :mod:`.lagrangian`: Safe-RLHF's PPO-Lagrangian advantage and multiplier loss;
+* :mod:`.shaping`: reward shaping added to RL scores (DAPO's overlong penalty).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from aa_lightning.algorithms.losses.policy_gradient import (
     ppo_value_loss,
 )
 from aa_lightning.algorithms.losses.reward_model import cost_model_loss, reward_pairwise_loss
+from aa_lightning.algorithms.losses.shaping import overlong_penalty
 from aa_lightning.algorithms.losses.unpaired import kto_kl_estimate, kto_loss
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "lagrange_multiplier_loss",
     "lagrangian_advantage",
     "orpo_loss",
+    "overlong_penalty",
     "ppo_policy_loss",
     "ppo_value_loss",
     "reward_pairwise_loss",

@@ -17,6 +17,12 @@ Loss per token: ``-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * k
 With gradient accumulation the weights are taken over the whole accumulation group (tokens or responses
 of all its minibatches), so splitting a step into minibatches does not change the objective.
 
+DAPO (Yu et al. 2025, arXiv:2503.14476): clip-higher is ``clip_range_high``, the token-level loss is
+``token_mean``; ``dynamic_sampling`` drops the groups whose G rewards are all equal and refills the step
+from the next prompt batches (:mod:`.dynamic_sampling`: one Lightning batch is one generation round, the
+update runs in the round that completes the step); ``overlong_buffer_length`` adds the soft overlong penalty
+(:func:`~aa_lightning.algorithms.losses.overlong_penalty`) to every reward.
+
 ``beta == 0`` loads no reference model at all. With ``num_iterations > 1`` (or several minibatches per
 rollout) the rollout's log-probs are kept as ``old_logprobs`` for the ratio; a single on-policy update uses
 the current log-probs detached (ratio 1, no extra forward).
@@ -28,7 +34,8 @@ from typing import Any, Literal
 
 import torch
 
-from aa_lightning.algorithms.losses import grpo_advantages, grpo_loss
+from aa_lightning.algorithms.losses import grpo_advantages, grpo_loss, overlong_penalty
+from aa_lightning.algorithms.rl.dynamic_sampling import DynamicSamplingMixin
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.module import OnlineRLModule
 from aa_lightning.algorithms.rl.rollout import Rollout
@@ -38,7 +45,7 @@ from aa_lightning.batch import PTX_STREAM
 __all__ = ["GRPOModule"]
 
 
-class GRPOModule(OnlineRLModule):
+class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
     """GRPO on prompt-only data with pluggable rewards (reward functions and/or a reward model).
 
     Args:
@@ -49,6 +56,15 @@ class GRPOModule(OnlineRLModule):
         scale: ``std`` (GRPO) or ``none`` (mean-only, Dr. GRPO).
         loss_aggregation: ``token_mean`` | ``sequence_mean`` | ``constant`` (see the module docstring).
         num_iterations: optimisation passes over each rollout (``mu`` in the paper).
+        dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards are all equal, refill from the
+            next prompt batches (one generation round per data batch) until ``dynamic_sampling_groups`` groups.
+        dynamic_sampling_groups: groups per rank each update trains on (None: the prompts of one data batch;
+            at most that many).
+        max_generation_rounds: cap on the rounds of one update; when hit, the update trains on what was
+            collected (topped up with zero-advantage groups, logged as ``filler_fraction`` and ``capped``).
+        overlong_buffer_length: ``L_cache`` of DAPO's overlong penalty (None: off).
+        overlong_max_length: ``L_max`` of it (None: ``generation.max_new_tokens``).
+        overlong_penalty_factor: scale of the overlong penalty.
         **kwargs: see :class:`OnlineRLModule` and :class:`AlignModule`.
     """
 
@@ -62,6 +78,12 @@ class GRPOModule(OnlineRLModule):
         scale: Literal["std", "none"] = "std",
         loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean",
         num_iterations: int = 1,
+        dynamic_sampling: bool = False,
+        dynamic_sampling_groups: int | None = None,
+        max_generation_rounds: int = 4,
+        overlong_buffer_length: int | None = None,
+        overlong_max_length: int | None = None,
+        overlong_penalty_factor: float = 1.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -76,6 +98,19 @@ class GRPOModule(OnlineRLModule):
         self.scale = scale
         self.loss_aggregation = loss_aggregation
         self.num_iterations = num_iterations
+        if max_generation_rounds < 1 or (dynamic_sampling_groups is not None and dynamic_sampling_groups < 1):
+            raise ValueError("max_generation_rounds and dynamic_sampling_groups must be >= 1")
+        self.dynamic_sampling = dynamic_sampling
+        self.dynamic_sampling_groups = dynamic_sampling_groups
+        self.max_generation_rounds = max_generation_rounds
+        self.overlong_buffer_length = overlong_buffer_length
+        self.overlong_max_length = overlong_max_length or self.generation.max_new_tokens
+        self.overlong_penalty_factor = overlong_penalty_factor
+        if overlong_buffer_length is not None and not 0 < overlong_buffer_length <= self.overlong_max_length:
+            raise ValueError(
+                f"need 0 < overlong_buffer_length ({overlong_buffer_length}) <= overlong_max_length "
+                f"({self.overlong_max_length}, default generation.max_new_tokens)"
+            )
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -98,6 +133,13 @@ class GRPOModule(OnlineRLModule):
 
     @torch.no_grad()
     def experience(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
+        rollout, stats = self.sample_and_score(batch)
+        self.add_logprobs(rollout, stats)
+        return rollout, stats
+
+    @torch.no_grad()
+    def sample_and_score(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
+        """Generate G responses per prompt, score them, shape the rewards, compute the advantages."""
         stats = MetricAccumulator()
         rollout = self.generate_rollout(batch, num_samples=self.num_generations)
         scores, parts = self.compute_scores(rollout)
@@ -106,12 +148,26 @@ class GRPOModule(OnlineRLModule):
         rewards = scores
         if self.missing_eos_penalty:
             rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).to(rewards.dtype)
+        if self.overlong_buffer_length is not None:
+            penalty = overlong_penalty(
+                rollout.response_mask.sum(dim=1),
+                self.overlong_max_length,
+                self.overlong_buffer_length,
+                self.overlong_penalty_factor,
+            )
+            stats.add_mean("rollout/overlong_penalty", penalty)
+            rewards = rewards + penalty.to(rewards.dtype)
         rollout["rewards"] = rewards
         rollout["advantages"] = grpo_advantages(rewards.float(), self.num_generations, self.scale)
         grouped = rewards.float().view(-1, self.num_generations)
         group_std = grouped.std(dim=1, correction=1)
         stats.add_mean("rollout/group_reward_std", group_std)
         stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
+        return rollout, stats
+
+    @torch.no_grad()
+    def add_logprobs(self, rollout: Rollout, stats: MetricAccumulator) -> None:
+        """The rollout-time log-probs the update needs (policy when off-policy passes follow, reference)."""
         if self.needs_old_logprobs():
             old, entropy = self.chunked(
                 lambda ro: self.response_log_probs(self.model, ro, with_entropy=True), rollout
@@ -120,7 +176,6 @@ class GRPOModule(OnlineRLModule):
             stats.add_mean("rollout/entropy", entropy, rollout.response_mask)
         if self.beta != 0:
             rollout["ref_logprobs"] = self.reference_response_log_probs(rollout)
-        return rollout, stats
 
     def update(self, rollout: Rollout, stats: MetricAccumulator) -> None:
         """``num_iterations`` passes over the rollout's minibatch groups (the shared loop of :mod:`.update`)."""
@@ -153,7 +208,26 @@ class GRPOModule(OnlineRLModule):
         prompt_batch, ptx_batch = self.split_batch(batch)
         if ptx_batch is not None:
             raise ValueError("GRPO has no ptx loss: remove the ptx data stream (data.ptx) or train PPO")
-        rollout, stats = self.experience(prompt_batch)
+        if self.dynamic_sampling:
+            collected = self.dynamic_sampling_round(prompt_batch)
+            if collected is None:  # the step is not complete: the next batch is another round
+                self._rollout_index += 1
+                return
+            rollout, stats = collected
+        else:
+            rollout, stats = self.experience(prompt_batch)
         self.update(rollout, stats)
         self.log_metrics(stats, rollout, {"score": rollout["scores"], "advantage": rollout["advantages"]})
         self._rollout_index += 1
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def rl_state_dict(self) -> dict[str, Any]:
+        state = super().rl_state_dict()
+        if self.dynamic_sampling:  # every rank's partly collected step (a collective with several processes)
+            state["dynamic_sampling"] = self.dynamic_sampling_state()
+        return state
+
+    def load_rl_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_rl_state_dict(state)
+        if self.dynamic_sampling and "dynamic_sampling" in state:
+            self.load_dynamic_sampling_state(state["dynamic_sampling"])
