@@ -23,7 +23,7 @@ from torchvision.transforms import functional as TF  # noqa: N812
 
 from aa_lightning.algorithms import DPOModule, OptimConfig, RewardModule, SFTModule
 from aa_lightning.batch import IGNORE_INDEX
-from aa_lightning.data import TextToImageTokensDataModule
+from aa_lightning.data import DataSpec, TextToImageTokensDataModule
 from aa_lightning.models import resolve_model_path
 from aa_lightning.models.image_tokens import ImageGridConstraint
 from aa_lightning.models.unwrap import unwrap
@@ -232,3 +232,32 @@ def test_image_mode_generation_decodes_to_an_image_of_the_trained_size(emu3):
     assert pixels.shape == (2, 3, RES, RES) and torch.isfinite(pixels).all()
     images = processor.post_process_multimodal_output(pixels, generation_mode="image")
     assert [image.size for image in images] == [(RES, RES)] * 2
+
+
+def test_dpo_raises_the_margin_on_held_out_pairs(tmp_path):
+    """Pairs of a photo and a corrupted copy (colours inverted, half the pixels noise) as image tokens: trained
+    on 6, the margin grows on 3 pairs it never saw (the diffusion family's held-out test, same files).
+
+    Measured (12 steps, lr 3e-3, beta 0.1): held-out loss log 2 -> 0.452, margin 0 -> 0.79; the 6 trained
+    pairs 3.77."""
+    from test_diffusion_alignment import PHOTOS, preference_file
+
+    train = preference_file(PHOTOS[:6], tmp_path, "train.json")
+    held = preference_file(PHOTOS[6:], tmp_path, "held_out.json")
+
+    def rows(path: str, batch_size: int) -> TextToImageTokensDataModule:
+        spec = DataSpec(path, "AA_T2I")
+        return TextToImageTokensDataModule(
+            "tiny-emu3", kind="preference", resolution=RES, batch_size=batch_size, shuffle=False, train=spec
+        )
+
+    pl.seed_everything(0)
+    module = DPOModule("tiny-emu3", beta=0.1, optim=OPTIM)
+    module.configure_model()
+    held_dm = rows(held, 3)
+    held_dm.setup("fit")
+    _, before = margins(module, held_dm)
+    assert before == 0.0  # policy == reference
+    trainer(12).fit(module, rows(train, 2))
+    _, after = margins(module, held_dm)
+    assert after > 0.5, after
