@@ -215,3 +215,24 @@ def test_deterministic_validation_chains_have_no_density():
         module.model.sample_trajectories(
             rollout.sequences[:, : rollout.prompt_length], None, SimpleNamespace(eta=0.0), seed=0
         )
+
+
+def test_every_step_of_a_policy_has_a_density_or_the_schedule_is_refused():
+    """Diffusers fills ``set_alpha_to_one=True`` into configs that lack it (Euler, SDXL ...): a final step to
+    alpha 1 has std 0 and a NaN log-prob. The policy's chain ends at ``alphas_cumprod[0]`` instead, and a
+    schedule whose last step still does not move (t = 0 without ``steps_offset``) is refused with the fix."""
+    from diffusers import EulerDiscreteScheduler
+
+    from aa_lightning.models.denoising_policy import DDIMPolicy
+
+    zero_offset = SimpleNamespace(scheduler=EulerDiscreteScheduler(steps_offset=0), name_or_path="euler")
+    with pytest.raises(ValueError, match="deterministic.*steps_offset: 1"):
+        DDIMPolicy(zero_offset).steps(3)
+    family = SimpleNamespace(scheduler=EulerDiscreteScheduler(steps_offset=1), name_or_path="euler")
+    policy = DDIMPolicy(family)
+    timesteps, prev = policy.steps(3)
+    a_t, a_prev = policy.alphas(timesteps, prev)
+    assert float(a_prev[-1]) < 1.0  # not set_alpha_to_one's 1
+    x = torch.randn(3, 4, 2, 2)
+    mean, std = ddim_step_distribution(x, torch.randn_like(x), a_t, a_prev, torch.ones(3), "epsilon")
+    assert (std > 0).all() and torch.isfinite(gaussian_log_prob(x, mean, std)).all()

@@ -150,9 +150,13 @@ def test_a_reward_model_scores_image_rollouts_as_whole_token_sequences():
         torch.testing.assert_close(parts["reward_model"][i], alone, rtol=1e-4, atol=1e-4)
 
 
-def test_an_image_rule_refuses_a_text_response():
+def test_an_image_rule_refuses_a_text_response_and_a_bad_colour():
     with pytest.raises(TypeError, match="image_color.*scores generated images.*str"):
         image_color("a prompt", "a text answer", {})
+    from PIL import Image
+
+    with pytest.raises(ValueError, match="three RGB values in"):
+        image_color("a prompt", Image.new("RGB", (4, 4)), {}, color=(300, 0, 0))
 
 
 def test_generated_images_reach_tensorboard_next_to_the_sample_text(tmp_path):

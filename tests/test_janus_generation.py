@@ -290,3 +290,13 @@ def test_the_export_reloads_with_plain_transformers_and_generates(tmp_path):
         inputs=ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=True
     )
     assert codes.shape == (1, CODES) and plain.decode_image_tokens(codes).shape == (1, RES, RES, 3)
+
+
+def test_online_rl_on_janus_is_refused_with_the_reason():
+    """Janus's family scores whole outputs (its forward is explain_outputs): no per-token log-probs for RL."""
+    from aa_lightning.algorithms import GRPOModule
+    from aa_lightning.rewards import RewardSpec
+
+    module = GRPOModule("tiny-janus", reward_functions=[RewardSpec("image_color")])
+    with pytest.raises(ValueError, match="scores whole outputs itself"):
+        module.configure_model()

@@ -113,7 +113,10 @@ class SampleGenerationCallback(pl.Callback):
         was_training = model.training
         model.eval()
         try:
-            with torch.random.fork_rng(devices=[]):
+            devices = (
+                [pl_module.device] if pl_module.device.type == "cuda" else []
+            )  # training's RNG untouched
+            with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(int(getattr(gen, "seed", 0) or 0))
                 out = model.generate(
                     **inputs,

@@ -93,7 +93,10 @@ class DDIMPolicy:
         from diffusers import DDIMScheduler
 
         self.family = family
-        self.scheduler = DDIMScheduler.from_config(family.scheduler.config)
+        # a final alpha of 1 (``set_alpha_to_one``, diffusers' default for configs that do not say) makes the last
+        # step deterministic: std 0, no density, a NaN log-prob. The policy's chain ends at alphas_cumprod[0]
+        # instead, as Stable Diffusion's own scheduler configs do.
+        self.scheduler = DDIMScheduler.from_config(family.scheduler.config, set_alpha_to_one=False)
         config = self.scheduler.config
         if config.thresholding:
             raise ValueError(
@@ -110,7 +113,17 @@ class DDIMPolicy:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps.to(torch.long).cpu()
-        return timesteps, timesteps - self.scheduler.config.num_train_timesteps // num_inference_steps
+        prev = timesteps - self.scheduler.config.num_train_timesteps // num_inference_steps
+        a_t, a_prev = self.alphas(timesteps, prev)
+        deterministic = (1 - a_t / a_prev) <= 0  # the DDIM variance's factor: 0 when a step does not move
+        if deterministic.any():
+            raise ValueError(
+                f"{getattr(self.family, 'name_or_path', '') or type(self.family).__name__}: DDIM step(s) "
+                f"{timesteps[deterministic].tolist()} -> {prev[deterministic].tolist()} are deterministic (the "
+                "target alpha equals the current one), so they have no density to train on; set steps_offset: 1 "
+                "in the scheduler config (Stable Diffusion's own setting) or use another num_inference_steps"
+            )
+        return timesteps, prev
 
     def alphas(
         self, timesteps: torch.Tensor, prev_timesteps: torch.Tensor

@@ -12,7 +12,7 @@ The family implements two methods:
 * ``sample_trajectories(input_ids, attention_mask, generation, seed, stochastic) -> SampledTrajectories``:
   the steps of one trajectory per row (batch-first tensors, everything needed to score the steps again),
   the sampler's own step log-probs, and the decoded outputs (what the rewards see, e.g. ``PIL`` images);
-* ``trajectory_log_probs(input_ids, attention_mask, trajectory) -> StepLogProbs``: the log-prob ``(N, T)`` of
+* ``trajectory_log_probs(input_ids, attention_mask, timesteps, trajectory) -> StepLogProbs``: the log-prob ``(N, T)`` of
   each recorded step under the family's CURRENT weights (with gradients), and the step distributions'
   entropy.
 """

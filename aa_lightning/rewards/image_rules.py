@@ -36,7 +36,7 @@ def image_color(
     ``meta["color"]`` (a row's own target) wins over the ``color`` argument.
     """
     target = np.asarray(meta.get("color", color), dtype=np.float32)
-    if target.shape != (3,):
+    if target.shape != (3,) or not ((target >= 0) & (target <= 255)).all():
         raise ValueError(
             f"image_color: the colour must be three RGB values in [0, 255], got {target.tolist()}"
         )

@@ -24,6 +24,7 @@ from torch import nn
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, as_config
 from aa_lightning.algorithms.eval_metrics import UniqueSampleSums, sample_indices
+from aa_lightning.algorithms.logprobs import explains_its_outputs
 from aa_lightning.algorithms.rl.engine import RLEngineMixin
 from aa_lightning.algorithms.rl.forwards import ForwardsMixin
 from aa_lightning.algorithms.rl.generation import GenerationMixin
@@ -150,6 +151,12 @@ class OnlineRLModule(
         if self.disable_dropout:
             disable_dropout(model)
         self.model = self.prepare_trainable(model)
+        if explains_its_outputs(model) and trajectory_family(model) is None:
+            raise ValueError(
+                f"{self.model_name_or_path!r}: this model family scores whole outputs itself (explain_outputs) "
+                "and samples no step-by-step trajectories, so online RL has no per-step log-probs to train on; "
+                "use SFT / DPO / KTO with it"
+            )
         if self.reward_model_name_or_path and trajectory_family(model) is not None:
             raise ValueError(
                 f"reward_model_name_or_path {self.reward_model_name_or_path!r}: a score model reads token "
