@@ -282,6 +282,20 @@ def build_image_token_dpo(ctx: BuildContext) -> tuple[Any, Any]:
     return module, _image_token_data(ctx, "preference", "aa_t2i.json", "AA_T2I", 2)
 
 
+def build_image_token_grpo(ctx: BuildContext) -> tuple[Any, Any]:
+    """The unchanged GRPOModule on Emu3 image prompts: grid-constrained rollouts decoded for a rule reward."""
+    from aa_lightning.algorithms import GRPOModule
+
+    module = GRPOModule(
+        "tiny-emu3",
+        reward_functions=[{"name": "image_color", "kwargs": {"color": [255, 0, 0]}}],
+        num_generations=2,
+        beta=0.04,
+        **_rl_kwargs(ctx),
+    )
+    return module, _image_token_data(ctx, "prompt_only", "pick_a_pic.json", "Pick-a-Pic", 2)
+
+
 def build_janus_sft(ctx: BuildContext) -> tuple[Any, Any]:
     """The unchanged SFTModule on Janus image generation (the family scores its image codes itself)."""
     from aa_lightning.algorithms import SFTModule
@@ -370,6 +384,7 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("dpo_t2i", build_diffusion_dpo, zero_at_start=DPO_REWARDS),
         Algorithm("sft_t2itok", build_image_token_sft),
         Algorithm("dpo_t2itok", build_image_token_dpo, zero_at_start=DPO_REWARDS),
+        Algorithm("grpo_t2itok", build_image_token_grpo, rl=True, zero_at_start=("train/kl",)),
         Algorithm("sft_t2ijanus", build_janus_sft),
         Algorithm("dpo_t2ijanus", build_janus_dpo, zero_at_start=DPO_REWARDS),
         Algorithm(
@@ -386,7 +401,7 @@ MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 # issue 13: the new online methods and RL options, in the single (reference), ddp and zero3 columns
 ISSUE13_CELLS = ("online_dpo", "best_of_n", "grpo_dapo")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
-IMAGE_TOKEN_CELLS = ("sft_t2itok", "dpo_t2itok")  # autoregressive image outputs (Emu3's VQ tokens)
+IMAGE_TOKEN_CELLS = ("sft_t2itok", "dpo_t2itok", "grpo_t2itok")  # autoregressive image outputs (Emu3's VQ tokens)
 JANUS_CELLS = ("sft_t2ijanus", "dpo_t2ijanus")  # image codes scored by Janus's own head, same modules
 
 # ------------------------------------------------------------------------------------------------------
