@@ -14,11 +14,33 @@ from typing import Any, Literal
 import torch
 
 from aa_lightning.algorithms.losses import PreferenceLossOutput, dpo_loss
+from aa_lightning.algorithms.losses.pairwise import DPO_LOSS_TYPES, MEAN_LOG_PROB_LOSS_TYPES
 from aa_lightning.algorithms.reference_cache import PrecomputedReferenceModule
 from aa_lightning.algorithms.step_stats import PREFERENCE_METRICS, pair_stats
 from aa_lightning.batch import split_pairs
 
 __all__ = ["DPOModule"]
+
+DPOLossType = Literal[
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "sigmoid_norm",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+]
+
+
+# the loss types whose formula has an ``eps`` (label_smoothing)
+SMOOTHED_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "robust", "exo_pair", "aot", "aot_unpaired")
 
 
 class DPOModule(PrecomputedReferenceModule):
@@ -27,8 +49,11 @@ class DPOModule(PrecomputedReferenceModule):
     Args:
         beta: KL strength (IPO: ``tau``).
         loss_type: ``sigmoid`` (DPO), ``ipo`` (squared loss on length-normalised log-ratios: mean
-            log-probs), ``hinge`` (SLiC).
-        label_smoothing: cDPO's label-flip probability (``sigmoid`` only).
+            log-probs), ``hinge`` (SLiC), ``sigmoid_norm`` (DPO on mean log-probs), or one of the variants
+            of :mod:`~aa_lightning.algorithms.losses.dpo_variants` (``robust``, ``exo_pair``, ``nca_pair``,
+            ``bco_pair``, ``sppo_hard``, ``aot``, ``aot_unpaired``, ``apo_zero``, ``apo_down``, ``discopop``).
+        label_smoothing: cDPO's label-flip probability (``sigmoid``), robust DPO's flip rate, EXO's and AOT's
+            ``eps``.
         ref_model_name_or_path: a separate reference checkpoint; default: the initial policy.
         precompute_ref_log_probs: compute the reference log-probs of every train/val sample once before
             training (cached in memory keyed by ``sample_index`` and on disk keyed by a fingerprint of the
@@ -47,15 +72,15 @@ class DPOModule(PrecomputedReferenceModule):
         self,
         *args: Any,
         beta: float = 0.1,
-        loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+        loss_type: DPOLossType = "sigmoid",
         label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if loss_type not in ("sigmoid", "ipo", "hinge"):
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected 'sigmoid', 'ipo' or 'hinge'")
-        if label_smoothing and loss_type != "sigmoid":
-            raise ValueError("label_smoothing (cDPO) applies to loss_type 'sigmoid' only")
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+        if label_smoothing and loss_type not in SMOOTHED_LOSS_TYPES:
+            raise ValueError(f"label_smoothing applies to loss_type {SMOOTHED_LOSS_TYPES} only")
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
@@ -63,8 +88,8 @@ class DPOModule(PrecomputedReferenceModule):
     # -- the loss (override point) ---------------------------------------------------------------------
     @property
     def uses_mean_log_probs(self) -> bool:
-        """IPO compares length-normalised (per-token mean) log-ratios; the others compare sums."""
-        return self.loss_type == "ipo"
+        """IPO and sigmoid_norm compare length-normalised (per-token mean) log-ratios; the others compare sums."""
+        return self.loss_type in MEAN_LOG_PROB_LOSS_TYPES
 
     def preference_loss(
         self,
