@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VARIANT_LOSS_TYPES", "variant_pair_losses"]
+__all__ = ["VARIANT_LOSS_TYPES", "combine_pair_losses", "variant_pair_losses", "wpo_weights"]
 
 # defaults the papers use where a loss has its own constant
 EXO_EPSILON = 1e-3  # EXO's label-smoothing epsilon when label_smoothing is 0 (log(0) is undefined)
@@ -166,3 +166,40 @@ def variant_pair_losses(
     if loss_type == "discopop":
         return discopop_losses(c, r, beta)
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {VARIANT_LOSS_TYPES}")
+
+
+def wpo_weights(
+    policy_chosen_logps_mean: torch.Tensor, policy_rejected_logps_mean: torch.Tensor
+) -> torch.Tensor:
+    """WPO's pair weight (Zhou et al. 2024, arXiv:2406.11827, eq. 4): how likely the policy is to sample the pair.
+
+    ``w = exp(mean_t log pi(y_w,t) + mean_t log pi(y_l,t))`` (length-normalised probabilities of both
+    responses), detached: off-policy pairs count less, so the data looks closer to on-policy.
+    """
+    return torch.exp(policy_chosen_logps_mean + policy_rejected_logps_mean).detach()
+
+
+def combine_pair_losses(
+    losses: list[torch.Tensor],
+    weights: list[float],
+    pair_weights: torch.Tensor | None = None,
+    chosen_nll: torch.Tensor | None = None,
+    rpo_alpha: float = 0.0,
+) -> torch.Tensor:
+    """``(B,)`` per-pair objective: ``w_i * sum_k lambda_k l_k,i + alpha * nll_i``.
+
+    ``l_k`` are the per-pair losses of several loss types with weights ``lambda_k`` (MPO's mixture,
+    arXiv:2411.10442), ``w_i`` WPO's pair weights (:func:`wpo_weights`) and ``nll_i`` the chosen response's
+    per-token NLL weighted by ``alpha`` (RPO, Pang et al. 2024, arXiv:2404.19733, eq. 1:
+    ``L_DPO + alpha * (-log pi(y_w | x) / |y_w|)``).
+    """
+    if len(losses) != len(weights):
+        raise ValueError(f"{len(losses)} losses but {len(weights)} loss_weights")
+    total = sum(w * part for w, part in zip(weights, losses))
+    if pair_weights is not None:
+        total = total * pair_weights
+    if rpo_alpha:
+        if chosen_nll is None:
+            raise ValueError("rpo_alpha needs the chosen responses' NLL")
+        total = total + rpo_alpha * chosen_nll
+    return total
