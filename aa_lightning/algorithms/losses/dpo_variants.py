@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VARIANT_LOSS_TYPES", "combine_pair_losses", "variant_pair_losses", "wpo_weights"]
+__all__ = ["VARIANT_LOSS_TYPES", "combine_pair_losses", "cpo_loss", "variant_pair_losses", "wpo_weights"]
 
 # defaults the papers use where a loss has its own constant
 EXO_EPSILON = 1e-3  # EXO's label-smoothing epsilon when label_smoothing is 0 (log(0) is undefined)
@@ -203,3 +203,22 @@ def combine_pair_losses(
             raise ValueError("rpo_alpha needs the chosen responses' NLL")
         total = total + rpo_alpha * chosen_nll
     return total
+
+
+def cpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPO (Xu et al. 2024, arXiv:2401.08417, eq. 5): DPO with the reference dropped, plus the chosen NLL.
+
+    ``L = mean_B[-(1 - eps) log sigma(beta (pw - pl)) - eps log sigma(-beta (pw - pl))] + L_NLL``, ``pw`` / ``pl``
+    the summed log-probs of the chosen / rejected responses and ``L_NLL = -log pi(y_w)`` per token.
+
+    Returns:
+        the total loss and the ``(B,)`` per-pair preference losses.
+    """
+    losses = _smoothed(beta * (policy_chosen_logps - policy_rejected_logps), label_smoothing)
+    return losses.mean() + chosen_nll, losses
