@@ -38,8 +38,8 @@ def test_option_learns_held_out_preference(option, pair_files, tmp_path):  # noq
     before = held_out_log_ratio(initial, pair_files["val"])
     trainer(tmp_path, 30).fit(module, datamodule(pair_files["train"]))
     gain = held_out_log_ratio(module.model, pair_files["val"]) - before
-    assert gain.mean() > 1.0, f"{option}: held-out log-ratio gain only {gain.mean():.2f} nats"
-    assert (gain > 0).float().mean() >= 0.75, f"{option}: gain positive on {(gain > 0).float().mean():.0%}"
+    assert gain.mean() > 5.0, f"{option}: held-out log-ratio gain only {gain.mean():.2f} nats"
+    assert (gain > 0).float().mean() >= 0.9, f"{option}: gain positive on {(gain > 0).float().mean():.0%}"
     assert torch.isfinite(gain).all()
 
 
