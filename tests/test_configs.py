@@ -33,6 +33,7 @@ MODULES = {
     "dpo": "DPOModule",
     "simpo": "SimPOModule",
     "orpo": "ORPOModule",
+    "cpo": "CPOModule",
     "kto": "KTOModule",
     "ppo": "PPOModule",
     "grpo": "GRPOModule",

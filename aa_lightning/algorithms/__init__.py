@@ -2,6 +2,7 @@
 
 from aa_lightning.algorithms.base import AlignModule
 from aa_lightning.algorithms.config import GenerationConfig, LoraConfig, OptimConfig
+from aa_lightning.algorithms.cpo import CPOModule
 from aa_lightning.algorithms.dpo import DPOModule
 from aa_lightning.algorithms.kto import KTOModule
 from aa_lightning.algorithms.orpo import ORPOModule
@@ -29,4 +30,5 @@ __all__ = [
     "SafeRLHFModule",
     "SFTModule",
     "SimPOModule",
+    "CPOModule",
 ]

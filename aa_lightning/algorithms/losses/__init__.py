@@ -9,6 +9,7 @@ import callers need:
 
 * :mod:`.outputs`: the named tuples the losses return;
 * :mod:`.pairwise`: (chosen, rejected) pair losses: DPO (+ hinge, IPO), SimPO, ORPO;
+* :mod:`.dpo_variants`: the other DPO pair losses (robust, EXO, NCA, BCO, SPPO, AOT, APO, DiscoPOP);
 * :mod:`.unpaired`: losses on single labelled responses: KTO;
 * :mod:`.reward_model`: reward-model and cost-model losses;
 * :mod:`.kl`: per-token KL estimators;

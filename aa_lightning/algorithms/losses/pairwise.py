@@ -12,9 +12,14 @@ import math
 import torch
 import torch.nn.functional as F
 
+from aa_lightning.algorithms.losses.dpo_variants import VARIANT_LOSS_TYPES, variant_pair_losses
 from aa_lightning.algorithms.losses.outputs import ORPOLossOutput, PreferenceLossOutput
 
-__all__ = ["dpo_loss", "orpo_loss", "simpo_loss"]
+__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "orpo_loss", "simpo_loss"]
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "sigmoid_norm", *VARIANT_LOSS_TYPES)
+# the loss types that compare length-normalised (per-token mean) log-probs
+MEAN_LOG_PROB_LOSS_TYPES = ("ipo", "sigmoid_norm")
 
 
 def _smoothed_logistic(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -44,6 +49,10 @@ def dpo_loss(
     * ``"hinge"`` (SLiC-style, arXiv:2305.10425): ``relu(1 - beta * h)``.
     * ``"ipo"`` (IPO, Azar et al. 2023, arXiv:2310.12036): ``(h - 1 / (2 * beta))^2``. For IPO the caller
       must pass length-normalised (per-token mean) log-probs instead of sums.
+    * ``"sigmoid_norm"``: the ``"sigmoid"`` formula on length-normalised (per-token mean) log-probs, which
+      the caller passes (LN-DPO, the SimPO paper's length-normalised DPO, arXiv:2405.14734 sec. 4).
+    * the names in :data:`~.dpo_variants.VARIANT_LOSS_TYPES` (robust, exo_pair, nca_pair, bco_pair,
+      sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop): see :mod:`.dpo_variants`.
 
     Args:
         policy_chosen_logps: ``(B,)`` policy log-prob (sum; mean for IPO) of the chosen responses.
@@ -51,8 +60,8 @@ def dpo_loss(
         ref_chosen_logps: ``(B,)`` reference-model log-prob of the chosen responses.
         ref_rejected_logps: ``(B,)`` reference-model log-prob of the rejected responses.
         beta: inverse temperature / KL strength (IPO: regularisation ``tau``).
-        loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"``.
-        label_smoothing: cDPO flip probability ``eps`` (``"sigmoid"`` only).
+        loss_type: one of :data:`DPO_LOSS_TYPES`.
+        label_smoothing: cDPO flip probability ``eps`` (also robust's flip rate, EXO's and AOT's ``eps``).
 
     Returns:
         loss (mean over batch), ``chosen_rewards = beta * (pc - rc)``, ``rejected_rewards = beta * (pr - rr)``
@@ -61,14 +70,25 @@ def dpo_loss(
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
-    if loss_type == "sigmoid":
+    if loss_type in ("sigmoid", "sigmoid_norm"):
         losses = _smoothed_logistic(beta * h, label_smoothing)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - beta * h)
     elif loss_type == "ipo":
         losses = (h - 1.0 / (2.0 * beta)) ** 2
+    elif loss_type in VARIANT_LOSS_TYPES:
+        losses = variant_pair_losses(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            beta,
+            loss_type,
+            label_smoothing,
+        )
     else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected 'sigmoid', 'hinge' or 'ipo'")
+        names = ("sigmoid", "sigmoid_norm", "hinge", "ipo", *VARIANT_LOSS_TYPES)
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; expected one of {names}")
     return PreferenceLossOutput(
         loss=losses.mean(),
         chosen_rewards=(beta * chosen_logratios).detach(),
