@@ -401,7 +401,11 @@ MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 # issue 13: the new online methods and RL options, in the single (reference), ddp and zero3 columns
 ISSUE13_CELLS = ("online_dpo", "best_of_n", "grpo_dapo")
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
-IMAGE_TOKEN_CELLS = ("sft_t2itok", "dpo_t2itok", "grpo_t2itok")  # autoregressive image outputs (Emu3's VQ tokens)
+IMAGE_TOKEN_CELLS = (
+    "sft_t2itok",
+    "dpo_t2itok",
+    "grpo_t2itok",
+)  # autoregressive image outputs (Emu3's VQ tokens)
 JANUS_CELLS = ("sft_t2ijanus", "dpo_t2ijanus")  # image codes scored by Janus's own head, same modules
 
 # ------------------------------------------------------------------------------------------------------

@@ -18,22 +18,19 @@ the responses. Minibatches split the rollout by PAIRS (a pair's two rows stay to
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 import torch
 
-from aa_lightning.algorithms.dpo import DPOModule
+from aa_lightning.algorithms.dpo import DPOLossType
 from aa_lightning.algorithms.losses import dpo_loss
+from aa_lightning.algorithms.losses.pairwise import DPO_LOSS_TYPES, MEAN_LOG_PROB_LOSS_TYPES
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.module import OnlineRLModule
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.batch import PTX_STREAM
 
-__all__ = ["DPOLossType", "OnlineDPOModule", "pair_indices"]
-
-# exactly the loss types DPOModule accepts (a Literal): a type added there is selectable here from a config
-DPOLossType = typing.get_type_hints(DPOModule.__init__)["loss_type"]
+__all__ = ["OnlineDPOModule", "pair_indices"]
 
 
 def pair_indices(scores: torch.Tensor, tie_tolerance: float = 0.0) -> tuple[torch.Tensor, ...]:
@@ -79,9 +76,8 @@ class OnlineDPOModule(OnlineRLModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        accepted = typing.get_args(DPOLossType)
-        if accepted and loss_type not in accepted:
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(accepted)}")
+        if loss_type not in DPO_LOSS_TYPES:  # DPOModule's own list: a type added there is selectable here
+            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {', '.join(DPO_LOSS_TYPES)}")
         if label_smoothing and loss_type != "sigmoid":
             raise ValueError("label_smoothing (cDPO) applies to loss_type 'sigmoid' only")
         if num_iterations < 1 or tie_tolerance < 0:
@@ -92,8 +88,10 @@ class OnlineDPOModule(OnlineRLModule):
         self.tie_tolerance = tie_tolerance
         self.num_iterations = num_iterations
 
-    # which log-probs the loss compares (sums, or per-token means for IPO-like types): DPOModule's own rule
-    uses_mean_log_probs = DPOModule.uses_mean_log_probs
+    @property
+    def uses_mean_log_probs(self) -> bool:
+        """Which log-probs the loss compares: per-token means for IPO-like types (DPOModule's rule), else sums."""
+        return self.loss_type in MEAN_LOG_PROB_LOSS_TYPES
 
     def configure_model(self) -> None:
         if self.model is not None:
