@@ -36,7 +36,7 @@ def grpo(**kwargs: Any) -> GRPOModule:
     [
         {"advantage_estimator": "rloo"},
         {"advantage_estimator": "reinforce_pp", "beta": 0.01},
-        {"advantage_estimator": "reinforce_pp_baseline", "beta": 0.01},
+        {"advantage_estimator": "reinforce_pp_baseline"},
         {"advantage_estimator": "remax", "num_generations": 2},
         {"policy_loss": "gspo", "loss_aggregation": "sequence_mean", "num_mini_batches": 2},
         {"policy_loss": "cispo", "clip_range": 1.0, "clip_range_high": 0.28, "num_mini_batches": 2},
@@ -64,7 +64,7 @@ def test_remax_baseline_is_the_greedy_response_score(repo_path: Any) -> None:
     """The ReMax advantages equal sampled score minus the score of a separate greedy decoding."""
     pl.seed_everything(0)
     module = grpo(advantage_estimator="remax", num_generations=2)
-    dm = datamodule(repo_path, batch_size=4, size=8)
+    dm = datamodule(repo_path, batch_size=4, size=8, kind="prompt_only")
     module.configure_model()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
