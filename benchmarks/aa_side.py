@@ -122,10 +122,19 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
 RUNNERS = {"sft": run_sft, "dpo": run_dpo, "dpo_precomputed": run_dpo_precomputed, "rm": run_rm}
 
 
-def run_grpo(config: BenchConfig) -> dict[str, Any]:
+def run_grpo(config: BenchConfig, **overrides: Any) -> dict[str, Any]:
+    """GRPOModule; ``overrides`` replace its arguments (the GSPO row)."""
     from aa_lightning.algorithms import GenerationConfig, GRPOModule
     from aa_lightning.rewards import RewardSpec
 
+    args: dict[str, Any] = dict(
+        num_generations=config.num_generations,
+        beta=config.grpo_beta,
+        clip_range=0.2,
+        scale="std",
+        loss_aggregation="token_mean",
+        num_iterations=1,
+    )
     module = GRPOModule(
         model_name_or_path=config.model_path,
         dtype="float32",
@@ -138,14 +147,9 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
             top_k=0,
             do_sample=True,
         ),
-        num_generations=config.num_generations,
-        beta=config.grpo_beta,
-        clip_range=0.2,
-        scale="std",
-        loss_aggregation="token_mean",
-        num_iterations=1,
         max_grad_norm=config.max_grad_norm,
         sample_log_interval=0,
+        **{**args, **overrides},
     )
     data = datamodule(config, batch_size=config.prompts_per_step)
     per_step = config.prompts_per_step * config.num_generations
@@ -153,6 +157,21 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS["grpo"] = run_grpo
+
+
+def run_gspo(config: BenchConfig) -> dict[str, Any]:
+    """The same GSPO recipe as the TRL side: sequence ratio, clip 3e-4 / 4e-4, no KL, per-sequence mean."""
+    return run_grpo(
+        config,
+        policy_loss="gspo",
+        clip_range=3e-4,
+        clip_range_high=4e-4,
+        beta=0.0,
+        loss_aggregation="sequence_mean",
+    )
+
+
+RUNNERS["gspo"] = run_gspo
 
 
 PPO_PHASES = ("generation", "reward scoring", "old/ref/value forwards", "advantages", "update")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-WORKLOADS = ("sft", "dpo", "dpo_precomputed", "dpo_sparse_head", "rm", "grpo", "ppo")
+WORKLOADS = ("sft", "dpo", "dpo_precomputed", "dpo_sparse_head", "rm", "grpo", "gspo", "ppo")
 AA_ONLY = ("dpo_precomputed", "dpo_sparse_head", "ppo")
 
 

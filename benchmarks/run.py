@@ -34,6 +34,7 @@ UNITS = {
     "dpo_sparse_head": "samples/s",
     "rm": "samples/s",
     "grpo": "completions/s",
+    "gspo": "completions/s",
     "ppo": "completions/s",
 }
 
@@ -238,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="TRL vs aa-lightning, side by side")
     parser.add_argument(
         "--workloads",
-        default="sft,dpo,dpo_precomputed,dpo_sparse_head,rm,grpo,ppo",
+        default="sft,dpo,dpo_precomputed,dpo_sparse_head,rm,grpo,gspo,ppo",
         help=f"comma-separated, from {','.join(WORKLOADS)}",
     )
     parser.add_argument(

@@ -150,7 +150,8 @@ def gsm8k_reward(completions: list[Any], reference_answer: list[str], **kwargs: 
     return [gsm8k_answer("", text, {"reference_answer": ref}) for text, ref in zip(texts, reference_answer)]
 
 
-def run_grpo(config: BenchConfig) -> dict[str, Any]:
+def run_grpo(config: BenchConfig, **overrides: Any) -> dict[str, Any]:
+    """GRPOTrainer; ``overrides`` replace GRPOConfig fields (the GSPO row)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -159,8 +160,7 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
         [{"prompt": r["prompt"], "reference_answer": r["reference_answer"]} for r in rows]
     )
     per_step = config.prompts_per_step * config.num_generations
-    args = GRPOConfig(
-        **{**common_args(config), "per_device_train_batch_size": per_step},
+    fields: dict[str, Any] = dict(
         num_generations=config.num_generations,
         max_completion_length=config.max_new_tokens,
         temperature=config.temperature,
@@ -173,6 +173,9 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
         scale_rewards="group",
         shuffle_dataset=False,
         log_completions=False,
+    )
+    args = GRPOConfig(
+        **{**common_args(config), "per_device_train_batch_size": per_step}, **{**fields, **overrides}
     )
     timer = StepTimer(config.device)
     trainer = GRPOTrainer(
@@ -188,3 +191,19 @@ def run_grpo(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS["grpo"] = run_grpo
+
+
+def run_gspo(config: BenchConfig) -> dict[str, Any]:
+    """GSPO (arXiv:2507.18071) as TRL ships it: GRPOTrainer with a sequence-level importance ratio, the
+    paper's clip range 3e-4 / 4e-4, no KL term, a per-sequence mean (``loss_type="grpo"``)."""
+    return run_grpo(
+        config,
+        importance_sampling_level="sequence",
+        epsilon=3e-4,
+        epsilon_high=4e-4,
+        beta=0.0,
+        loss_type="grpo",
+    )
+
+
+RUNNERS["gspo"] = run_gspo

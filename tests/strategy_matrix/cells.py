@@ -396,10 +396,54 @@ ALGORITHMS: dict[str, Algorithm] = {
         Algorithm("grpo_dapo", build_grpo_dapo, rl=True, zero_at_start=("train/kl",)),
     )
 }
+# -- GRPO's advantage estimators and policy losses (issue 13, rlopts): one cell per option family ------------
+
+
+def build_grpo_option(ctx: BuildContext, **options: Any) -> tuple[Any, Any]:
+    from aa_lightning.algorithms import GRPOModule
+
+    module = GRPOModule(
+        "tiny-qwen2", reward_functions=[E_SHARE], num_generations=2, beta=0.04, **options, **_rl_kwargs(ctx)
+    )
+    return module, _text_data(ctx, "alpaca_200.json", "Alpaca", 4)
+
+
+GRPO_OPTION_CELLS = ("grpo_rloo", "grpo_gspo", "grpo_reinforce_pp", "grpo_remax")
+ALGORITHMS.update(
+    {
+        a.name: a
+        for a in (
+            Algorithm(
+                "grpo_rloo",
+                lambda ctx: build_grpo_option(ctx, advantage_estimator="rloo", loss_aggregation="bnpo"),
+                rl=True,
+                zero_at_start=("train/kl",),
+            ),
+            Algorithm(
+                "grpo_gspo",
+                lambda ctx: build_grpo_option(ctx, policy_loss="gspo", loss_aggregation="sequence_mean"),
+                rl=True,
+                zero_at_start=("train/kl",),
+            ),
+            Algorithm(  # KL folded into the reward: rollout/kl is the one to be 0 at the start
+                "grpo_reinforce_pp",
+                lambda ctx: build_grpo_option(ctx, advantage_estimator="reinforce_pp", policy_loss="cispo"),
+                rl=True,
+                zero_at_start=("rollout/kl",),
+            ),
+            Algorithm(  # one extra greedy generate per rollout
+                "grpo_remax",
+                lambda ctx: build_grpo_option(ctx, advantage_estimator="remax"),
+                rl=True,
+                zero_at_start=("train/kl",),
+            ),
+        )
+    }
+)
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 # issue 13: the new online methods and RL options, in the single (reference), ddp and zero3 columns
-ISSUE13_CELLS = ("online_dpo", "best_of_n", "grpo_dapo")
+ISSUE13_CELLS = ("online_dpo", "best_of_n", "grpo_dapo", *GRPO_OPTION_CELLS)
 DIFFUSION_CELLS = ("sft_t2i", "dpo_t2i")  # a text-to-image diffusion model under the same modules
 IMAGE_TOKEN_CELLS = (
     "sft_t2itok",

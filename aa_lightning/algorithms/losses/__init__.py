@@ -13,15 +13,23 @@ import callers need:
 * :mod:`.unpaired`: losses on single labelled responses: KTO;
 * :mod:`.reward_model`: reward-model and cost-model losses;
 * :mod:`.kl`: per-token KL estimators;
-* :mod:`.advantages`: GAE and GRPO group-relative advantages;
-* :mod:`.policy_gradient`: PPO / GRPO clipped objectives, PPO value loss, token aggregation;
+* :mod:`.advantages`: GAE, GRPO group-relative, RLOO, REINFORCE++ and ReMax advantages;
+* :mod:`.policy_gradient`: PPO / GRPO / GSPO / CISPO objectives, PPO value loss, token aggregation;
 * :mod:`.lagrangian`: Safe-RLHF's PPO-Lagrangian advantage and multiplier loss;
 * :mod:`.shaping`: reward shaping added to RL scores (DAPO's overlong penalty).
 """
 
 from __future__ import annotations
 
-from aa_lightning.algorithms.losses.advantages import compute_gae, grpo_advantages
+from aa_lightning.algorithms.losses.advantages import (
+    compute_gae,
+    discounted_returns,
+    global_normalize,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+)
 from aa_lightning.algorithms.losses.kl import kl_penalty
 from aa_lightning.algorithms.losses.lagrangian import lagrange_multiplier_loss, lagrangian_advantage
 from aa_lightning.algorithms.losses.outputs import (
@@ -37,7 +45,10 @@ from aa_lightning.algorithms.losses.outputs import (
 from aa_lightning.algorithms.losses.pairwise import dpo_loss, orpo_loss, simpo_loss
 from aa_lightning.algorithms.losses.policy_gradient import (
     aggregate_token_loss,
+    cispo_token_loss,
+    clipped_token_loss,
     grpo_loss,
+    gspo_token_loss,
     ppo_policy_loss,
     ppo_value_loss,
 )
@@ -55,11 +66,16 @@ __all__ = [
     "RewardLossOutput",
     "ValueLossOutput",
     "aggregate_token_loss",
+    "cispo_token_loss",
+    "clipped_token_loss",
     "compute_gae",
     "cost_model_loss",
+    "discounted_returns",
     "dpo_loss",
+    "global_normalize",
     "grpo_advantages",
     "grpo_loss",
+    "gspo_token_loss",
     "kl_penalty",
     "kto_kl_estimate",
     "kto_loss",
@@ -69,6 +85,9 @@ __all__ = [
     "overlong_penalty",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "remax_advantages",
     "reward_pairwise_loss",
+    "rloo_advantages",
     "simpo_loss",
 ]

@@ -23,6 +23,11 @@ from the next prompt batches (:mod:`.dynamic_sampling`: one Lightning batch is o
 update runs in the round that completes the step); ``overlong_buffer_length`` adds the soft overlong penalty
 (:func:`~aa_lightning.algorithms.losses.overlong_penalty`) to every reward.
 
+Options (``advantage_estimator``, ``policy_loss``; :mod:`.estimators`): RLOO, REINFORCE++ (+ group
+baseline) and ReMax replace the group-normalised advantage; GSPO's sequence-level ratio and CISPO's clipped
+stop-gradient weights replace the token-level clipped surrogate; ``bnpo`` aggregation weighs every
+minibatch equally (token mean within it). The defaults (``grpo``, ``clip``, ``token_mean``) are GRPO as above.
+
 ``beta == 0`` loads no reference model at all. With ``num_iterations > 1`` (or several minibatches per
 rollout) the rollout's log-probs are kept as ``old_logprobs`` for the ratio; a single on-policy update uses
 the current log-probs detached (ratio 1, no extra forward).
@@ -34,8 +39,9 @@ from typing import Any, Literal
 
 import torch
 
-from aa_lightning.algorithms.losses import grpo_advantages, grpo_loss, overlong_penalty
+from aa_lightning.algorithms.losses import grpo_loss, overlong_penalty
 from aa_lightning.algorithms.rl.dynamic_sampling import DynamicSamplingMixin
+from aa_lightning.algorithms.rl.estimators import AdvantageEstimatorMixin, check_estimator_options
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.module import OnlineRLModule
 from aa_lightning.algorithms.rl.rollout import Rollout
@@ -45,16 +51,16 @@ from aa_lightning.batch import PTX_STREAM
 __all__ = ["GRPOModule"]
 
 
-class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
+class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
     """GRPO on prompt-only data with pluggable rewards (reward functions and/or a reward model).
 
     Args:
-        num_generations: responses sampled per prompt (G >= 2).
+        num_generations: responses sampled per prompt (G >= 2; 1 is enough for ``reinforce_pp`` / ``remax``).
         beta: weight of the k3 KL to the reference (0: no reference model is loaded).
         clip_range: lower ratio clip ``eps``.
         clip_range_high: upper ratio clip (DAPO clip-higher); defaults to ``clip_range``.
-        scale: ``std`` (GRPO) or ``none`` (mean-only, Dr. GRPO).
-        loss_aggregation: ``token_mean`` | ``sequence_mean`` | ``constant`` (see the module docstring).
+        scale: ``std`` (GRPO) or ``none`` (mean-only, Dr. GRPO); ``advantage_estimator: grpo`` only.
+        loss_aggregation: ``token_mean`` | ``sequence_mean`` | ``constant`` | ``bnpo`` (module docstring).
         num_iterations: optimisation passes over each rollout (``mu`` in the paper).
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose rewards are all equal, refill from the
             next prompt batches (one generation round per data batch) until ``dynamic_sampling_groups`` groups.
@@ -65,6 +71,10 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
         overlong_buffer_length: ``L_cache`` of DAPO's overlong penalty (None: off).
         overlong_max_length: ``L_max`` of it (None: ``generation.max_new_tokens``).
         overlong_penalty_factor: scale of the overlong penalty.
+        advantage_estimator: ``grpo`` | ``rloo`` | ``reinforce_pp`` | ``reinforce_pp_baseline`` | ``remax``
+            (:mod:`.estimators`).
+        policy_loss: ``clip`` (PPO/GRPO token ratio) | ``gspo`` (sequence ratio, arXiv:2507.18071) |
+            ``cispo`` (clipped stop-gradient weight, arXiv:2506.13585).
         **kwargs: see :class:`OnlineRLModule` and :class:`AlignModule`.
     """
 
@@ -76,7 +86,7 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
         clip_range: float = 0.2,
         clip_range_high: float | None = None,
         scale: Literal["std", "none"] = "std",
-        loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean",
+        loss_aggregation: Literal["token_mean", "sequence_mean", "constant", "bnpo"] = "token_mean",
         num_iterations: int = 1,
         dynamic_sampling: bool = False,
         dynamic_sampling_groups: int | None = None,
@@ -84,11 +94,14 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
         overlong_buffer_length: int | None = None,
         overlong_max_length: int | None = None,
         overlong_penalty_factor: float = 1.0,
+        advantage_estimator: Literal[
+            "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax"
+        ] = "grpo",
+        policy_loss: Literal["clip", "gspo", "cispo"] = "clip",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        if num_generations < 2:
-            raise ValueError("GRPO needs num_generations >= 2 (advantages are relative within a group)")
+        check_estimator_options(advantage_estimator, policy_loss, num_generations, scale)
         if num_iterations < 1:
             raise ValueError("num_iterations must be >= 1")
         self.num_generations = num_generations
@@ -111,6 +124,13 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
                 f"need 0 < overlong_buffer_length ({overlong_buffer_length}) <= overlong_max_length "
                 f"({self.overlong_max_length}, default generation.max_new_tokens)"
             )
+        if dynamic_sampling and advantage_estimator not in ("grpo", "rloo"):
+            raise ValueError(
+                f"dynamic_sampling filters groups by their advantages, which {advantage_estimator!r} computes "
+                "from more than the group (the batch, the log-probs or a greedy rollout): use grpo or rloo"
+            )
+        self.advantage_estimator = advantage_estimator
+        self.policy_loss = policy_loss
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -129,12 +149,20 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
         return self.num_iterations * super().updates_per_rollout()
 
     def needs_old_logprobs(self) -> bool:
-        return self.updates_per_rollout() > 1
+        return self.updates_per_rollout() > 1 or self.kl_in_reward()
+
+    def shaped_rewards(self, rollout: Rollout, scores: torch.Tensor) -> torch.Tensor:
+        """The scores the advantages are computed from (``missing_eos_penalty`` applied)."""
+        if self.missing_eos_penalty:
+            return scores - self.missing_eos_penalty * (~rollout.has_eos).to(scores.dtype)
+        return scores
 
     @torch.no_grad()
     def experience(self, batch: dict[str, Any]) -> tuple[Rollout, MetricAccumulator]:
         rollout, stats = self.sample_and_score(batch)
         self.add_logprobs(rollout, stats)
+        # after the log-probs: REINFORCE++ folds their KL into the reward
+        rollout["advantages"] = self.estimate_advantages(batch, rollout, rollout["rewards"], stats)
         return rollout, stats
 
     @torch.no_grad()
@@ -145,9 +173,7 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
         scores, parts = self.compute_scores(rollout)
         rollout["scores"] = scores
         self.rollout_stats(stats, rollout, scores, parts)
-        rewards = scores
-        if self.missing_eos_penalty:
-            rewards = rewards - self.missing_eos_penalty * (~rollout.has_eos).to(rewards.dtype)
+        rewards = self.shaped_rewards(rollout, scores)
         if self.overlong_buffer_length is not None:
             penalty = overlong_penalty(
                 rollout.response_mask.sum(dim=1),
@@ -158,11 +184,13 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
             stats.add_mean("rollout/overlong_penalty", penalty)
             rewards = rewards + penalty.to(rewards.dtype)
         rollout["rewards"] = rewards
-        rollout["advantages"] = grpo_advantages(rewards.float(), self.num_generations, self.scale)
-        grouped = rewards.float().view(-1, self.num_generations)
-        group_std = grouped.std(dim=1, correction=1)
-        stats.add_mean("rollout/group_reward_std", group_std)
-        stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
+        if self.dynamic_sampling:  # the group filter and merged rounds need them now (group-local estimators)
+            rollout["advantages"] = self.estimate_advantages(batch, rollout, rewards, stats)
+        if self.num_generations > 1:
+            grouped = rewards.float().view(-1, self.num_generations)
+            group_std = grouped.std(dim=1, correction=1)
+            stats.add_mean("rollout/group_reward_std", group_std)
+            stats.add_mean("rollout/zero_std_group_fraction", (group_std < 1e-6).float())
         return rollout, stats
 
     @torch.no_grad()
@@ -186,7 +214,7 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
             out = grpo_loss(
                 logprobs,
                 mb.data.get("old_logprobs"),
-                mb.data.get("ref_logprobs"),
+                None if self.kl_in_reward() else mb.data.get("ref_logprobs"),  # REINFORCE++: KL in the reward
                 mb["advantages"],
                 mask,
                 clip_range=self.clip_range,
@@ -194,12 +222,15 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
                 aggregation=self.loss_aggregation,
                 max_completion_length=self.generation.max_new_tokens,
                 clip_range_high=self.clip_range_high,
+                policy_loss=self.policy_loss,
             )
             tokens = mask.sum()
             stats.add("train/loss", out.loss.detach() * tokens, tokens)
             stats.add("train/clip_fraction", out.clip_fraction * tokens, tokens)
             stats.add("train/kl", out.kl * tokens, tokens)
             stats.add_mean("train/entropy", entropy, mask)
+            if self.loss_aggregation == "bnpo":  # a token mean per minibatch, every minibatch weighs the same
+                return out.loss * weights.minibatch
             return out.loss * (weights.token if self.loss_aggregation == "token_mean" else weights.sequence)
 
         self.run_updates(rollout, self.num_iterations, minibatch_loss, stats)
@@ -217,7 +248,8 @@ class GRPOModule(DynamicSamplingMixin, OnlineRLModule):
         else:
             rollout, stats = self.experience(prompt_batch)
         self.update(rollout, stats)
-        self.log_metrics(stats, rollout, {"score": rollout["scores"], "advantage": rollout["advantages"]})
+        advantages = self.sequence_advantages(rollout["advantages"], rollout.response_mask)
+        self.log_metrics(stats, rollout, {"score": rollout["scores"], "advantage": advantages})
         self._rollout_index += 1
 
     # -- checkpoint state ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class MinibatchWeights:
     token: torch.Tensor  # its response tokens / the group's tokens per rank
     sequence: float  # its sequences / the group's sequences
     last: bool  # closes the group (the optimizer steps after it)
+    minibatch: float = 1.0  # 1 / the group's minibatches (each minibatch weighs the same: GRPO's ``bnpo``)
 
 
 class MinibatchUpdatesMixin:
@@ -61,7 +62,7 @@ class MinibatchUpdatesMixin:
                     self.start_minibatch()
                     mb = rollout.select(idx)
                     weights = MinibatchWeights(
-                        mb.response_mask.sum() / group_tokens, len(idx) / group_seqs, last
+                        mb.response_mask.sum() / group_tokens, len(idx) / group_seqs, last, 1.0 / len(group)
                     )
                     self.backward_minibatch(minibatch_loss(mb, weights), last_in_group=last)
                 self.optimizer_update(stats)
