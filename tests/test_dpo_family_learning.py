@@ -19,7 +19,17 @@ def optim() -> OptimConfig:
 
 OPTIONS = {
     name: {"loss_type": name}
-    for name in ("robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero")
+    for name in (
+        "robust",
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+    )
     + ("sigmoid_norm",)
 }
 OPTIONS["robust"]["label_smoothing"] = 0.1
