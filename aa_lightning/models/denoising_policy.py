@@ -263,3 +263,43 @@ class DDIMPolicy:
         )
         log_probs = gaussian_log_prob(x_prev, mean, std).view(n, steps)
         return StepLogProbs(log_probs, gaussian_entropy(std).view(n, steps))
+
+
+class TrajectoryPolicyMixin:
+    """The trajectory hooks of :mod:`.trajectories` for a latent-diffusion family (mixed into
+    :class:`~aa_lightning.models.latent_diffusion.LatentDiffusion`): its denoising chain as a policy, sampled and
+    scored by one :class:`DDIMPolicy`. A family supplies ``trajectory_latent_shape`` and ``decode_latents``."""
+
+    def sample_trajectories(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        generation: Any,
+        seed: int,
+        stochastic: bool = True,
+    ) -> SampledTrajectories:
+        """DDIM trajectories (``generation.eta``) of the prompts, decoded (:mod:`.denoising_policy`)."""
+        return self._trajectory_policy().sample(input_ids, attention_mask, generation, seed, stochastic)
+
+    def trajectory_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        trajectory: dict[str, torch.Tensor],
+    ) -> StepLogProbs:
+        """Step log-probs ``(N, T)`` of recorded trajectories under the current UNet (with gradients)."""
+        return self._trajectory_policy().log_probs(input_ids, attention_mask, timesteps, trajectory)
+
+    def _trajectory_policy(self) -> DDIMPolicy:
+        if "_ddim_policy" not in self.__dict__:
+            self.__dict__["_ddim_policy"] = DDIMPolicy(self)
+        return self.__dict__["_ddim_policy"]
+
+    def trajectory_latent_shape(self) -> tuple[int, ...]:
+        """The shape of one row's initial noise (the family's latent layout at its default size)."""
+        raise NotImplementedError(f"online RL (trajectories) is not implemented for {type(self).__name__}")
+
+    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
+        """Final latents -> one output per row (what the rewards see)."""
+        raise NotImplementedError(f"online RL (trajectories) is not implemented for {type(self).__name__}")

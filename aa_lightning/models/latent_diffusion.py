@@ -14,8 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from aa_lightning.models.denoising_policy import DDIMPolicy
-from aa_lightning.models.trajectories import SampledTrajectories, StepLogProbs
+from aa_lightning.models.denoising_policy import TrajectoryPolicyMixin
 
 __all__ = ["PREDICTION_TYPES", "DiffusionConfig", "LatentDiffusion", "OutputScores", "draw_row_noise"]
 
@@ -77,7 +76,7 @@ def _gathered_whole_under_zero3(*parts: nn.Module) -> None:
         set_z3_leaf_modules(part, [type(part)])
 
 
-class LatentDiffusion(nn.Module):
+class LatentDiffusion(TrajectoryPolicyMixin, nn.Module):
     """A text-conditioned latent diffusion model: ``unet`` (trained), ``vae`` and ``text_encoder`` (frozen).
 
     The shared part of every media kind: the per-row seeded noise, the score, the frozen parts, saving and
@@ -338,41 +337,6 @@ class LatentDiffusion(nn.Module):
         return self.generate(
             prompts, num_inference_steps=steps, guidance_scale=guidance, generator=generators
         )
-
-    # -- trajectories: the denoising chain as a policy (online RL, :mod:`.trajectories`) ----------------
-    def sample_trajectories(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        generation: Any,
-        seed: int,
-        stochastic: bool = True,
-    ) -> SampledTrajectories:
-        """DDIM trajectories (``generation.eta``) of the prompts, decoded (:mod:`.denoising_policy`)."""
-        return self._trajectory_policy().sample(input_ids, attention_mask, generation, seed, stochastic)
-
-    def trajectory_log_probs(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        timesteps: torch.Tensor,
-        trajectory: dict[str, torch.Tensor],
-    ) -> StepLogProbs:
-        """Step log-probs ``(N, T)`` of recorded trajectories under the current UNet (with gradients)."""
-        return self._trajectory_policy().log_probs(input_ids, attention_mask, timesteps, trajectory)
-
-    def _trajectory_policy(self) -> DDIMPolicy:
-        if "_ddim_policy" not in self.__dict__:
-            self.__dict__["_ddim_policy"] = DDIMPolicy(self)
-        return self.__dict__["_ddim_policy"]
-
-    def trajectory_latent_shape(self) -> tuple[int, ...]:
-        """The shape of one row's initial noise (the family's latent layout at its default size)."""
-        raise NotImplementedError(f"online RL (trajectories) is not implemented for {type(self).__name__}")
-
-    def decode_latents(self, latents: torch.Tensor) -> list[Any]:
-        """Final latents -> one output per row (what the rewards see)."""
-        raise NotImplementedError(f"online RL (trajectories) is not implemented for {type(self).__name__}")
 
     # -- persistence: a diffusers pipeline folder ------------------------------------------------------
     def save_pretrained(
