@@ -5,6 +5,7 @@ aa fit --config configs/tiny/sft_t2t.yaml --trainer.max_steps 20 --model.init_ar
 aa fit --config configs/tiny/sft_t2t.yaml --model.init_args.optim.warmup_steps null
 aa fit --config configs/tiny/sft_t2t.yaml --ckpt_path last      # resume exactly
 aa fit --config configs/tiny/sft_t2t.yaml --print_config
+aa chat runs/sft                                                  # talk to a trained model (aa_lightning.chat)
 """
 
 from __future__ import annotations
@@ -193,8 +194,18 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
     )
 
 
+# subcommands that are not LightningCLI's: name -> "module:function" taking the remaining arguments
+TOOLS = {"chat": "aa_lightning.chat:main"}
+
+
 def main() -> None:
     """Entry point of the ``aa`` console script."""
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        import importlib
+
+        module, function = TOOLS[sys.argv[1]].split(":")
+        getattr(importlib.import_module(module), function)(sys.argv[2:])
+        return
     try:
         build_cli()
     except CLIError as err:
