@@ -16,12 +16,13 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
 from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter, RolloutMediaLogger
+from aa_lightning.callbacks.progress import default_progress_bar
 from aa_lightning.checkpoint_io import remove_stale_partial_saves
 
 DEFAULT_LOG_DIR = "runs"
@@ -119,6 +120,16 @@ class AACLI(LightningCLI):
         strategy = config.trainer.get("strategy")
         if isinstance(strategy, str) and strategy in ATOMIC_DEEPSPEED:
             config.trainer.strategy = ATOMIC_DEEPSPEED[strategy]
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> pl.Trainer:
+        """Add a terminal-aware progress bar (:mod:`aa_lightning.callbacks.progress`) unless one is configured."""
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in [*configured, *callbacks]
+        ):
+            callbacks = [*callbacks, default_progress_bar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     # -- `--ckpt_path last` ------------------------------------------------------------------------------
     def before_fit(self) -> None:

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import pexpect  # the dev extra
 import pytest
 import torch
 from PIL import Image
@@ -20,8 +21,6 @@ from PIL import Image
 from aa_lightning.chat.loading import load_chat_model, resolve_chat_path
 from aa_lightning.chat.session import ChatError, ChatSession, GenerationSettings
 from aa_lightning.models.loading import load_pretrained_models
-
-pexpect = pytest.importorskip("pexpect", reason="pexpect is in the dev extra")
 
 IMAGE = os.path.join("configs", "data", "media", "image", "pizza.jpg")
 VIDEO = os.path.join("configs", "data", "media", "video", "mllm_demo_data", "1.mp4")
