@@ -6,6 +6,7 @@ aa fit --config configs/tiny/sft_t2t.yaml --model.init_args.optim.warmup_steps n
 aa fit --config configs/tiny/sft_t2t.yaml --ckpt_path last      # resume exactly
 aa fit --config configs/tiny/sft_t2t.yaml --print_config
 aa chat runs/sft                                                  # talk to a trained model (aa_lightning.chat)
+aa list                                                           # algorithms, datamodules, templates ...
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+import aa_lightning.algorithms  # noqa: F401  (imported, so `--model SFTModule` / `--model.help SFTModule` resolve)
+import aa_lightning.data  # noqa: F401  (the same for `--data TextToTextDataModule`)
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
 from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter, RolloutMediaLogger
 from aa_lightning.callbacks.progress import default_progress_bar
@@ -36,6 +39,22 @@ ATOMIC_DEEPSPEED = {
     "deepspeed_stage_2_offload": "deepspeed_cpu_stage_2_offload",
     "deepspeed_stage_3": "deepspeed_cpu_stage_3",
     "deepspeed_stage_3_offload": "deepspeed_cpu_stage_3_offload",
+}
+
+
+CLASS_HELP = (
+    "The arguments of an algorithm or a datamodule are listed by its own help: `aa {cmd} --model.help SFTModule`, "
+    "`aa {cmd} --model.help GRPOModule`, `aa {cmd} --data.help TextToTextDataModule` (short class names or "
+    "full class paths). `aa list` prints every algorithm, datamodule, template, reward and strategy by name; "
+    "`aa chat MODEL` talks to a trained model."
+)
+
+_POINTER = " An algorithm's own arguments: `aa {cmd} --model.help SFTModule`; every name: `aa list`."
+SUBCOMMAND_HELP = {
+    "fit": "Train (`aa fit --config configs/tiny/sft_t2t.yaml`)." + _POINTER,
+    "validate": "Evaluate on the validation split." + _POINTER,
+    "test": "Evaluate on the test split." + _POINTER,
+    "predict": "Generate answers for the predict split." + _POINTER,
 }
 
 
@@ -202,11 +221,21 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        parser_kwargs={
+            **{
+                cmd: {
+                    "description": SUBCOMMAND_HELP[cmd].format(cmd=cmd),
+                    "epilog": CLASS_HELP.format(cmd=cmd),
+                }
+                for cmd in SUBCOMMAND_HELP
+            },
+            "epilog": CLASS_HELP.format(cmd="fit"),
+        },
     )
 
 
 # subcommands that are not LightningCLI's: name -> "module:function" taking the remaining arguments
-TOOLS = {"chat": "aa_lightning.chat:main"}
+TOOLS = {"chat": "aa_lightning.chat:main", "list": "aa_lightning.listing:main"}
 
 
 def main() -> None:
