@@ -197,3 +197,25 @@ def test_run_folder_means_its_export(text_model, tmp_path):
         resolve_chat_path(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="diffusion pipeline"):
         load_chat_model("tiny-sd", device="cpu")
+
+
+def test_lora_adapter_export_loads_onto_its_base(text_model, tmp_path):
+    """``lora.merge_on_export: false`` writes the adapter alone; chat loads it onto the base it names."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer, _ = load_pretrained_models(text_model)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    torch.manual_seed(1)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # a trained adapter changes the outputs (a fresh one is zero)
+    peft_model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = load_chat_model(str(tmp_path), device="cpu")
+    ids = tokenizer(["Hello there"], return_tensors="pt")
+    with torch.no_grad():
+        expected = peft_model.eval()(**ids).logits
+        base = load_pretrained_models(text_model)[0](**ids).logits
+        got = loaded.model(**ids).logits
+    assert not torch.allclose(base, expected, atol=1e-3)
+    torch.testing.assert_close(got, expected)
