@@ -24,6 +24,7 @@ from aa_lightning.models.loading import load_pretrained_models
 
 IMAGE = os.path.join("configs", "data", "media", "image", "pizza.jpg")
 VIDEO = os.path.join("configs", "data", "media", "video", "mllm_demo_data", "1.mp4")
+AUDIO = os.path.join("configs", "data", "media", "audio", "speech_asr", "spk1_snt1.wav")
 NEW_TOKENS = 8
 
 
@@ -185,6 +186,21 @@ def test_video_is_attached_with_its_placeholder(vl_model, repo_path, monkeypatch
     pad_id = session.loaded.tokenizer.convert_tokens_to_ids("<|video_pad|>")
     assert session.turns[0]["input_ids"].count(pad_id) > 1
     assert session.pending == []
+
+
+def test_audio_is_attached_to_an_audio_model(repo_path, monkeypatch):
+    monkeypatch.chdir(repo_path())
+    session = ChatSession(
+        load_chat_model("tiny-qwen2-audio", device="cpu"), GenerationSettings(max_new_tokens=2)
+    )
+    assert session.media_kinds() == ["audio"]
+    with pytest.raises(ChatError, match="takes no image input"):
+        session.attach("image", IMAGE)
+    session.attach("audio", AUDIO)
+    session.send("What is said?", Writes())
+    assert "<|audio_bos|><|AUDIO|><|audio_eos|>What is said?" in session.turns[0]["prompt"]
+    audio_id = session.loaded.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
+    assert session.turns[0]["input_ids"].count(audio_id) > 1  # expanded to one token per audio feature
 
 
 def test_run_folder_means_its_export(text_model, tmp_path):

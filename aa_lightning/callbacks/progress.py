@@ -167,6 +167,10 @@ class LineProgressBar(ProgressBar):
         step = trainer.global_step
         if step == self._last_step:  # a batch that only accumulated gradients
             return
+        total = total_steps(trainer)
+        if total and step >= total:  # the "done:" line of on_train_end says it
+            self._last_step = step
+            return
         now = time.monotonic()
         due = now - self._last_print >= self.every_n_seconds > 0 or self._last_print == -math.inf
         if due or (self.every_n_steps > 0 and step % self.every_n_steps == 0):

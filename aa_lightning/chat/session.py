@@ -206,7 +206,11 @@ class ChatSession:
         inputs = {k: v.to(self.loaded.device) for k, v in model_inputs(batch, model).items()}
         config = self.settings.config(self.eos_token_ids, self.loaded.tokenizer.pad_token_id)
         streamer = _Streamer(self.loaded.tokenizer, out)
-        sequences = model.generate(**inputs, generation_config=config, streamer=streamer)
+        try:
+            sequences = model.generate(**inputs, generation_config=config, streamer=streamer)
+        except KeyboardInterrupt:  # Ctrl-C stopped the reply: the unanswered message leaves the conversation
+            self.messages.pop()
+            raise
         reply_ids = sequences[0, inputs["input_ids"].shape[1] :].tolist()
         reply = self.loaded.tokenizer.decode(reply_ids, skip_special_tokens=True)
         self.messages.append({"role": "assistant", "content": reply})
