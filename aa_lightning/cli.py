@@ -27,6 +27,7 @@ import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpe
 from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter, RolloutMediaLogger
 from aa_lightning.callbacks.progress import default_progress_bar
 from aa_lightning.checkpoint_io import remove_stale_partial_saves
+from aa_lightning.listing import help_parser_kwargs
 
 DEFAULT_LOG_DIR = "runs"
 log = logging.getLogger(__name__)
@@ -39,22 +40,6 @@ ATOMIC_DEEPSPEED = {
     "deepspeed_stage_2_offload": "deepspeed_cpu_stage_2_offload",
     "deepspeed_stage_3": "deepspeed_cpu_stage_3",
     "deepspeed_stage_3_offload": "deepspeed_cpu_stage_3_offload",
-}
-
-
-CLASS_HELP = (
-    "The arguments of an algorithm or a datamodule are listed by its own help: `aa {cmd} --model.help SFTModule`, "
-    "`aa {cmd} --model.help GRPOModule`, `aa {cmd} --data.help TextToTextDataModule` (short class names or "
-    "full class paths). `aa list` prints every algorithm, datamodule, template, reward and strategy by name; "
-    "`aa chat MODEL` talks to a trained model."
-)
-
-_POINTER = " An algorithm's own arguments: `aa {cmd} --model.help SFTModule`; every name: `aa list`."
-SUBCOMMAND_HELP = {
-    "fit": "Train (`aa fit --config configs/tiny/sft_t2t.yaml`)." + _POINTER,
-    "validate": "Evaluate on the validation split." + _POINTER,
-    "test": "Evaluate on the test split." + _POINTER,
-    "predict": "Generate answers for the predict split." + _POINTER,
 }
 
 
@@ -221,16 +206,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
-        parser_kwargs={
-            **{
-                cmd: {
-                    "description": SUBCOMMAND_HELP[cmd].format(cmd=cmd),
-                    "epilog": CLASS_HELP.format(cmd=cmd),
-                }
-                for cmd in SUBCOMMAND_HELP
-            },
-            "epilog": CLASS_HELP.format(cmd="fit"),
-        },
+        parser_kwargs=help_parser_kwargs(),
     )
 
 

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-__all__ = ["SECTIONS", "Section", "first_line", "main", "sections"]
+__all__ = ["SECTIONS", "Section", "first_line", "help_parser_kwargs", "main", "sections"]
 
 Rows = list[tuple[str, str]]
 
@@ -152,6 +152,32 @@ def render(chosen: list[Section], out: TextIO, width: int, full: bool = False) -
             if width and len(line) > width:
                 line = line[: width - 3].rstrip() + "..."
             print(line, file=out)
+
+
+CLASS_HELP = (
+    "The arguments of an algorithm or a datamodule are listed by its own help: `aa {cmd} --model.help SFTModule`, "
+    "`aa {cmd} --model.help GRPOModule`, `aa {cmd} --data.help TextToTextDataModule` (short class names or "
+    "full class paths). `aa list` prints every algorithm, datamodule, template, reward and strategy by name; "
+    "`aa chat MODEL` talks to a trained model."
+)
+_POINTER = " An algorithm's own arguments: `aa {cmd} --model.help SFTModule`; every name: `aa list`."
+SUBCOMMAND_HELP = {
+    "fit": "Train (`aa fit --config configs/tiny/sft_t2t.yaml`)." + _POINTER,
+    "validate": "Evaluate on the validation split." + _POINTER,
+    "test": "Evaluate on the test split." + _POINTER,
+    "predict": "Generate answers for the predict split." + _POINTER,
+}
+
+
+def help_parser_kwargs() -> dict[str, dict[str, str] | str]:
+    """LightningCLI ``parser_kwargs`` that put the way to class arguments and to ``aa list`` into the help
+    (a Trainer-only ``aa fit --help`` of hundreds of lines otherwise never names an algorithm argument)."""
+    kwargs: dict[str, dict[str, str] | str] = {
+        cmd: {"description": text.format(cmd=cmd), "epilog": CLASS_HELP.format(cmd=cmd)}
+        for cmd, text in SUBCOMMAND_HELP.items()
+    }
+    kwargs["epilog"] = CLASS_HELP.format(cmd="fit")
+    return kwargs
 
 
 def main(argv: list[str] | None = None) -> None:
