@@ -235,3 +235,33 @@ def test_lora_adapter_export_loads_onto_its_base(text_model, tmp_path):
         got = loaded.model(**ids).logits
     assert not torch.allclose(base, expected, atol=1e-3)
     torch.testing.assert_close(got, expected)
+
+
+def test_commands_change_the_conversation(text_model):
+    from aa_lightning.chat.repl import handle
+
+    session = ChatSession(load_chat_model(text_model, device="cpu"), GenerationSettings(max_new_tokens=2))
+    out = Writes()
+    assert handle(session, "/system Answer in French.", out) and session.system == "Answer in French."
+    assert handle(session, "Bonjour", out)
+    assert "Answer in French." in session.turns[-1]["prompt"] and out.getvalue().count("assistant> ") == 1
+    assert handle(session, "/help", out) and "/image PATH" in out.getvalue()
+    assert handle(session, "/system", out) and session.system is None
+    assert handle(session, "   ", out) and len(session.turns) == 1  # an empty line sends nothing
+    with pytest.raises(ChatError, match="unknown command /imgae"):
+        handle(session, "/imgae x.png", out)
+    assert not handle(session, "/exit", out) and not handle(session, "/quit", out)
+
+
+def test_bad_model_or_flag_is_one_line_and_status_2(tmp_path, capsys):
+    from aa_lightning.chat.repl import main
+
+    for argv, message in (
+        ([str(tmp_path / "missing")], "does not exist"),
+        (["tiny-qwen2", "--temperature", "0"], "--temperature must be > 0"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
