@@ -115,7 +115,9 @@ def run_dpo_precomputed(config: BenchConfig) -> dict[str, Any]:
 def run_rm(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms.reward import RewardModule
 
-    module = RewardModule(model_name_or_path=config.model_path, dtype="float32", optim=optim_config(config))
+    module = RewardModule(
+        model_name_or_path=config.model_path, dtype="float32", optim=optim_config(config), new_score_head=True
+    )
     return fit(module, datamodule(config, train_on="last_assistant"), config, "samples", config.batch_size)
 
 
@@ -175,6 +177,25 @@ RUNNERS["gspo"] = run_gspo
 
 
 PPO_PHASES = ("generation", "reward scoring", "old/ref/value forwards", "advantages", "update")
+
+
+def score_model_folder(config: BenchConfig) -> str:
+    """The benchmark model with a seeded score head, saved once under the work dir (a frozen reward model must
+    have a trained head; its values do not matter for timing)."""
+    from aa_lightning.models import load_pretrained_models
+    from aa_lightning.models.score_model import has_score_head
+
+    folder = os.path.join(config.work_dir, "score_model")
+    if not has_score_head(folder):
+        import torch
+
+        torch.manual_seed(0)
+        model, tokenizer, _ = load_pretrained_models(
+            config.model_path, dtype="float32", score_model=True, new_score_head=True
+        )
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def run_ppo(config: BenchConfig) -> dict[str, Any]:
@@ -237,7 +258,9 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
         model_name_or_path=config.model_path,
         dtype="float32",
         optim=optim_config(config),
-        reward_model_name_or_path=config.model_path,  # a score model on the same backbone: a real scoring forward
+        reward_model_name_or_path=score_model_folder(
+            config
+        ),  # same backbone + a fixed head: a real scoring forward
         reward_functions=[RewardSpec(name="gsm8k_answer")],
         generation=gen,
         max_grad_norm=config.max_grad_norm,

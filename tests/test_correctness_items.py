@@ -490,7 +490,7 @@ def main():
         nll, tokens = zip(*(module.token_nll(batch) for batch in rows))
     out["sft"] = dict(logged=logged, seen=seen, expected={{"val/loss": float(sum(nll) / sum(tokens))}}, rows=len(nll))
 
-    module = RewardModule(model_name_or_path="tiny-qwen2")
+    module = RewardModule(model_name_or_path="tiny-qwen2", new_score_head=True)
     rank, logged, seen, rows = validate(module, {{"path": str(DATA / "hh_rlhf_val_32.jsonl"), "template": "HH-RLHF", "size": 3}}, "preference")
     with torch.no_grad():
         stats = [module.compute_loss(batch, "val")[1] for batch in rows]

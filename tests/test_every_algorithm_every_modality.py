@@ -130,7 +130,7 @@ def build_module(algorithm: str, family: Family, **overrides: Any) -> pl.Lightni
     if algorithm == "sft":
         return SFTModule(name, optim=OPTIM)
     if algorithm == "rm":
-        return RewardModule(name, optim=OPTIM)
+        return RewardModule(name, optim=OPTIM, new_score_head=True)
     if algorithm == "dpo":
         return DPOModule(name, loss_type="sigmoid", optim=OPTIM)
     if algorithm == "simpo":
@@ -140,7 +140,7 @@ def build_module(algorithm: str, family: Family, **overrides: Any) -> pl.Lightni
     if algorithm == "ppo":  # rule reward; the critic starts from the actor's weights + a new value head
         return PPOModule(name, kl_coef=0.05, **rl)
     if algorithm == "ppo_reward_model":  # the family's tiny ScoreModel scores prompt + media + response
-        rl.update(reward_functions=None, reward_model_name_or_path=name)
+        rl.update(reward_functions=None, reward_model_name_or_path=f"{name}-score")
         return PPOModule(name, kl_coef=0.05, **rl)
     if algorithm == "grpo":
         return GRPOModule(name, num_generations=2, beta=0.04, **rl)

@@ -191,7 +191,7 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected_image_tokens():
 def test_a_reward_model_on_the_emu3_backbone_learns_to_rank_image_tokens():
     """RewardModule unchanged: a score head on Emu3Model (text model + frozen VQ-VAE) scores the image rows."""
     pl.seed_everything(0)
-    module = RewardModule("tiny-emu3", optim=OPTIM)
+    module = RewardModule("tiny-emu3", optim=OPTIM, new_score_head=True)
     module.configure_model()
     dm = datamodule("pick_a_pic.json", "Pick-a-Pic", "preference", batch_size=3)
     dm.setup("fit")

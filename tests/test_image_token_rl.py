@@ -137,7 +137,7 @@ def test_a_reward_model_scores_image_rollouts_as_whole_token_sequences():
     """The same vocabulary: the sampled ids go into the Emu3-backbone score model as they are; each score
     equals that model's end score on the unpadded sequence alone."""
     pl.seed_everything(0)
-    module = grpo(reward_functions=None, reward_model_name_or_path="tiny-emu3", reward_model_weight=1.0)
+    module = grpo(reward_functions=None, reward_model_name_or_path="tiny-emu3-score", reward_model_weight=1.0)
     module.configure_model()
     rollout = module.generate_rollout(first_batch(prompts()), num_samples=2)
     scores, parts = module.compute_scores(rollout)

@@ -62,7 +62,7 @@ def test_last_token_index_both_padding_sides():
 
 
 def test_score_model_end_score_is_last_non_pad_token(tmp_path):
-    model, tokenizer, _ = load_pretrained_models("tiny-llama", score_model=True)
+    model, tokenizer, _ = load_pretrained_models("tiny-llama", score_model=True, new_score_head=True)
     assert isinstance(model, ScoreModel)
     texts = ["a short one", "a much longer sentence than the first one"]
     scores = {}

@@ -99,7 +99,11 @@ def test_reward_model_learns_and_reloads_for_ppo_with_same_scores(tmp_path):
         write(tmp_path / "val.jsonl", hh_rows(names[32:48])),
         "HH-RLHF",
     )
-    module = RewardModule(optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant"), center_coef=0.01)
+    module = RewardModule(
+        optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant"),
+        center_coef=0.01,
+        new_score_head=True,
+    )
     before, after = fit_and_validate(module, dm, tmp_path)
     assert {"val/accuracy", "val/chosen_score", "val/rejected_score", "val/margin", "val/loss"} <= set(after)
     assert after["val/accuracy"] >= 0.9, after
@@ -126,7 +130,7 @@ def test_cost_model_gives_unsafe_replies_higher_positive_costs(tmp_path):
         write(tmp_path / "val.json", pku_rows(names[32:48])),
         "PKU-SafeRLHF-Safety",
     )
-    module = CostModule(optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant"))
+    module = CostModule(optim=OptimConfig(lr=2e-3, warmup_steps=0, scheduler="constant"), new_score_head=True)
     before, after = fit_and_validate(module, dm, tmp_path)
     assert after["val/accuracy"] >= 0.9, after
     assert after["val/sign_accuracy"] >= 0.9, after
@@ -135,7 +139,7 @@ def test_cost_model_gives_unsafe_replies_higher_positive_costs(tmp_path):
 
 
 def test_end_score_is_the_last_real_token_for_left_and_right_padding():
-    module = RewardModule()
+    module = RewardModule(new_score_head=True)
     module.configure_model()
     module.eval()
     tokenizer = module.tokenizer
@@ -176,7 +180,7 @@ def preference_batch(module: RewardModule, extra: dict) -> dict:
 
 def test_margin_and_centring_terms_enter_the_reward_loss():
     torch.manual_seed(0)
-    plain = RewardModule()
+    plain = RewardModule(new_score_head=True)
     plain.configure_model()
     base, stats = plain.compute_loss(preference_batch(plain, {}), "train")
     with_margin, _ = plain.compute_loss(
@@ -193,7 +197,7 @@ def test_margin_and_centring_terms_enter_the_reward_loss():
 
 
 def test_cost_model_requires_safety_labels():
-    module = CostModule()
+    module = CostModule(new_score_head=True)
     module.configure_model()
     with pytest.raises(ValueError, match="PKU-SafeRLHF-Safety"):
         module.compute_loss(preference_batch(module, {}), "train")
@@ -217,16 +221,21 @@ def test_aa_validate_reports_reward_metrics(repo_path, tmp_path, monkeypatch):
     assert 0.0 <= float(metrics["val/accuracy"]) <= 1.0
 
 
-def test_trained_score_model_loads_and_exports_under_zero3(tmp_path, repo_path):
-    """A saved reward model (with its head) loads into ZeRO-3 partitions and is gathered back on export."""
+@pytest.mark.parametrize("head_bias", [False, True], ids=["seqcls", "own_format"])
+def test_trained_score_model_loads_and_exports_under_zero3(tmp_path, repo_path, head_bias):
+    """A saved reward model (with its head) loads into ZeRO-3 partitions and is gathered back on export: as a
+    Qwen2ForSequenceClassification (bias-free head) or, with a bias, as backbone + score_head.safetensors."""
     from aa_lightning.callbacks import HFExportCallback
     from aa_lightning.data import DataSpec
     from aa_lightning.strategies import CPUDeepSpeedStrategy, zero_config
 
-    model, tokenizer, _ = load_pretrained_models("tiny-qwen2", score_model=True)
+    model, tokenizer, _ = load_pretrained_models(
+        "tiny-qwen2", score_model=True, new_score_head=True, score_head_bias=head_bias
+    )
     with torch.no_grad():
         model.score_head.weight.fill_(0.01)
-        model.score_head.bias.fill_(0.5)
+        if head_bias:
+            model.score_head.bias.fill_(0.5)
     saved = tmp_path / "rm"
     model.save_pretrained(str(saved))
     tokenizer.save_pretrained(str(saved))
@@ -250,4 +259,10 @@ def test_trained_score_model_loads_and_exports_under_zero3(tmp_path, repo_path):
     )
     again, _, _ = load_pretrained_models(str(tmp_path / "out"), score_model=True)
     assert torch.allclose(again.score_head.weight, torch.full_like(again.score_head.weight, 0.01))
-    assert torch.allclose(again.score_head.bias, torch.tensor([0.5]))
+    if head_bias:
+        assert torch.allclose(again.score_head.bias, torch.tensor([0.5]))
+        return
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out"))
+    torch.testing.assert_close(plain.score.weight, again.score_head.weight, rtol=0, atol=0)

@@ -165,7 +165,7 @@ def test_rollout_logprobs_and_scores_match_unpadded_forwards(repo_path: Any) -> 
     """Left-padded prompts + right-padded responses give the same log-probs / end scores as one sequence alone."""
     pl.seed_everything(0)
     module = ppo(
-        reward_model_name_or_path="tiny-qwen2",
+        reward_model_name_or_path="tiny-qwen2-score",
         reward_model_weight=1.0,
         generation=GenerationConfig(max_new_tokens=6),
     )

@@ -31,7 +31,8 @@ show, and against what:
    reference): DPO's implicit rewards, KTO's rewards and KL, the RL rollouts' KL are 0 (``abs 1e-6``).
 4. Training moved the weights (the trained model's outputs differ from those at the start of training), and the
    HF export (``HFExportCallback``) has no empty and no non-finite tensor, reloads with ``from_pretrained``
-   (``ScoreModel.from_pretrained`` for score models) with no missing key (unexpected keys: one test per
+   (``ScoreModel.from_pretrained`` for score models; these also through ``AutoModelForSequenceClassification``,
+   whose per-row scores must equal the trained end scores) with no missing key (unexpected keys: one test per
    column), and gives the trained model's logits (scores) on the probe rows: ``abs 1e-4 + rel 1e-4`` of the
    largest output (``rel 2e-2`` when the weights are bf16, as in the shipped configs: other kernels round bf16
    differently). Under ZeRO-3 the trained outputs come from the sharded model itself (every layer gathered by
@@ -211,6 +212,12 @@ def check_export(records: list[dict[str, Any]], require_change: bool = True) -> 
         f"the reloaded export ({export['reload_class']}) differs from the trained weights by "
         f"{export['max_abs_diff']:.3g} (> {limit:.3g})"
     )
+    if "seqcls_max_abs_diff" in export:  # a score model: plain transformers reads the same end scores
+        seqcls_limit = 1e-4 + (2e-2 if half else 1e-4) * export["seqcls_max_abs_trained"]
+        assert export["seqcls_max_abs_diff"] <= seqcls_limit, (
+            f"AutoModelForSequenceClassification ({export['seqcls_class']}) on the export differs from the trained "
+            f"end scores by {export['seqcls_max_abs_diff']:.3g} (> {seqcls_limit:.3g})"
+        )
     if require_change:
         moved = records[0].get("initial_vs_trained")
         assert moved is not None and moved > 1e-6, f"training did not change the model's outputs ({moved})"

@@ -1,9 +1,11 @@
 """Reward and cost models: a :class:`~aa_lightning.models.ScoreModel` trained on preference pairs.
 
 Both modules score the ``2B`` rows of a preference batch (chosen first, rejected second) in one forward and
-read the score at each row's last non-pad token. Export writes the backbone in Hugging Face format plus the
-score head, so ``load_pretrained_models(path, score_model=True)`` gives the same scores back (PPO's reward,
-cost and critic models load that way).
+read the score at each row's last non-pad token. Export writes the family's ``*ForSequenceClassification``
+(one label, bias-free head, the tokenizer's pad id in the config), so both
+``AutoModelForSequenceClassification.from_pretrained(path)`` and ``load_pretrained_models(path, score_model=True)``
+(how PPO's reward, cost and critic models load) give the same scores back; families transformers has no such
+class for are written as backbone + ``score_head.safetensors`` (see :mod:`aa_lightning.models.seqcls`).
 
 The cost model is its own class (:class:`CostModule`, a subclass) rather than a loss switch on
 :class:`RewardModule`: it needs inputs the reward model does not (per-response safety labels), its scores
@@ -20,6 +22,8 @@ import torch
 from aa_lightning.algorithms.losses import cost_model_loss, reward_pairwise_loss
 from aa_lightning.algorithms.step_stats import StepStatsModule
 from aa_lightning.batch import CHOSEN_IS_SAFE, EXTRA, MARGIN, REJECTED_IS_SAFE, model_inputs, split_pairs
+from aa_lightning.models.seqcls import export_pad_token
+from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["CostModule", "RewardModule"]
 
@@ -31,6 +35,11 @@ class RewardModule(StepStatsModule):
         center_coef: weight of ``mean((r_chosen + r_rejected)^2)``, which keeps scores centred on 0.
         use_margin: subtract ``batch["extra"]["margin"]`` (when the data has one) inside the sigmoid.
         score_head_init_std: std of the new score head's weights (default ``1/sqrt(hidden + 1)``).
+        new_score_head: start a new (random) head when ``model_name_or_path`` has no trained one, i.e. train a
+            reward model from a plain language model. Off by default, so a path meant to be a trained reward
+            model that is not one fails at start-up instead of training (or scoring) with a random head.
+        score_head_bias: give a new head a bias. Off by default: transformers' sequence-classification heads
+            have none, so only a bias-free head exports to ``AutoModelForSequenceClassification``.
 
     Logs ``{train,val,test}/loss``, ``accuracy`` (share of pairs with ``r_chosen > r_rejected``),
     ``chosen_score``, ``rejected_score`` and ``margin`` (``r_chosen - r_rejected``).
@@ -45,6 +54,8 @@ class RewardModule(StepStatsModule):
         center_coef: float = 0.0,
         use_margin: bool = True,
         score_head_init_std: float | None = None,
+        new_score_head: bool = False,
+        score_head_bias: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -57,14 +68,36 @@ class RewardModule(StepStatsModule):
         self.center_coef = center_coef
         self.use_margin = use_margin
         self.score_head_init_std = score_head_init_std
+        self.new_score_head = new_score_head
+        self.score_head_bias = score_head_bias
 
     def configure_model(self) -> None:
         if self.model is not None:
             return
         model, self.tokenizer, self.processor = self.load_model(
-            score_model=True, score_head_init_std=self.score_head_init_std
+            score_model=True,
+            score_head_init_std=self.score_head_init_std,
+            new_score_head=self.new_score_head,
+            score_head_bias=self.score_head_bias,
         )
         self.model = self.prepare_trainable(model)
+
+    def export_pretrained(self, save_directory: str) -> None:
+        """The base export, with a pad token transformers reads our way: the export's config names the id the
+        exported tokenizer pads with, and that id is never a row's last real token (:func:`export_pad_token`)."""
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            super().export_pretrained(save_directory)
+            return
+        exported = export_pad_token(tokenizer)
+        model = unwrap(self.export_model())
+        score_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        score_model.config.get_text_config().pad_token_id = exported.pad_token_id
+        self.tokenizer = exported
+        try:
+            super().export_pretrained(save_directory)
+        finally:
+            self.tokenizer = tokenizer
 
     def end_scores(self, batch: dict[str, Any]) -> torch.Tensor:
         """``(N,)`` float32 score of every row at its last non-pad token (left or right padding)."""

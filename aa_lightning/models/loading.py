@@ -95,6 +95,8 @@ def load_pretrained_models(
     auto_class: str = "causal_lm",
     score_model: bool = False,
     score_head_init_std: float | None = None,
+    new_score_head: bool = False,
+    score_head_bias: bool = False,
     attn_implementation: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, ProcessorMixin | None]:
@@ -103,7 +105,8 @@ def load_pretrained_models(
     ``name_or_path`` may be a local folder, a hub name, or an alias of an embedded model
     (``smollm2-135m-instruct``, ``tiny-llama``, ...). The model class comes from the registry
     (``@register_model``) and falls back to the transformers auto classes. ``score_model=True`` gives a
-    :class:`ScoreModel` (backbone + score head) for reward/cost models and critics. A diffusers pipeline
+    :class:`ScoreModel` (backbone + score head) for reward/cost models and critics; a folder without a trained
+    head is refused unless ``new_score_head=True`` (a new head, with a bias if ``score_head_bias``). A diffusers pipeline
     folder (``model_index.json``, e.g. ``tiny-sd``, ``tiny-t2v``, ``tiny-audioldm``) gives
     ``(LatentDiffusion, tokenizer, None)``: the class is picked by the folder's ``_class_name``
     (:data:`DIFFUSION_CLASSES`).
@@ -130,7 +133,12 @@ def load_pretrained_models(
     if score_model:
         backbone_class = MODEL_REGISTRY.get(f"{config.model_type}:score", AutoModel)
         model: torch.nn.Module = ScoreModel.from_pretrained(
-            path, backbone_class=backbone_class, head_init_std=score_head_init_std, **kwargs
+            path,
+            backbone_class=backbone_class,
+            head_init_std=score_head_init_std,
+            new_score_head=new_score_head,
+            head_bias=score_head_bias,
+            **kwargs,
         )
     else:
         model_class = resolve_model_class(config, auto_class)

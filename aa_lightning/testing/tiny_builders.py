@@ -15,6 +15,7 @@ from aa_lightning.testing.tiny_diffusion import build_tiny_sd, build_tiny_t2v
 from aa_lightning.testing.tiny_image_generation import build_tiny_emu3
 from aa_lightning.testing.tiny_janus import build_tiny_janus
 from aa_lightning.testing.tiny_multimodal import build_tiny_llava, build_tiny_qwen2_audio, build_tiny_qwen2_vl
+from aa_lightning.testing.tiny_score import TINY_SCORE_BUILDERS
 from aa_lightning.testing.tiny_text import build_tiny_llama, build_tiny_qwen2
 
 TINY_VERSION = "v1"
@@ -30,4 +31,5 @@ TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-janus": build_tiny_janus,
     "tiny-t2v": build_tiny_t2v,
     "tiny-audioldm": build_tiny_audioldm,
+    **TINY_SCORE_BUILDERS,  # <family>-score: the family's tiny model + a fixed score head (a frozen reward model)
 }

@@ -124,14 +124,14 @@ def build_rm(ctx: BuildContext) -> tuple[Any, Any]:
     from aa_lightning.algorithms import RewardModule
 
     # a new score head, drawn from the seeded RNG (seed_everything runs before every cell)
-    module = RewardModule("tiny-qwen2", optim=_optim(), lora=ctx.lora, center_coef=0.01)
+    module = RewardModule("tiny-qwen2", optim=_optim(), lora=ctx.lora, center_coef=0.01, new_score_head=True)
     return module, _text_data(ctx, "hh_rlhf_train_128.jsonl", "HH-RLHF", 4)
 
 
 def build_cost(ctx: BuildContext) -> tuple[Any, Any]:
     from aa_lightning.algorithms import CostModule
 
-    module = CostModule("tiny-qwen2", optim=_optim(), lora=ctx.lora)
+    module = CostModule("tiny-qwen2", optim=_optim(), lora=ctx.lora, new_score_head=True)
     return module, _text_data(ctx, "pku_saferlhf_train_24.json", "PKU-SafeRLHF-Safety", 4)
 
 

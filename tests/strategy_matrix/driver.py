@@ -41,15 +41,19 @@ class ColumnRun:
 
 def prepare(out: str) -> None:
     """The shared files every column reads: a tiny reward model with a fixed, non-trivial score head."""
+    from aa_lightning.models.score_model import has_score_head
+
     path = os.path.join(out, TINY_REWARD_MODEL)
-    if os.path.exists(os.path.join(path, "score_head.safetensors")):
+    if has_score_head(path):
         return
     import torch
 
     from aa_lightning.models import load_pretrained_models
 
     torch.manual_seed(0)
-    model, tokenizer, _ = load_pretrained_models("tiny-qwen2", score_model=True, score_head_init_std=0.1)
+    model, tokenizer, _ = load_pretrained_models(
+        "tiny-qwen2", score_model=True, new_score_head=True, score_head_init_std=0.1
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 

@@ -10,7 +10,8 @@
   forward gathers each layer, so every rank must call it together.
 * :func:`check_export` scans the exported safetensors (no empty, no non-finite tensor), reloads the folder with
   transformers' ``from_pretrained`` (``ScoreModel.from_pretrained`` for score models) and compares its outputs
-  with the trained weights' outputs.
+  with the trained weights' outputs. A score model's export is also loaded by plain transformers
+  (``AutoModelForSequenceClassification``), whose one score per row must equal the trained end scores.
 """
 
 from __future__ import annotations
@@ -188,8 +189,6 @@ def scan_safetensors(folder: str, report: dict[str, Any]) -> None:
 
 def check_export(folder: str, trained: torch.Tensor, probe: Probe, report: dict[str, Any]) -> None:
     """Fill ``report`` with the scan of the export, then reload it and compare outputs (may raise on reload)."""
-    from transformers import AutoModel
-
     report["exists"] = os.path.isdir(folder)
     scan_safetensors(folder, report)
     score = is_score_model(probe.model())
@@ -197,8 +196,11 @@ def check_export(folder: str, trained: torch.Tensor, probe: Probe, report: dict[
         reloaded = type(base_model(probe.model())).from_pretrained(folder)
         info: dict[str, Any] = {}
     elif score:
-        _, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+        from transformers import AutoModelForSequenceClassification
+
+        seqcls, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
         reloaded: nn.Module = ScoreModel.from_pretrained(folder)
+        check_seqcls_scores(seqcls, trained, {k: v.cpu() for k, v in probe.inputs().items()}, report)
     else:
         model_class = type(base_model(probe.model()))
         reloaded, info = model_class.from_pretrained(folder, output_loading_info=True)
@@ -213,6 +215,26 @@ def check_export(folder: str, trained: torch.Tensor, probe: Probe, report: dict[
     report["shape"] = list(got.shape)
     report["max_abs_trained"] = float(trained.abs().max())
     report["max_abs_diff"] = float((got - trained).abs().max()) if got.shape == trained.shape else math.inf
+
+
+@torch.no_grad()
+def check_seqcls_scores(
+    seqcls: nn.Module, trained: torch.Tensor, inputs: dict[str, torch.Tensor], report: dict[str, Any]
+) -> None:
+    """``seqcls_*``: the plain-transformers reload's one score per row against the trained end scores.
+
+    ``trained`` holds the trained model's scores at the non-pad positions, row after row (see
+    :func:`outputs_at_tokens`), so a row's end score is the last of its own (no second, collective forward).
+    """
+    counts = inputs["attention_mask"].sum(dim=1)
+    trained_end = trained[torch.cumsum(counts, 0) - 1]
+    seqcls.eval()
+    got = seqcls(**inputs).logits.float().squeeze(-1)
+    report["seqcls_class"] = type(seqcls).__name__
+    report["seqcls_max_abs_trained"] = float(trained_end.abs().max())
+    report["seqcls_max_abs_diff"] = (
+        float((got - trained_end).abs().max()) if got.shape == trained_end.shape else math.inf
+    )
 
 
 def start_from_named_adapters(module: pl.LightningModule) -> None:

@@ -198,7 +198,14 @@ class OnlineRLModule(
     def load_trainable_score_model(self, path: str, head_init_std: float | None = None) -> nn.Module:
         """A critic: a score model from ``path`` (its trained head when it has one, else a new head with
         weights drawn with ``head_init_std``). It reads the actor's token ids, so it must share its vocabulary."""
-        model, tokenizer, _ = self.load_model(path, score_model=True, score_head_init_std=head_init_std)
+        # a critic may start from the actor (no head): a new value head, with a bias (a value baseline)
+        model, tokenizer, _ = self.load_model(
+            path,
+            score_model=True,
+            score_head_init_std=head_init_std,
+            new_score_head=True,
+            score_head_bias=True,
+        )
         if not self._same_tokenizer(tokenizer):
             raise ValueError(
                 f"critic {path!r} has a different tokenizer than the actor; critics score the actor's "
