@@ -37,6 +37,7 @@ MODULES = {
     "kto": "KTOModule",
     "ppo": "PPOModule",
     "grpo": "GRPOModule",
+    "grpo_remote": "GRPOModule",  # GRPO scored by the `remote` reward (an HTTP endpoint)
     "online_dpo": "OnlineDPOModule",
     "best_of_n": "BestOfNModule",
     "safe_rlhf": "SafeRLHFModule",

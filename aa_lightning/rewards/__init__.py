@@ -7,10 +7,10 @@
         return float("paris" in response.lower())
 
 Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``; on generated images
-(an image family's decoded responses): ``image_color``.
+(an image family's decoded responses): ``image_color``; a reward model or judge over HTTP: ``remote``.
 """
 
-from aa_lightning.rewards import builtin, image_rules  # noqa: F401  (registers the built-ins)
+from aa_lightning.rewards import builtin, image_rules, remote  # noqa: F401  (registers the built-ins)
 from aa_lightning.rewards.builtin import (
     extract_final_answer,
     format_reward,
@@ -28,9 +28,11 @@ from aa_lightning.rewards.registry import (
     get_reward,
     register_reward,
 )
+from aa_lightning.rewards.remote import RemoteRewardError, remote_reward
 
 __all__ = [
     "RegisteredReward",
+    "RemoteRewardError",
     "RewardSpec",
     "WeightedRewards",
     "available_rewards",
@@ -41,6 +43,7 @@ __all__ = [
     "gsm8k_answer",
     "normalize_number",
     "register_reward",
+    "remote_reward",
     "response_length",
     "target_token_share",
 ]
