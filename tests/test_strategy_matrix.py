@@ -402,6 +402,12 @@ def _record(rank: int = 0, **overrides: Any) -> dict[str, Any]:
         {"missing_keys": ["model.norm.weight"]},
         {"max_abs_diff": 0.01},
         {"n_tensors": 0},
+        # a score model whose plain-transformers reload reads another token (or a random head)
+        {
+            "seqcls_class": "Qwen2ForSequenceClassification",
+            "seqcls_max_abs_trained": 1.0,
+            "seqcls_max_abs_diff": 0.3,
+        },
     ],
 )
 def test_export_check_rejects_broken_exports(export: dict[str, Any]) -> None:
