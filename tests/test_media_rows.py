@@ -145,7 +145,7 @@ def test_splitting_media_the_batch_does_not_describe_is_refused() -> None:
 )
 def test_models_that_compute_their_own_positions_are_told_apart(name: str, expected: bool) -> None:
     for score_model in (False, True):  # the policy, and a reward model / critic of the same family
-        model = load_pretrained_models(name, score_model=score_model)[0]
+        model = load_pretrained_models(name, score_model=score_model, new_score_head=score_model)[0]
         assert computes_own_positions(model) is expected, (name, score_model)
 
 

@@ -98,7 +98,7 @@ def model(family: str, score: bool = False) -> torch.nn.Module:
     """Loaded once per test session (each load is cheap, but not free)."""
     name = FAMILIES[family][1]
     if (name, score) not in _MODELS:
-        _MODELS[name, score] = load_pretrained_models(name, score_model=score)[0].eval()
+        _MODELS[name, score] = load_pretrained_models(name, score_model=score, new_score_head=score)[0].eval()
     return _MODELS[name, score]
 
 
