@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from aa_lightning.algorithms import CostModule, OptimConfig, PPOModule, RewardModule
 from aa_lightning.algorithms.config import LoraConfig
 from aa_lightning.data import TextToTextDataModule
-from aa_lightning.models import ScoreModel, load_pretrained_models
+from aa_lightning.models import ScoreModel, load_pretrained_models, resolve_model_path
 from aa_lightning.models.score_model import SCORE_CONFIG_FILE, SCORE_HEAD_FILE, has_score_head
 
 OPTIM = OptimConfig(lr=5e-3, warmup_steps=0, scheduler="constant")
@@ -141,6 +141,14 @@ def test_a_folder_without_a_trained_head_is_refused(tmp_path):
         PPOModule("tiny-qwen2", reward_model_name_or_path="tiny-qwen2").configure_model()
     model, _, _ = load_pretrained_models("tiny-qwen2", score_model=True, new_score_head=True)
     assert model.score_head.bias is None  # new heads are bias-free: they export to transformers' format
+    classifier = tmp_path / "two_labels"  # a classifier of transformers' own making, not a score model
+    AutoModelForSequenceClassification.from_pretrained(
+        resolve_model_path("tiny-qwen2"), num_labels=2
+    ).save_pretrained(str(classifier))
+    with pytest.raises(
+        ValueError, match="Qwen2ForSequenceClassification with num_labels=2; a score model has one"
+    ):
+        ScoreModel.from_pretrained(str(classifier))
 
 
 def test_score_models_in_the_earlier_format_still_load(tmp_path):

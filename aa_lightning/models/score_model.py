@@ -5,6 +5,10 @@ score at its last non-pad token, found from the attention mask, so left and righ
 That token is the end-of-turn token both for an encoded training row (the encoder ends rows there, with
 nothing after it: see :mod:`aa_lightning.data.templating`) and for a rollout that stopped at EOS, so a
 reward model is read at the same token in training and in PPO.
+
+Saved as the family's ``*ForSequenceClassification`` where transformers has one, so plain transformers loads
+the same scores (:mod:`aa_lightning.models.seqcls`); else as backbone + ``score_head.safetensors``. Loading
+takes either format, and refuses a folder without a trained head unless a new one is asked for.
 """
 
 from __future__ import annotations
@@ -244,12 +248,20 @@ class ScoreModel(nn.Module):
 
 
 def has_score_head(name_or_path: str) -> bool:
-    """True when ``name_or_path`` holds a trained head (either format); a hub name or a plain LM: False."""
+    """True when ``name_or_path`` holds a trained head (either format); a plain language model: False.
+
+    A name that is no local folder (a hub model) is asked through its config (cached, or fetched if allowed).
+    """
     if os.path.exists(os.path.join(name_or_path, SCORE_HEAD_FILE)):
         return True
     config_path = os.path.join(name_or_path, "config.json")
-    if not os.path.exists(config_path):
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            architectures = json.load(f).get("architectures") or []
+        return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    if os.path.isdir(name_or_path):
         return False
-    with open(config_path) as f:
-        architectures = json.load(f).get("architectures") or []
-    return any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    try:
+        return is_seqcls_config(AutoConfig.from_pretrained(name_or_path))
+    except (OSError, ValueError):
+        return False
