@@ -30,12 +30,14 @@ class RewardServer:
     def __init__(self) -> None:
         self.script: list[Callable[[dict[str, Any]], Reply]] = [length_scores]
         self.requests: list[dict[str, Any]] = []
+        self.authorization: list[str | None] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 (http.server's name)
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(payload)
+                server.authorization.append(self.headers.get("Authorization"))
                 reply = server.script[min(len(server.requests), len(server.script)) - 1]
                 status, body, delay = reply(payload)
                 time.sleep(delay)
@@ -140,6 +142,17 @@ def test_malformed_replies_are_clear_errors(server: RewardServer, body: bytes, m
     with pytest.raises(RemoteRewardError, match=rf"reward server {server.url} .*{message}"):
         call(server.url, n=2)
     assert len(server.requests) == 1  # a malformed reply is a protocol error, not retried
+
+
+def test_a_token_from_the_environment_is_sent_as_a_bearer_header(
+    server: RewardServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MY_JUDGE_TOKEN", "s3cret")
+    assert call(server.url, n=1, token_env="MY_JUDGE_TOKEN") == [1.0]
+    assert server.authorization == ["Bearer s3cret"]
+    monkeypatch.delenv("MY_JUDGE_TOKEN")
+    with pytest.raises(ValueError, match="'MY_JUDGE_TOKEN' names an environment variable that is not set"):
+        call(server.url, n=1, token_env="MY_JUDGE_TOKEN")
 
 
 def test_a_bare_list_reply_and_a_missing_url() -> None:

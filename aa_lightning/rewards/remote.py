@@ -12,7 +12,7 @@ hosted judge behind a small adapter. From a config::
       - name: remote
         kwargs: {url: "http://127.0.0.1:8000/score", timeout: 30, retries: 3}
 
-Connection failures, timeouts, HTTP 429 and 5xx are retried with exponential back-off; any other status, a
+Each rank of a multi-process run posts its own samples. Connection failures, timeouts, HTTP 408, 429 and 5xx are retried with exponential back-off; any other status, a
 body that is not JSON, a reply without one finite number per sample stop the run with an error that names the
 URL, the status and the start of the body. Only the standard library is used (``urllib``).
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -131,9 +132,10 @@ def remote_reward(
     batch_size: int = 32,
     send_meta: bool = True,
     headers: dict[str, str] | None = None,
+    token_env: str | None = None,
     score_key: str = "scores",
 ) -> list[float]:
-    """Scores from the endpoint ``url``, ``batch_size`` samples per request (see the module docstring).
+    """A reward model or judge over HTTP: samples POSTed as JSON to ``url``, one score per sample back.
 
     Args:
         url: the endpoint (``http://`` or ``https://``).
@@ -142,7 +144,9 @@ def remote_reward(
         backoff: seconds before the first retry; doubled for each next one.
         batch_size: samples per request (a rollout of more is sent in several requests, in order).
         send_meta: include each sample's meta dict (e.g. ``reference_answer``) under ``metas``.
-        headers: extra HTTP headers (e.g. ``{"Authorization": "Bearer ..."}``).
+        headers: extra HTTP headers. They are hyper-parameters (written to checkpoints and logs): put no
+            secret here, use ``token_env``.
+        token_env: name of an environment variable holding a token, sent as ``Authorization: Bearer <token>``.
         score_key: the reply's key holding the list of scores.
     """
     if not url.startswith(("http://", "https://")):
@@ -155,6 +159,14 @@ def remote_reward(
             f"reward 'remote': batch_size must be >= 1, retries >= 0 and timeout > 0 "
             f"(got batch_size={batch_size}, retries={retries}, timeout={timeout})"
         )
+    headers = dict(headers or {})
+    if token_env:
+        token = os.environ.get(token_env)
+        if not token:
+            raise ValueError(
+                f"reward 'remote': token_env {token_env!r} names an environment variable that is not set"
+            )
+        headers["Authorization"] = f"Bearer {token}"
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size
