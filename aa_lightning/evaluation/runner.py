@@ -193,7 +193,7 @@ def run_task(
     """``(scores, rows, records)`` of one task over all ranks."""
     if task.whole_run:
         scores = task.run_whole(context) if rank == 0 else None
-        return broadcast(scores, world), 0, []
+        return broadcast(scores, world), -1, []  # -1: lm-eval counts its own documents
     rows = task.rows()
     mine = rows[rank::world]
     progress = Progress(task.name, len(rows), every, enabled=rank == 0)
@@ -232,7 +232,8 @@ def table(results: EvalResults) -> str:
     lines = [("task", "metric", "value", "rows")]
     for task, metrics in results.scores.items():
         for metric, value in metrics.items():
-            lines.append((task, metric, f"{value:.4f}", str(results.rows.get(task, "")) or "-"))
+            rows = results.rows.get(task, -1)
+            lines.append((task, metric, f"{value:.4f}", str(rows) if rows >= 0 else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(4)]
     out = []
     for index, line in enumerate(lines):
