@@ -309,3 +309,32 @@ def test_chat_template_text_matches_the_encoder(models):
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     sample = loaded.encoder.supervised(conversation, {})
     assert sample["text"] == chat_text(loaded.tokenizer, conversation)
+
+
+def test_evaluation_imports_no_datamodule_and_no_trainer_parts():
+    """Tasks meet data through formatters, the encoder and collators: no DataModule module, no callback
+    other than the progress-line formatting, no algorithm other than the log-prob function."""
+    from test_imports import MODULES, imports
+
+    allowed_data = {
+        "sources",
+        "errors",
+        "formatters",
+        "templating",
+        "encoding",
+        "collators",
+        "media",
+        "multimodal",
+    }
+    allowed_data |= {"processor_alignment"}
+    bad = []
+    for module in sorted(m for m in MODULES if m.startswith("aa_lightning.evaluation")):
+        for target, _, line in imports(module):
+            parts = target.split(".")
+            if target.startswith("aa_lightning.data.") and parts[2] not in allowed_data:
+                bad.append(f"{module}:{line} imports {target}")
+            if target.startswith("aa_lightning.algorithms") and target != "aa_lightning.algorithms.logprobs":
+                bad.append(f"{module}:{line} imports {target}")
+            if target.startswith("aa_lightning.callbacks") and target != "aa_lightning.callbacks.progress":
+                bad.append(f"{module}:{line} imports {target}")
+    assert not bad, "\n".join(bad)
