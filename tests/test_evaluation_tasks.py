@@ -338,3 +338,87 @@ def test_evaluation_imports_no_datamodule_and_no_trainer_parts():
             if target.startswith("aa_lightning.callbacks") and target != "aa_lightning.callbacks.progress":
                 bad.append(f"{module}:{line} imports {target}")
     assert not bad, "\n".join(bad)
+
+
+# -- generated images -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A random 1-layer CLIP on the tiny tokenizer, 32x32 images (seed 1: both signs of cosine on the photos)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from aa_lightning.testing.tiny_common import build_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    tokenizer = build_tiny_tokenizer()
+    layer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    text = dict(layer, vocab_size=len(tokenizer), max_position_embeddings=64, bos_token_id=None)
+    text.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPConfig(
+        text_config=text, vision_config=dict(layer, image_size=32, patch_size=8), projection_dim=16
+    )
+    torch.manual_seed(1)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
+    return str(folder)
+
+
+def test_clip_score_of_stored_images(tiny_clip, tmp_path):
+    """max(100 cos, 0) of the projected CLIP embeddings, computed here from the towers and projections."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from aa_lightning.testing.tiny_common import build_tiny_tokenizer
+
+    model, processor, tokenizer = (
+        CLIPModel.from_pretrained(tiny_clip).eval(),
+        CLIPImageProcessor.from_pretrained(tiny_clip),
+        build_tiny_tokenizer(),
+    )
+    expected = []
+    for row in rows_of("image_choice.jsonl"):
+        pixels = processor(images=Image.open(fixture(row["images"][0])).convert("RGB"), return_tensors="pt")[
+            "pixel_values"
+        ]
+        ids = tokenizer([row["choices"][row["answer"]]], return_tensors="pt")
+        with torch.no_grad():
+            image = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)[0]
+            text = model.text_projection(model.text_model(**ids).pooler_output)[0]
+        expected.append(max(100 * float(image @ text / (image.norm() * text.norm())), 0.0))
+    assert 0 < sum(e > 0 for e in expected) < 3  # both sides of the clamp are exercised
+    texts = ["a pizza", "a bathroom", "someone baking"]  # each photo's right choice, as its caption
+    data = tmp_path / "captions.jsonl"
+    rows = [
+        {**r, "images": [fixture(r["images"][0])], "caption": t}
+        for r, t in zip(rows_of("image_choice.jsonl"), texts)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {
+        "task": "clip_score",
+        "data": str(data),
+        "prompt_format": "{caption}",
+        "responses_field": "images",
+        "clip_model": tiny_clip,
+    }
+    result = run([task], tmp_path)
+    got = [r["clip_score"] for r in result.records["clip_score"]]
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert result.scores["clip_score"]["clip_score"] == pytest.approx(sum(expected) / 3, abs=1e-3)
+
+
+def test_clip_score_of_images_an_image_model_generates(tiny_clip, tmp_path):
+    """tiny-emu3 samples a 4x4-token image per prompt through its token-output codec; CLIP scores it."""
+    task = {
+        "task": "clip_score",
+        "data": fixture("image_choice.jsonl"),
+        "prompt_format": "{question}",
+        "clip_model": tiny_clip,
+    }
+    result = run([task], tmp_path, model="tiny-emu3", generation={"do_sample": True})
+    records = result.records["clip_score"]
+    assert [r["image_size"] for r in records] == [[32, 32]] * 3
+    assert all(0 <= r["clip_score"] <= 100 for r in records)
+    with pytest.raises(ValueError, match="no image-output model"):
+        run([{**task, "name": "text_model"}], tmp_path, model="tiny-qwen2")
