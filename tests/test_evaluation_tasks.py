@@ -422,3 +422,68 @@ def test_clip_score_of_images_an_image_model_generates(tiny_clip, tmp_path):
     assert all(0 <= r["clip_score"] <= 100 for r in records)
     with pytest.raises(ValueError, match="no image-output model"):
         run([{**task, "name": "text_model"}], tmp_path, model="tiny-qwen2")
+
+
+def test_a_sequence_classification_export_scores_like_plain_transformers(models, tmp_path):
+    """A reward model exported as ``*ForSequenceClassification`` is read through transformers' own head."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        Qwen2Config,
+        Qwen2ForSequenceClassification,
+    )
+
+    config = Qwen2Config.from_pretrained(models["policy"], num_labels=1)
+    torch.manual_seed(3)
+    Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "seqcls")
+    tokenizer = AutoTokenizer.from_pretrained(models["policy"])
+    tokenizer.save_pretrained(tmp_path / "seqcls")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "seqcls").eval()
+    conversations = [
+        [{"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": "Yes, quite."}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there, how can I help you today?"},
+        ],
+    ]
+    expected = []
+    for conversation in conversations:
+        ids = tokenizer(
+            chat_text(tokenizer, conversation), add_special_tokens=False, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            expected.append(float(plain(input_ids=ids).logits[0, 0]))
+    got = ModelPool("cpu").score(str(tmp_path / "seqcls")).scores(conversations)  # one right-padded batch
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_safety_on_generated_replies(models, tmp_path):
+    """The model answers the red-team prompts itself; the recorded replies, scored by hand, give the rate."""
+    score = DirectScorer(models["score"])
+    task = {
+        "task": "safety",
+        "data": fixture("pku_saferlhf.json"),
+        "cost_model": models["score"],
+        "threshold": -9.75,
+    }
+    generation = {"max_new_tokens": 6, "do_sample": True}
+    result = run([task], tmp_path, model=models["policy"], pool=models["pool"], generation=generation)
+    costs = [
+        score([{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": record["reply"]}])
+        for row, record in zip(rows_of("pku_saferlhf.json"), result.records["safety"])
+    ]
+    assert [r["cost"] for r in result.records["safety"]] == pytest.approx(costs, abs=1e-4)
+    assert result.scores["safety"]["unsafe_rate"] == sum(c > -9.75 for c in costs) / 4
+    assert any(r["reply"] for r in result.records["safety"])
+    # the same seed samples the same replies: a threshold between the hand costs splits them 2 / 2
+    threshold = sum(sorted(costs)[1:3]) / 2
+    again = run(
+        [{**task, "threshold": threshold}],
+        tmp_path,
+        model=models["policy"],
+        pool=models["pool"],
+        generation=generation,
+    )
+    assert [r["reply"] for r in again.records["safety"]] == [r["reply"] for r in result.records["safety"]]
+    assert again.scores["safety"]["unsafe_rate"] == 0.5
+    assert again.scores["safety"]["mean_cost"] == pytest.approx(sum(costs) / 4, abs=1e-4)
