@@ -487,3 +487,22 @@ def test_safety_on_generated_replies(models, tmp_path):
     assert [r["reply"] for r in again.records["safety"]] == [r["reply"] for r in result.records["safety"]]
     assert again.scores["safety"]["unsafe_rate"] == 0.5
     assert again.scores["safety"]["mean_cost"] == pytest.approx(sum(costs) / 4, abs=1e-4)
+
+
+def test_clip_score_of_images_a_diffusion_pipeline_samples(tiny_clip, tmp_path):
+    """tiny-sd samples (2 steps, a generator seeded per row): the same rows give the same images and scores
+    whatever the batch size, and the records say the pipeline's image size."""
+    task = {
+        "task": "clip_score",
+        "data": fixture("image_choice.jsonl"),
+        "prompt_format": "{question}",
+        "clip_model": tiny_clip,
+        "num_inference_steps": 2,
+        "guidance_scale": 1.0,
+    }
+    one = run([{**task, "batch_size": 3}], tmp_path, model="tiny-sd")
+    two = run([{**task, "batch_size": 1}], tmp_path, model="tiny-sd")
+    scores = [r["clip_score"] for r in one.records["clip_score"]]
+    assert scores == pytest.approx([r["clip_score"] for r in two.records["clip_score"]], abs=1e-4)
+    assert len({r["image_size"][0] for r in one.records["clip_score"]}) == 1
+    assert one.scores["clip_score"]["clip_score"] > 0  # not every score clamped: the comparison means something

@@ -164,6 +164,7 @@ class ModelPool:
     def __init__(self, device: str = "auto", dtype: str = "auto") -> None:
         self.device, self.dtype = device, dtype
         self.loaded: dict[tuple[str, str], EvalModel] = {}
+        self.pipelines: dict[tuple[str, str], torch.nn.Module] = {}
 
     def target(self) -> torch.device:
         if self.device == "auto":
@@ -178,6 +179,19 @@ class ModelPool:
             )
             self.loaded[key] = EvalModel(chat.path, chat.model, chat.tokenizer, chat.processor, chat.device)
         return self.loaded[key]
+
+    def pipeline(self, name_or_path: str) -> torch.nn.Module | None:
+        """The model class of a diffusers pipeline folder (it samples media itself), or None for any other."""
+        from aa_lightning.models.diffusion_pipeline_io import is_pipeline_folder
+
+        path = resolve_chat_path(name_or_path)
+        if not is_pipeline_folder(path):
+            return None
+        key = (name_or_path, "pipeline")
+        if key not in self.pipelines:
+            model, _, _ = load_pretrained_models(path, dtype=self.dtype, trust_remote_code=False)
+            self.pipelines[key] = model.to(self.target()).eval()
+        return self.pipelines[key]
 
     def score(self, name_or_path: str) -> EvalModel:
         """A reward / cost model: a folder with a trained score head, or a sequence-classification export."""

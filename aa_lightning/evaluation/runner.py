@@ -299,7 +299,7 @@ def evaluate(
         raise ValueError(f"two tasks share a name ({names}); give one a `name:`")
     generation = as_config(GenerationSettings, cfg.generation, "generation")
     rank, world = rank_and_world()
-    context = EvalContext(pool or ModelPool(cfg.device, cfg.dtype), cfg.model, generation)
+    context = EvalContext(pool or ModelPool(cfg.device, cfg.dtype), cfg.model, generation, cfg.seed)
     results = EvalResults({}, {}, {}, None, {})
     for task in tasks:
         start = time.monotonic()

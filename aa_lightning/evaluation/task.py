@@ -88,6 +88,7 @@ class EvalContext:
     pool: Any  # aa_lightning.evaluation.models.ModelPool
     model: str | None
     generation: GenerationSettings
+    seed: int = 0
 
 
 class EvalTask:

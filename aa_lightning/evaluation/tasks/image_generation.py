@@ -1,7 +1,9 @@
 """Generated images scored by CLIP: how well an image-output model's pictures match their prompts.
 
-Images come from the evaluated model through its family's token-output codec (Emu3, Janus: the hook that
-RL rollouts and ``aa predict`` use, so nothing here names a family), or from stored files
+Images come from the evaluated model: a diffusers pipeline folder (``tiny-sd``, a Diffusion-DPO run) samples
+through its model class's ``generate(prompts, ...)``, one seeded generator per row; an autoregressive
+image-token family (Emu3, Janus) through its token-output codec (the hook RL rollouts and ``aa predict`` use,
+so nothing here names a family). Or from stored files
 (``responses_field``: image paths, relative to the data file). The score is CLIP-score,
 ``max(100 * cos(E_image, E_text), 0)`` with ``clip_model``'s projected embeddings (Hessel et al., 2021),
 averaged over rows.
@@ -65,6 +67,7 @@ class ClipScoreTask(EvalTask):
         prompt_format: the prompt text over the row's fields (default ``{prompt}``).
         responses_field: score stored images instead of generating: a path (or a list, its first path),
             relative to the data file's folder.
+        num_inference_steps / guidance_scale: sampling of a diffusion pipeline.
     """
 
     metrics = ("clip_score",)
@@ -75,9 +78,12 @@ class ClipScoreTask(EvalTask):
         clip_model: str | None = None,
         prompt_format: str = "{prompt}",
         responses_field: str | None = None,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.5,
         **kwargs: Any,
     ) -> None:
         super().__init__(data, **kwargs)
+        self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         if not clip_model:
             raise ValueError(
                 f"task {self.name}: set `clip_model` (a CLIP model folder that scores the images)"
@@ -100,8 +106,19 @@ class ClipScoreTask(EvalTask):
         return out
 
     @torch.no_grad()
-    def generated_images(self, prompts: list[str], context: EvalContext) -> list[Any]:
-        loaded = context.pool.lm(self.model_path(context))
+    def generated_images(self, prompts: list[str], rows: list[EvalRow], context: EvalContext) -> list[Any]:
+        path = self.model_path(context)
+        pipeline = context.pool.pipeline(path)
+        if pipeline is not None:  # a diffusion family: its own sampler, seeded per row (batch-independent)
+            seed = context.seed
+            generators = [torch.Generator(device="cpu").manual_seed(seed + row.number) for row in rows]
+            return pipeline.generate(
+                prompts,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                generator=generators,
+            )
+        loaded = context.pool.lm(path)
         codec = token_output_codec(loaded.model, loaded.tokenizer, loaded.processor)
         if codec is None or not callable(getattr(codec, "prompt_inputs", None)):
             raise ValueError(
@@ -127,7 +144,11 @@ class ClipScoreTask(EvalTask):
 
     def evaluate_batch(self, rows: list[EvalRow], context: EvalContext) -> list[RowResult]:
         prompts = [format_fields(row, self.prompt_format) for row in rows]
-        images = self.stored_images(rows) if self.responses_field else self.generated_images(prompts, context)
+        images = (
+            self.stored_images(rows)
+            if self.responses_field
+            else self.generated_images(prompts, rows, context)
+        )
         if self.scorer is None:
             self.scorer = ClipScorer(resolve_chat_path(self.clip_model), context.pool.target())
         scores = self.scorer([image.convert("RGB") for image in images], prompts)
