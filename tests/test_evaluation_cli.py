@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import io
 import json
 import os
 import shutil
@@ -197,3 +198,32 @@ def test_two_processes_give_the_scores_of_one(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "two" / "multiple_choice.jsonl")]
     assert [r["row"] for r in records] == [0, 1, 2, 3]
     assert out.count("results:") == 1  # rank 0 alone prints and writes
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_in_a_terminal_and_lines_elsewhere():
+    from aa_lightning.evaluation.runner import Progress
+
+    terminal = _Terminal()
+    bar = Progress("gsm8k", 10, every=0.0, enabled=True, stream=terminal)
+    bar.update(4)
+    bar.update(6)
+    bar.close()
+    assert "eval gsm8k:" in terminal.getvalue() and "\r" in terminal.getvalue()  # tqdm redraws in place
+    log = io.StringIO()
+    lines = Progress("gsm8k", 10, every=0.0, enabled=True, stream=log)
+    lines.update(4)
+    lines.update(6)
+    lines.close()
+    printed = log.getvalue().splitlines()
+    assert printed[0].startswith("eval gsm8k: 4/10 rows (40%) | ") and "ETA" in printed[0]
+    assert printed[-1].startswith("eval gsm8k: 10/10 rows (100%) | ") and "ETA" not in printed[-1]
+    quiet = io.StringIO()
+    other_rank = Progress("gsm8k", 10, every=0.0, enabled=False, stream=quiet)
+    other_rank.update(10)
+    other_rank.close()
+    assert quiet.getvalue() == ""

@@ -283,7 +283,8 @@ def evaluate(
     """Run every task of ``config`` (an :class:`EvalConfig`, or a mapping / keyword arguments of its fields)
     and return the scores; rank 0 prints the table to ``out`` (default stdout) and writes the output files.
 
-    ``pool`` reuses already loaded models across calls (a notebook evaluating before and after training).
+    ``pool`` reuses already loaded models across calls (a notebook evaluating before and after training); it
+    loads a path once, so after training into the same folder again, pass a fresh ``ModelPool``.
     """
     merged = {**(asdict(config) if isinstance(config, EvalConfig) else dict(config or {})), **overrides}
     task_objects = [t for t in merged.get("tasks", []) if isinstance(t, EvalTask)]
