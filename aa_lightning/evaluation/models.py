@@ -167,8 +167,11 @@ class ModelPool:
         self.pipelines: dict[tuple[str, str], torch.nn.Module] = {}
 
     def target(self) -> torch.device:
+        """``auto``: this rank's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device(self.device)
 
     def lm(self, name_or_path: str) -> EvalModel:

@@ -138,6 +138,11 @@ class GeneratedChoice(GenerativeTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(data, **kwargs)
+        if self.prompts.template:
+            raise ValueError(
+                f"task {self.name}: multiple_choice_generate builds its prompt from `prompt_format` and the "
+                "row's choices; it takes no `template`"
+            )
         self.instruction = instruction
         self.choices_field, self.answer_field = choices_field, answer_field
 
@@ -150,6 +155,8 @@ class GeneratedChoice(GenerativeTask):
             counts.append(len(choices))
             text = listed(format_fields(row, fmt), choices) + "\n" + self.instruction
             conversation, meta = user_turn(row, text)
+            if self.prompts.system_prompt:
+                conversation = [{"role": "system", "content": self.prompts.system_prompt}, *conversation]
             prompts.append(conversation)
             metas.append(meta)
         replies = self.replies(rows, prompts, metas, context)
