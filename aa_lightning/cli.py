@@ -7,6 +7,7 @@ aa fit --config configs/tiny/sft_t2t.yaml --ckpt_path last      # resume exactly
 aa fit --config configs/tiny/sft_t2t.yaml --print_config
 aa chat runs/sft                                                  # talk to a trained model (aa_lightning.chat)
 aa list                                                           # algorithms, datamodules, templates ...
+aa eval --config configs/eval/tiny_suite.yaml --model runs/sft    # score a model on tasks (aa_lightning.evaluation)
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
 
 # subcommands that are not LightningCLI's: name -> "module:function" taking the remaining arguments
 TOOLS = {"chat": "aa_lightning.chat:main", "list": "aa_lightning.listing:main"}
+TOOLS["eval"] = "aa_lightning.evaluation:main"  # aa eval --config configs/eval/tiny_suite.yaml
 
 
 def main() -> None:

@@ -96,6 +96,12 @@ def model_types() -> Rows:
     return [(name, f"{cls.__module__}.{cls.__qualname__}") for name, cls in MODEL_REGISTRY.items()]
 
 
+def eval_tasks() -> Rows:
+    from aa_lightning.evaluation.registry import TASKS, available_tasks
+
+    return [(name, first_line(TASKS[name])) for name in available_tasks()]
+
+
 class Section:
     """One registry as ``aa list`` shows it: a title, where its names go in a config, and its rows."""
 
@@ -121,6 +127,7 @@ SECTIONS: list[Section] = [
         model_aliases,
     ),
     Section("model-types", "classes registered per config.model_type (@register_model)", model_types),
+    Section("eval-tasks", "`aa eval` config tasks: [{task: NAME, data: ...}] (@register_task)", eval_tasks),
 ]
 
 
