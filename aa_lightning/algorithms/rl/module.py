@@ -30,6 +30,8 @@ from aa_lightning.algorithms.rl.forwards import ForwardsMixin
 from aa_lightning.algorithms.rl.generation import GenerationMixin
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdown
 from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.algorithms.rl.rollout_engines import build_rollout_engine, rollout_engine_names
+from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMixin
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
@@ -57,7 +59,13 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 class OnlineRLModule(
-    GenerationMixin, ForwardsMixin, ScoringMixin, MinibatchUpdatesMixin, RLEngineMixin, AlignModule
+    GenerationMixin,
+    ForwardsMixin,
+    ScoringMixin,
+    SamplingCorrectionMixin,
+    MinibatchUpdatesMixin,
+    RLEngineMixin,
+    AlignModule,
 ):
     """Base of the on-policy RL modules (manual optimization, prompt-only data).
 
@@ -83,6 +91,13 @@ class OnlineRLModule(
         sample_log_interval: write a table of samples to TensorBoard every this many rollouts (0: never);
             samples with media also get their media logged next to their text.
         num_logged_samples: rows of that table.
+        rollout_engine: what samples the rollouts (:mod:`.rollout_engines`): ``hf`` (the policy's own KV-cached
+            ``generate``) or ``vllm`` (a colocated vLLM fed the trained weights after every update; the
+            ``vllm`` extra); algorithms never name one.
+        rollout_engine_args: keyword options of that engine (e.g. ``{gpu_memory_utilization: 0.3}`` for vllm).
+        tis_cap: truncated importance sampling (Yao et al. 2025): the policy loss of each token is weighted by
+            ``min(pi_trainer / pi_engine, tis_cap)`` (detached), correcting the gap between the engine's
+            sampling distribution and the trainer's; needs an engine that reports its log-probs. None: off.
     """
 
     data_kind = "prompt_only"
@@ -105,6 +120,9 @@ class OnlineRLModule(
         eval_do_sample: bool = False,
         sample_log_interval: int = 10,
         num_logged_samples: int = 4,
+        rollout_engine: str = "hf",
+        rollout_engine_args: dict[str, Any] | None = None,
+        tis_cap: float | None = None,
         **kwargs: Any,
     ) -> None:
         if "position_ids_from_mask" in kwargs:  # removed: read from the model (models/positions.py)
@@ -140,6 +158,13 @@ class OnlineRLModule(
         self.eval_do_sample = eval_do_sample
         self.sample_log_interval = sample_log_interval
         self.num_logged_samples = num_logged_samples
+        if rollout_engine not in rollout_engine_names():
+            build_rollout_engine(rollout_engine)  # raises: the unknown name with the known ones
+        if tis_cap is not None and not tis_cap >= 1.0:
+            raise ValueError(f"tis_cap must be >= 1 (a cap on pi_trainer / pi_engine), got {tis_cap}")
+        self.rollout_engine_name = rollout_engine
+        self.rollout_engine_args = dict(rollout_engine_args or {})
+        self.tis_cap = tis_cap
         self._rollout_index = 0
         self._base_seed: int | None = rollout_seed
         self._val_sums: dict[str, UniqueSampleSums] = {}  # the current validation epoch's table
@@ -228,6 +253,11 @@ class OnlineRLModule(
             )
         if self._base_seed is None:
             self._base_seed = int(torch.initial_seed()) % (2**31)
+        self.check_sampling_correction()
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        self.close_rollout_engine()
 
     # -- training loop glue ----------------------------------------------------------------------------
     def split_batch(self, batch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
