@@ -6,11 +6,11 @@
     def mentions_paris(prompt: str, response: str, meta: dict) -> float:
         return float("paris" in response.lower())
 
-Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``; on generated images
+Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``, ``tool_call_format``; on generated images
 (an image family's decoded responses): ``image_color``.
 """
 
-from aa_lightning.rewards import builtin, image_rules  # noqa: F401  (registers the built-ins)
+from aa_lightning.rewards import builtin, image_rules, tool_calls  # noqa: F401  (registers the built-ins)
 from aa_lightning.rewards.builtin import (
     extract_final_answer,
     format_reward,
@@ -28,6 +28,7 @@ from aa_lightning.rewards.registry import (
     get_reward,
     register_reward,
 )
+from aa_lightning.rewards.tool_calls import tool_call_format
 
 __all__ = [
     "RegisteredReward",
@@ -43,4 +44,5 @@ __all__ = [
     "register_reward",
     "response_length",
     "target_token_share",
+    "tool_call_format",
 ]
