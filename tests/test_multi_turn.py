@@ -19,8 +19,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule
 from aa_lightning.algorithms.losses import compute_gae, grpo_loss, ppo_policy_loss, ppo_value_loss
+from aa_lightning.algorithms.rl.generation import ENGINE_LOGPROBS
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS, ObservationRenderer, turns_markdown
+from aa_lightning.algorithms.rl.rollout_engines import (
+    EngineCompletions,
+    EngineRequest,
+    register_rollout_engine,
+)
+from aa_lightning.algorithms.rl.rollout_engines.hf import HFGenerateEngine
 from aa_lightning.data import TextImageToTextDataModule, TextToTextDataModule
 from aa_lightning.environments import CONVERSATION, Environment, EnvironmentStep, register_environment
 from aa_lightning.testing.tiny_common import build_tiny_tokenizer
@@ -408,3 +415,38 @@ def test_multi_turn_resume_continues_the_same_run(repo_path: Any, tmp_path: Path
         assert "rollout/environment_tokens" in keys and len(keys) > 15
         for key in keys:
             assert after[key] == before[key], key
+
+
+@register_rollout_engine("test_multi_turn_reporting")
+class ReportingEngine(HFGenerateEngine):
+    """The default ``generate`` that also reports the log-probs of the tokens it sampled."""
+
+    reports_logprobs = True
+
+    def generate(self, module: Any, request: EngineRequest) -> EngineCompletions:
+        kwargs = module.generation_kwargs(request.do_sample)
+        length = request.inputs["input_ids"].shape[1]
+        out = module.model.generate(
+            **request.inputs, **kwargs, output_logits=True, return_dict_in_generate=True
+        )
+        response = out.sequences[:, length:]
+        temperature = request.sampling.temperature if request.sampling.do_sample else 1.0
+        logits = torch.stack(out.logits, dim=1).float() / temperature
+        logprobs = logits.log_softmax(-1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+        return EngineCompletions(response, logprobs, ["length"] * len(response))
+
+
+def test_engine_logprobs_of_every_turn_line_up_with_the_policy_tokens(repo_path: Any) -> None:
+    """Each turn goes to the rollout engine; the log-probs it reports land on that turn's policy tokens (equal to
+    the trainer's recomputed ones), zero on environment tokens."""
+    pl.seed_everything(0)
+    module = GRPOModule(
+        "tiny-qwen2", num_generations=2, beta=0.0, rollout_engine="test_multi_turn_reporting", **rl_kwargs()
+    )
+    module.configure_model()
+    rollout = module.generate_rollout(first_batch(text_data(repo_path)), num_samples=2)
+    engine = rollout[ENGINE_LOGPROBS]
+    mask = rollout.response_mask
+    trainer, _ = module.response_log_probs(module.model, rollout)
+    assert bool((engine[environment_mask(rollout)] == 0).all())
+    torch.testing.assert_close(engine[mask], trainer[mask], rtol=1e-4, atol=1e-4)

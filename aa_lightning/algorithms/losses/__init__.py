@@ -51,6 +51,7 @@ from aa_lightning.algorithms.losses.policy_gradient import (
     gspo_token_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    truncated_importance_weights,
 )
 from aa_lightning.algorithms.losses.reward_model import cost_model_loss, reward_pairwise_loss
 from aa_lightning.algorithms.losses.shaping import overlong_penalty
@@ -90,4 +91,5 @@ __all__ = [
     "reward_pairwise_loss",
     "rloo_advantages",
     "simpo_loss",
+    "truncated_importance_weights",
 ]

@@ -20,6 +20,7 @@ __all__ = [
     "gspo_token_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "truncated_importance_weights",
 ]
 
 
@@ -58,6 +59,24 @@ def aggregate_token_loss(
     )
 
 
+def truncated_importance_weights(
+    trainer_logprobs: torch.Tensor, engine_logprobs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance sampling weights (Yao et al. 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training"): ``w_t = min(exp(logp_trainer_t - logp_engine_t), cap)``, detached.
+
+    The tokens were drawn by the rollout engine, whose numerics (kernels, precision) differ from the trainer's:
+    the policy-gradient estimate is re-weighted from the engine's distribution to the trainer's, the cap
+    bounding the variance of rare tokens the engine over-samples.
+
+    Args:
+        trainer_logprobs: ``(B, T)`` the trainer's rollout-time log-probs of the sampled tokens.
+        engine_logprobs: ``(B, T)`` the log-probs the engine sampled them with.
+        cap: ``C >= 1``.
+    """
+    return torch.exp(trainer_logprobs.detach() - engine_logprobs.detach()).clamp(max=cap)
+
+
 def ppo_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -66,6 +85,7 @@ def ppo_policy_loss(
     clip_range: float = 0.2,
     aggregation: str = "token_mean",
     max_completion_length: int | None = None,
+    importance_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347).
 
@@ -81,6 +101,8 @@ def ppo_policy_loss(
         clip_range: ``eps``.
         aggregation: ``"token_mean"``, ``"sequence_mean"`` or ``"constant"``.
         max_completion_length: used by ``"constant"``.
+        importance_weights: ``(B, T)`` detached per-token weights of the surrogate (TIS,
+            :func:`truncated_importance_weights`); None: 1.
 
     Returns:
         loss, clip fraction (tokens where the clipped branch is the active one), approx KL (detached).
@@ -92,6 +114,8 @@ def ppo_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_token = torch.maximum(unclipped, clipped)
+    if importance_weights is not None:
+        per_token = per_token * importance_weights.detach()
     loss = aggregate_token_loss(per_token, mask, aggregation, max_completion_length)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).float(), mask)
@@ -212,6 +236,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     clip_range_high: float | None = None,
     policy_loss: str = "clip",
+    importance_weights: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """GRPO objective (Shao et al. 2024, arXiv:2402.03300) with DAPO / Dr. GRPO aggregations.
 
@@ -233,6 +258,8 @@ def grpo_loss(
         max_completion_length: ``L`` for ``"constant"``.
         clip_range_high: upper clip ``eps_high`` (DAPO clip-higher); defaults to ``clip_range``.
         policy_loss: ``"clip"`` | ``"gspo"`` | ``"cispo"``.
+        importance_weights: ``(B, T)`` detached per-token weights of the policy term (TIS,
+            :func:`truncated_importance_weights`), not of the KL; None: 1.
 
     Returns:
         loss, clip fraction, masked mean k3 KL (detached; 0 without reference).
@@ -251,6 +278,8 @@ def grpo_loss(
             per_token, was_clipped = cispo_token_loss(logprobs, old_logprobs, advantages, clip_range, high)
         else:
             raise ValueError(f"unknown policy_loss {policy_loss!r}; expected 'clip', 'gspo' or 'cispo'")
+    if importance_weights is not None:
+        per_token = per_token * importance_weights.detach()
     if ref_logprobs is not None:
         kl = kl_penalty(logprobs, ref_logprobs, estimator="k3")
         if beta:

@@ -162,6 +162,7 @@ class RLEngineMixin:
         if schedulers is not None:
             for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
                 scheduler.step()
+        self.policy_weights_updated()  # an engine with its own copy of the weights re-syncs before sampling
 
     def _clip_or_skip(self, optimizers: list[Any], stats: MetricAccumulator) -> bool:
         """Clip each optimizer's gradients (outside DeepSpeed); True when a non-finite norm drops the update."""

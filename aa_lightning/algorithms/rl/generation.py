@@ -1,6 +1,8 @@
 """Sampling of the rollouts: seeding, ``generate`` arguments, the ZeRO-3 generation context, one batched call.
 
-One KV-cached ``generate`` call per rollout with every model input of the prompt batch (all top-level tensors
+The call goes to the configured rollout engine (:mod:`.rollout_engines`; ``rollout_engine: hf``, the default,
+is the KV-cached ``generate`` described here, ``vllm`` a colocated vLLM); the engine's own sampling log-probs,
+when it reports them, are kept as ``data["engine_logprobs"]``. One KV-cached ``generate`` call per rollout with every model input of the prompt batch (all top-level tensors
 except ``labels``, so media inputs flow through untouched); the response mask keeps tokens up to and
 including the first EOS. A family whose responses are not text (an image model's token grid) adds its
 ``generate`` constraints and decodes the responses itself (:mod:`aa_lightning.models.token_outputs`), so the
@@ -23,6 +25,12 @@ from typing import Any
 import torch
 
 from aa_lightning.algorithms.rl.rollout import TEXT_KEYS, Rollout, response_mask_from_eos
+from aa_lightning.algorithms.rl.rollout_engines import (
+    EngineRequest,
+    RolloutEngine,
+    SamplingSettings,
+    build_rollout_engine,
+)
 from aa_lightning.batch import (
     MEDIA_ROWS,
     META,
@@ -37,12 +45,16 @@ from aa_lightning.models.trajectories import trajectory_family
 from aa_lightning.models.turns import end_of_turn_token_ids
 from aa_lightning.models.unwrap import unwrap
 
-__all__ = ["GenerationMixin"]
+__all__ = ["ENGINE_LOGPROBS", "GenerationMixin"]
+
+#: rollout data key of the engine's sampling log-probs ``(N, R)`` (set when the engine reports them)
+ENGINE_LOGPROBS = "engine_logprobs"
 
 
 class GenerationMixin:
     """Mixed into :class:`~aa_lightning.algorithms.rl.module.OnlineRLModule` (reads ``generation``,
-    ``zero3_gather_for_generation``, ``_base_seed`` and ``_rollout_index``)."""
+    ``zero3_gather_for_generation``, ``rollout_engine_name``, ``rollout_engine_args``, ``_base_seed`` and
+    ``_rollout_index``)."""
 
     # -- RNG -------------------------------------------------------------------------------------------
     def rollout_seed(self, offset: int = 0) -> int:
@@ -104,6 +116,39 @@ class GenerationMixin:
             kwargs["synced_gpus"] = True
         return kwargs
 
+    def sampling_settings(self, do_sample: bool | None = None) -> SamplingSettings:
+        """The configured sampling settings, resolved for one engine request."""
+        cfg = self.generation
+        return SamplingSettings(
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=cfg.do_sample if do_sample is None else do_sample,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            eos_token_ids=tuple(self.eos_token_ids()),
+            pad_token_id=int(self.tokenizer.pad_token_id),
+        )
+
+    # -- the rollout engine ------------------------------------------------------------------------------
+    def rollout_engine(self) -> RolloutEngine:
+        """The engine named by ``rollout_engine`` (built on first use, one per module)."""
+        engine = self.__dict__.get("_rollout_engine_instance")
+        if engine is None:
+            engine = build_rollout_engine(self.rollout_engine_name, self.rollout_engine_args)
+            self.__dict__["_rollout_engine_instance"] = engine
+        return engine
+
+    def policy_weights_updated(self) -> None:
+        """After every optimizer update: an engine holding its own weights must re-sync before sampling."""
+        engine = self.__dict__.get("_rollout_engine_instance")
+        if engine is not None:
+            engine.on_weights_updated(self)
+
+    def close_rollout_engine(self) -> None:
+        engine = self.__dict__.pop("_rollout_engine_instance", None)
+        if engine is not None:
+            engine.close()
+
     def generation_context(self) -> contextlib.AbstractContextManager:
         return self.deepspeed_adapter().generation_context(self.model, self.zero3_gather_for_generation)
 
@@ -133,29 +178,32 @@ class GenerationMixin:
         family = trajectory_family(self.model)
         if family is not None:  # the family samples (and decodes) its own trajectories
             return self.trajectory_rollout(family, inputs, prompts, metas, do_sample, seed_offset)
-        actor = self.model
-        codec = token_output_codec(unwrap(actor), self.tokenizer, self.processor)
-        overrides = codec.generation_overrides(metas) if codec is not None else {}
-        kwargs = self.generation_kwargs(do_sample)
-        if "max_new_tokens" in overrides:  # the family's outputs have a fixed length (an image's token grid)
-            kwargs["generation_config"].max_new_tokens = overrides.pop("max_new_tokens")
-        was_training = actor.training
-        actor.eval()
-        try:
-            with self.seeded(seed_offset), self.generation_context():
-                sequences = actor.generate(**inputs, **kwargs, **overrides)
-                response = sequences[:, prompt_length:]
-                mask, has_eos = response_mask_from_eos(response, self.eos_token_ids())
-                response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
-                # decoded while the actor is gathered (ZeRO-3): an image family decodes with its own weights
-                outputs = (
-                    codec.decode(response, metas)
-                    if codec is not None
-                    else self.tokenizer.batch_decode(response, skip_special_tokens=True)
-                )
-        finally:
-            actor.train(was_training)
-        sequences = torch.cat([sequences[:, :prompt_length], response], dim=1)
+        codec = token_output_codec(unwrap(self.model), self.tokenizer, self.processor)
+        engine = self.rollout_engine()
+        request = EngineRequest(
+            inputs=inputs,
+            sampling=self.sampling_settings(do_sample),
+            seed=self.rollout_seed(seed_offset),
+            seed_offset=seed_offset,
+            do_sample=do_sample,
+            generate_overrides=codec.generation_overrides(metas) if codec is not None else {},
+            metas=metas,
+        )
+        with engine.session(self, request):
+            completions = engine.generate(self, request)
+            response = completions.response_ids
+            mask, has_eos = response_mask_from_eos(response, self.eos_token_ids())
+            response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
+            # decoded inside the session: an image family decodes with its own weights (gathered under ZeRO-3)
+            outputs = (
+                codec.decode(response, metas)
+                if codec is not None
+                else self.tokenizer.batch_decode(response, skip_special_tokens=True)
+            )
+        data: dict[str, torch.Tensor] = {}
+        if completions.logprobs is not None:  # the sampler's own log-probs (gap metric, TIS)
+            data[ENGINE_LOGPROBS] = torch.where(mask, completions.logprobs.to(mask.device).float(), 0.0)
+        sequences = torch.cat([inputs["input_ids"], response.to(inputs["input_ids"].device)], dim=1)
         attention_mask = torch.cat([inputs["attention_mask"], mask.to(inputs["attention_mask"].dtype)], dim=1)
         extras = extend_per_token_inputs(
             {k: v for k, v in inputs.items() if k not in TEXT_KEYS},
@@ -174,6 +222,7 @@ class GenerationMixin:
             prompts=prompts,
             responses=outputs,
             metas=metas,
+            data=data,
         )
 
     def trajectory_rollout(

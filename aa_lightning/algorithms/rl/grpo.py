@@ -205,6 +205,7 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
             )
             rollout["old_logprobs"] = old
             stats.add_mean("rollout/entropy", entropy, rollout.response_mask)
+            self.log_sampling_gap(stats, rollout, old)
         if self.beta != 0:
             rollout["ref_logprobs"] = self.reference_response_log_probs(rollout)
 
@@ -214,6 +215,10 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
         def minibatch_loss(mb: Rollout, weights: MinibatchWeights) -> torch.Tensor:
             mask = mb.response_mask
             logprobs, entropy = self.response_log_probs(self.model, mb, with_entropy=True)
+            old = mb.data.get("old_logprobs")
+            if old is None:  # one on-policy pass: the current log-probs are the rollout-time ones
+                self.log_sampling_gap(stats, mb, logprobs)
+            importance = self.tis_weights(stats, mb, logprobs if old is None else old)
             out = grpo_loss(
                 logprobs,
                 mb.data.get("old_logprobs"),
@@ -226,6 +231,7 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
                 max_completion_length=self.generation.max_new_tokens,
                 clip_range_high=self.clip_range_high,
                 policy_loss=self.policy_loss,
+                importance_weights=importance,
             )
             tokens = mask.sum()
             stats.add("train/loss", out.loss.detach() * tokens, tokens)

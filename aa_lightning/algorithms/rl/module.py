@@ -31,6 +31,8 @@ from aa_lightning.algorithms.rl.generation import GenerationMixin
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdown
 from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS, MultiTurnMixin, turns_markdown
 from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.algorithms.rl.rollout_engines import build_rollout_engine, rollout_engine_names
+from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMixin
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
@@ -63,6 +65,7 @@ class OnlineRLModule(
     GenerationMixin,
     ForwardsMixin,
     ScoringMixin,
+    SamplingCorrectionMixin,
     MinibatchUpdatesMixin,
     RLEngineMixin,
     AlignModule,
@@ -97,6 +100,13 @@ class OnlineRLModule(
         max_observation_tokens: an environment answer longer than this (in tokens) ends the episode instead.
         end_on_cut_turn: a policy turn cut at ``max_new_tokens`` ends its episode (False: the environment
             answers it too).
+        rollout_engine: what samples the rollouts (:mod:`.rollout_engines`): ``hf`` (the policy's own KV-cached
+            ``generate``) or ``vllm`` (a colocated vLLM fed the trained weights after every update; the
+            ``vllm`` extra); algorithms never name one.
+        rollout_engine_args: keyword options of that engine (e.g. ``{gpu_memory_utilization: 0.3}`` for vllm).
+        tis_cap: truncated importance sampling (Yao et al. 2025): the policy loss of each token is weighted by
+            ``min(pi_trainer / pi_engine, tis_cap)`` (detached), correcting the gap between the engine's
+            sampling distribution and the trainer's; needs an engine that reports its log-probs. None: off.
     """
 
     data_kind = "prompt_only"
@@ -123,6 +133,9 @@ class OnlineRLModule(
         max_turns: int = 4,
         max_observation_tokens: int = 256,
         end_on_cut_turn: bool = True,
+        rollout_engine: str = "hf",
+        rollout_engine_args: dict[str, Any] | None = None,
+        tis_cap: float | None = None,
         **kwargs: Any,
     ) -> None:
         if "position_ids_from_mask" in kwargs:  # removed: read from the model (models/positions.py)
@@ -164,6 +177,13 @@ class OnlineRLModule(
         self.max_turns = max_turns
         self.max_observation_tokens = max_observation_tokens
         self.end_on_cut_turn = end_on_cut_turn
+        if rollout_engine not in rollout_engine_names():
+            build_rollout_engine(rollout_engine)  # raises: the unknown name with the known ones
+        if tis_cap is not None and not tis_cap >= 1.0:
+            raise ValueError(f"tis_cap must be >= 1 (a cap on pi_trainer / pi_engine), got {tis_cap}")
+        self.rollout_engine_name = rollout_engine
+        self.rollout_engine_args = dict(rollout_engine_args or {})
+        self.tis_cap = tis_cap
         self._rollout_index = 0
         self._base_seed: int | None = rollout_seed
         self._val_sums: dict[str, UniqueSampleSums] = {}  # the current validation epoch's table
@@ -250,6 +270,11 @@ class OnlineRLModule(
             )
         if self._base_seed is None:
             self._base_seed = int(torch.initial_seed()) % (2**31)
+        self.check_sampling_correction()
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        self.close_rollout_engine()
 
     # -- training loop glue ----------------------------------------------------------------------------
     def split_batch(self, batch: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
+from aa_lightning.algorithms.rl.generation import ENGINE_LOGPROBS
 from aa_lightning.algorithms.rl.rollout import TEXT_KEYS, Rollout, response_mask_from_eos
+from aa_lightning.algorithms.rl.rollout_engines import EngineRequest
 from aa_lightning.batch import (
     MEDIA_ROWS,
     META,
@@ -177,57 +179,68 @@ class MultiTurnMixin:
         overflow = [False] * n
         active = list(range(n))
         renderer = self.observation_renderer()
-        kwargs = self.generation_kwargs(do_sample)
-        synced = self._synced_generation(kwargs)
-        actor = self.model
-        was_training = actor.training
-        actor.eval()
-        try:
-            with self.seeded(seed_offset), self.generation_context():
-                for turn in range(self.max_turns):
-                    if (self._any_rank(len(active)) if synced else len(active)) == 0:
-                        break
-                    rows = active or [0]  # a rank without open episodes still joins a synced generate
-                    turn_inputs = self._turn_inputs(
-                        rows, prefix, response, prompt_ids, real, extras, per_token_keys, media_rows
+        engine = self.rollout_engine()
+        sampling = self.sampling_settings(do_sample)
+        engine_logprobs: list[list[float]] | None = (
+            [[] for _ in range(n)] if engine.reports_logprobs else None
+        )
+        synced = self._synced_generation(self.generation_kwargs(do_sample))
+
+        def request(turn_inputs: dict[str, torch.Tensor], rows: list[int]) -> EngineRequest:
+            return EngineRequest(
+                inputs=turn_inputs,
+                sampling=sampling,
+                seed=self.rollout_seed(seed_offset),
+                seed_offset=seed_offset,
+                do_sample=do_sample,
+                metas=[metas[i] for i in rows],
+            )
+
+        # one engine session for every turn (the actor gathered once under ZeRO-3, the RNG seeded once)
+        with engine.session(self, request(inputs, list(range(n)))):
+            for turn in range(self.max_turns):
+                if (self._any_rank(len(active)) if synced else len(active)) == 0:
+                    break
+                rows = active or [0]  # a rank without open episodes still joins a synced generate
+                turn_inputs = self._turn_inputs(
+                    rows, prefix, response, prompt_ids, real, extras, per_token_keys, media_rows
+                )
+                completions = engine.generate(self, request(turn_inputs, rows))
+                if not active:
+                    continue
+                generated = completions.response_ids
+                mask, eos = response_mask_from_eos(generated, eos_ids)
+                still_open = []
+                for j, i in enumerate(rows):
+                    new = generated[j][mask[j]].tolist()
+                    response[i] += new
+                    policy[i] += [True] * len(new)
+                    if engine_logprobs is not None and completions.logprobs is not None:
+                        engine_logprobs[i] += completions.logprobs[j][mask[j]].float().tolist()
+                    conversations[i].append(
+                        {"role": "assistant", "content": self.tokenizer.decode(new, skip_special_tokens=True)}
                     )
-                    length = turn_inputs["input_ids"].shape[1]
-                    generated = actor.generate(**turn_inputs, **kwargs)[:, length:]
-                    if not active:
+                    has_eos[i] = bool(eos[j])
+                    if not has_eos[i] and self.end_on_cut_turn:  # cut at max_new_tokens: ends unfinished
                         continue
-                    mask, eos = response_mask_from_eos(generated, eos_ids)
-                    still_open = []
-                    for j, i in enumerate(rows):
-                        new = generated[j][mask[j]].tolist()
-                        response[i] += new
-                        policy[i] += [True] * len(new)
-                        conversations[i].append(
-                            {
-                                "role": "assistant",
-                                "content": self.tokenizer.decode(new, skip_special_tokens=True),
-                            }
-                        )
-                        has_eos[i] = bool(eos[j])
-                        if not has_eos[i] and self.end_on_cut_turn:  # cut at max_new_tokens: ends unfinished
-                            continue
-                        step = env.step(conversations[i], metas[i])
-                        if step.reward:
-                            rewards[i].append((len(response[i]) - 1, float(step.reward)))
-                        if step.done or not step.messages or turn == self.max_turns - 1:
-                            continue
-                        # a cut turn is closed by the template's end-of-turn text, among the environment's tokens
-                        obs = renderer.ids(step.messages, new[-1] if has_eos[i] else None)
-                        if len(obs) > self.max_observation_tokens:
-                            overflow[i] = True
-                            continue
-                        response[i] += obs
-                        policy[i] += [False] * len(obs)
-                        conversations[i].extend(dict(m) for m in step.messages)
-                        still_open.append(i)
-                    active = still_open
-        finally:
-            actor.train(was_training)
-        return self._assemble(
+                    step = env.step(conversations[i], metas[i])
+                    if step.reward:
+                        rewards[i].append((len(response[i]) - 1, float(step.reward)))
+                    if step.done or not step.messages or turn == self.max_turns - 1:
+                        continue
+                    # a cut turn is closed by the template's end-of-turn text, among the environment's tokens
+                    obs = renderer.ids(step.messages, new[-1] if has_eos[i] else None)
+                    if len(obs) > self.max_observation_tokens:
+                        overflow[i] = True
+                        continue
+                    response[i] += obs
+                    policy[i] += [False] * len(obs)
+                    if engine_logprobs is not None:
+                        engine_logprobs[i] += [0.0] * len(obs)
+                    conversations[i].extend(dict(m) for m in step.messages)
+                    still_open.append(i)
+                active = still_open
+        rollout = self._assemble(
             prompt_ids,
             prompt_attention,
             extras,
@@ -243,6 +256,16 @@ class MultiTurnMixin:
             metas,
             pad,
         )
+        if (
+            engine_logprobs is not None
+        ):  # the engine's sampling log-probs on the policy tokens (gap metric, TIS)
+            values = torch.zeros(
+                rollout.response_mask.shape, dtype=torch.float32, device=rollout.sequences.device
+            )
+            for i, row in enumerate(engine_logprobs):
+                values[i, : len(row)] = torch.tensor(row, dtype=torch.float32, device=values.device)
+            rollout[ENGINE_LOGPROBS] = torch.where(rollout.response_mask, values, 0.0)
+        return rollout
 
     def _turn_inputs(
         self,

@@ -161,6 +161,7 @@ class PPOModule(OnlineRLModule):
             lambda ro: self.response_log_probs(self.model, ro, with_entropy=True), rollout
         )
         rollout["old_logprobs"] = old
+        self.log_sampling_gap(stats, rollout, old)
         rollout["ref_logprobs"] = self.reference_response_log_probs(rollout)
         rollout["old_values"] = self.chunked(lambda ro: self.value_forward(self.critic, ro), rollout)
         stats.add_mean("rollout/entropy", entropy, mask)
@@ -261,6 +262,7 @@ class PPOModule(OnlineRLModule):
             self.clip_range,
             self.loss_aggregation,
             self.generation.max_new_tokens,
+            importance_weights=self.tis_weights(stats, mb, mb["old_logprobs"]),
         )
         weight = token_weight if self.loss_aggregation == "token_mean" else seq_weight
         loss = out.loss * weight
