@@ -37,6 +37,7 @@ MODULES = {
     "kto": "KTOModule",
     "ppo": "PPOModule",
     "grpo": "GRPOModule",
+    "grpo_tools": "GRPOModule",  # multi-turn tool rollouts (environment: tools)
     "online_dpo": "OnlineDPOModule",
     "best_of_n": "BestOfNModule",
     "safe_rlhf": "SafeRLHFModule",

@@ -1,7 +1,7 @@
 """The environment interface of multi-turn rollouts, and its registry.
 
-An environment answers a policy turn: given the conversation so far (the prompt as the first ``user``
-message, then the alternating ``assistant`` and environment messages) and the sample's meta, it returns the
+An environment answers a policy turn: given the conversation so far (the prompt as first message, role
+``prompt``: the text the chat template rendered, then the alternating ``assistant`` and environment messages) and the sample's meta, it returns the
 next observation (tool results, a user turn) and whether the episode has ended, plus an optional reward for
 the turn. It holds no per-episode state of its own (everything it needs is in the conversation), so one
 instance serves every episode of every rank, and a resumed run replays the same episodes.
@@ -37,7 +37,7 @@ __all__ = [
     "register_environment",
 ]
 
-#: key of a multi-turn rollout's meta dicts: the episode as ``[{"role", "content"}, ...]`` (prompt first).
+#: key of a multi-turn rollout's meta dicts: the episode as ``[{"role", "content"}, ...]`` (role ``prompt`` first).
 CONVERSATION = "conversation"
 Message = dict[str, Any]
 

@@ -15,7 +15,8 @@ the response mask (all of them) leaves them out, and GAE steps over them
 (:func:`~aa_lightning.algorithms.losses.compute_gae`). Per-turn rewards of the environment are stored per token
 (``data["turn_rewards"]``, on each turn's last policy token): PPO adds them to its token rewards, GRPO to the
 sequence reward. ``responses`` are the last policy turns (what answer-checking rewards read) and each meta
-holds the episode as ``meta["conversation"]`` (what the tool-call reward and the sample table read).
+holds the episode as ``meta["conversation"]`` (what the tool-call reward and the sample table read): the
+rendered prompt (role ``prompt``), then the ``assistant`` turns and the environment's messages.
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ class MultiTurnMixin:
         response: list[list[int]] = [[] for _ in range(n)]
         policy: list[list[bool]] = [[] for _ in range(n)]
         rewards: list[list[tuple[int, float]]] = [[] for _ in range(n)]
-        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        # the prompt as rendered by the chat template (its own user/system turns and tool block included)
+        conversations = [
+            [{"role": "prompt", "content": self.tokenizer.decode(ids, skip_special_tokens=False)}]
+            for ids in prefix
+        ]
         has_eos = [True] * n
         overflow = [False] * n
         active = list(range(n))
