@@ -175,7 +175,7 @@ def test_rollout_layout_and_turn_rewards(grpo_rollout: tuple[GRPOModule, Any]) -
     for i in range(len(rollout)):
         conversation = rollout.metas[i][CONVERSATION]
         assert [m["role"] for m in conversation] == [
-            "user",
+            "prompt",
             "assistant",
             "tool",
             "assistant",
