@@ -555,7 +555,7 @@ COLUMNS: dict[str, Column] = {
             "zero3_2p",
             strategy="zero3",
             devices=2,
-            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS,
+            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + MULTI_TURN_CELLS,
         ),
         # Janus joins the LoRA columns once (its DDP and 2-process ZeRO-3 runs were checked by hand: CI time)
         Column(
