@@ -42,7 +42,7 @@ def tool_task_rows() -> list[dict[str, str]]:
 def _transcripts(tokenizer: Any) -> list[tuple[list[int], list[bool], float]]:
     """``(token ids, trained?, weight)`` of every warm-up episode, laid out as a multi-turn rollout lays them
     out; a direct episode weighs ``DIRECT_PER_TOOL`` tool episodes."""
-    from aa_lightning.algorithms.rl.multi_turn import ObservationRenderer
+    from aa_lightning.environments.rendering import ObservationRenderer
     from aa_lightning.environments.tools import calculator, format_tool_call
 
     renderer = ObservationRenderer(tokenizer)
