@@ -38,6 +38,7 @@ MODULES = {
     "ppo": "PPOModule",
     "grpo": "GRPOModule",
     "grpo_remote": "GRPOModule",  # GRPO scored by the `remote` reward (an HTTP endpoint)
+    "grpo_tools": "GRPOModule",  # multi-turn tool rollouts (environment: tools)
     "online_dpo": "OnlineDPOModule",
     "best_of_n": "BestOfNModule",
     "safe_rlhf": "SafeRLHFModule",

@@ -27,6 +27,8 @@ FORBIDDEN = {
     "aa_lightning.algorithms": ("aa_lightning.data", "aa_lightning.callbacks"),
     "aa_lightning.data": ("aa_lightning.algorithms",),
     "aa_lightning.callbacks": ("aa_lightning.algorithms",),
+    # environments answer policy turns; they render them with the data layer's chat renderer, never training
+    "aa_lightning.environments": ("aa_lightning.algorithms", "aa_lightning.callbacks"),
 }
 
 

@@ -71,6 +71,8 @@ class ConversationDataModule(pl.LightningDataModule):
             supervised_batch}``; the prompts set the epoch and the supervised stream cycles through its own
             shuffled epochs (see :class:`~aa_lightning.data.auxiliary.WithAuxiliaryStream`).
         ptx_batch_size: rows per device of each ``ptx`` batch (default: ``batch_size``).
+        tools: names of tools (:mod:`aa_lightning.environments.tools`) whose schemas the chat template
+            renders into the prompts (``tools=`` of ``apply_chat_template``), for multi-turn tool rollouts.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class ConversationDataModule(pl.LightningDataModule):
         group_by_length: bool = False,
         ptx: DataSpec | list[DataSpec] | None = None,
         ptx_batch_size: int | None = None,
+        tools: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -139,9 +142,17 @@ class ConversationDataModule(pl.LightningDataModule):
         )
         config = load_config(path, trust_remote_code=self.hparams.trust_remote_code)
         self.renderer = ChatRenderer(
-            self.tokenizer, self.processor, MODEL_REGISTRY.get(config.model_type, None)
+            self.tokenizer, self.processor, MODEL_REGISTRY.get(config.model_type, None), self.tool_schemas()
         )
         log.info("chat template from the %s", self.renderer.source)
+
+    def tool_schemas(self) -> list[dict[str, Any]] | None:
+        names = self.hparams.get("tools")
+        if not names:
+            return None
+        from aa_lightning.environments.tools import tool_schemas
+
+        return tool_schemas(list(names))
 
     def build_encoder(self) -> SampleEncoder:
         return SampleEncoder(self.tokenizer, self.renderer, self.hparams.max_length, self.hparams.train_on)
@@ -264,6 +275,7 @@ class ConversationDataModule(pl.LightningDataModule):
             "on_bad_row": self.hparams.on_bad_row,  # a cached 'skip' encoding must not answer an 'error' run
             "on_truncated": self.hparams.on_truncated,
             "train_on": self.hparams.train_on,
+            **({"tools": self.tool_schemas()} if self.hparams.get("tools") else {}),  # old caches stay valid
             "tokenizer": [self.tokenizer.name_or_path, len(self.tokenizer), self.tokenizer.chat_template],
             "template_source": self.renderer.source,
             "encoder": inspect.getsource(SampleEncoder),

@@ -68,10 +68,14 @@ def special_token_texts(tokenizer: Any) -> tuple[str, ...]:
 class ChatRenderer:
     """Renders conversations to text with the highest-priority template available."""
 
-    def __init__(self, tokenizer: Any, processor: Any = None, model_class: Any = None) -> None:
+    def __init__(
+        self, tokenizer: Any, processor: Any = None, model_class: Any = None, tools: list[dict] | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.processor = processor
         self.render_fn: Callable[[Conversation, bool], str]
+        # tool schemas a chat template renders into its system prompt (Qwen2.5, Llama 3.1, Hermes ...)
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         custom = getattr(model_class, "apply_chat_template", None) if model_class is not None else None
         custom_template = getattr(model_class, "chat_template", None) if model_class is not None else None
         if callable(custom) and getattr(model_class, "aa_custom_chat_template", False):
@@ -84,16 +88,17 @@ class ChatRenderer:
                 chat_template=custom_template,
                 add_generation_prompt=gen,
                 tokenize=False,
+                **extra,
             )
         elif processor is not None and getattr(processor, "chat_template", None):
             self.source = "processor"
             self.render_fn = lambda conv, gen: processor.apply_chat_template(
-                as_parts_messages(conv), add_generation_prompt=gen, tokenize=False
+                as_parts_messages(conv), add_generation_prompt=gen, tokenize=False, **extra
             )
         elif getattr(tokenizer, "chat_template", None):
             self.source = "tokenizer"
             self.render_fn = lambda conv, gen: tokenizer.apply_chat_template(
-                as_text_messages(conv), add_generation_prompt=gen, tokenize=False
+                as_text_messages(conv), add_generation_prompt=gen, tokenize=False, **extra
             )
         else:
             self.source = "default"

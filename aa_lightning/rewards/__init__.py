@@ -6,11 +6,12 @@
     def mentions_paris(prompt: str, response: str, meta: dict) -> float:
         return float("paris" in response.lower())
 
-Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``; on generated images
-(an image family's decoded responses): ``image_color``; a reward model or judge over HTTP: ``remote``.
+Built-ins: ``gsm8k_answer``, ``format``, ``target_token_share``, ``response_length``, ``tool_call_format``;
+on generated images (an image family's decoded responses): ``image_color``; a reward model or judge over
+HTTP: ``remote``.
 """
 
-from aa_lightning.rewards import builtin, image_rules, remote  # noqa: F401  (registers the built-ins)
+from aa_lightning.rewards import builtin, image_rules, remote, tool_calls  # noqa: F401  (registers the built-ins)
 from aa_lightning.rewards.builtin import (
     extract_final_answer,
     format_reward,
@@ -29,6 +30,7 @@ from aa_lightning.rewards.registry import (
     register_reward,
 )
 from aa_lightning.rewards.remote import RemoteRewardError, remote_reward
+from aa_lightning.rewards.tool_calls import tool_call_format
 
 __all__ = [
     "RegisteredReward",
@@ -46,4 +48,5 @@ __all__ = [
     "remote_reward",
     "response_length",
     "target_token_share",
+    "tool_call_format",
 ]

@@ -17,6 +17,7 @@ from aa_lightning.testing.tiny_janus import build_tiny_janus
 from aa_lightning.testing.tiny_multimodal import build_tiny_llava, build_tiny_qwen2_audio, build_tiny_qwen2_vl
 from aa_lightning.testing.tiny_score import TINY_SCORE_BUILDERS
 from aa_lightning.testing.tiny_text import build_tiny_llama, build_tiny_qwen2
+from aa_lightning.testing.tiny_tool_use import build_tiny_qwen2_tools
 
 TINY_VERSION = "v1"
 
@@ -32,4 +33,5 @@ TINY_BUILDERS: dict[str, Callable[[str | os.PathLike, int], str]] = {
     "tiny-t2v": build_tiny_t2v,
     "tiny-audioldm": build_tiny_audioldm,
     **TINY_SCORE_BUILDERS,  # <family>-score: the family's tiny model + a fixed score head (a frozen reward model)
+    "tiny-qwen2-tools": build_tiny_qwen2_tools,  # warm-started to call the calculator (multi-turn RL demos)
 }

@@ -440,6 +440,43 @@ ALGORITHMS.update(
         )
     }
 )
+# -- multi-turn rollouts (issue 14, multiturn): GSM8K-layout arithmetic prompts, the answer_feedback user turn ----
+
+
+def build_multi_turn(ctx: BuildContext, algorithm: str) -> tuple[Any, Any]:
+    """Two policy turns per episode: a wrong answer (every answer of a random policy) gets a user turn asking
+    again; cut turns are answered too, so every episode holds environment tokens between its policy turns."""
+    from aa_lightning.algorithms import GRPOModule, PPOModule
+
+    multi_turn = dict(environment="answer_feedback", max_turns=2, end_on_cut_turn=False)
+    if algorithm == "grpo":
+        module = GRPOModule(
+            "tiny-qwen2",
+            reward_functions=[E_SHARE],
+            num_generations=2,
+            beta=0.04,
+            **multi_turn,
+            **_rl_kwargs(ctx),
+        )
+    else:
+        module = PPOModule(
+            "tiny-qwen2", reward_functions=[E_SHARE], kl_coef=0.05, **multi_turn, **_rl_kwargs(ctx)
+        )
+    return module, _text_data(ctx, "tool_arithmetic_4.jsonl", "GSM8K", 4)
+
+
+MULTI_TURN_CELLS = ("grpo_multi_turn", "ppo_multi_turn")
+ALGORITHMS.update(
+    {
+        "grpo_multi_turn": Algorithm(
+            "grpo_multi_turn", lambda ctx: build_multi_turn(ctx, "grpo"), rl=True, zero_at_start=("train/kl",)
+        ),
+        "ppo_multi_turn": Algorithm(
+            "ppo_multi_turn", lambda ctx: build_multi_turn(ctx, "ppo"), rl=True, zero_at_start=("rollout/kl",)
+        ),
+    }
+)
+
 TEXT = ("sft", "rm", "cost", "dpo", "dpo_precomputed", "simpo", "orpo", "kto", "ppo", "grpo", "safe_rlhf")
 MEDIA_CELLS = ("dpo_image", "ppo_image", "dpo_audio", "ppo_audio")
 # issue 13: the new online methods and RL options, in the single (reference), ddp and zero3 columns
@@ -483,14 +520,20 @@ COLUMNS: dict[str, Column] = {
         Column(
             "single",
             reference=None,
-            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + JANUS_CELLS + ISSUE13_CELLS,
+            algorithms=TEXT
+            + MEDIA_CELLS
+            + DIFFUSION_CELLS
+            + IMAGE_TOKEN_CELLS
+            + JANUS_CELLS
+            + ISSUE13_CELLS
+            + MULTI_TURN_CELLS,
         ),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
         Column(
             "ddp",
             strategy="ddp",
             devices=2,
-            algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + ISSUE13_CELLS,
+            algorithms=TEXT + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + ISSUE13_CELLS + MULTI_TURN_CELLS,
         ),
         Column("zero2", strategy="zero2"),
         # the refused cell comes last: a failed cell ends its process (see runner), and nothing is left to rerun
@@ -504,6 +547,7 @@ COLUMNS: dict[str, Column] = {
                 *IMAGE_TOKEN_CELLS,
                 *JANUS_CELLS,
                 *ISSUE13_CELLS,
+                *MULTI_TURN_CELLS,
                 "sft_skip_nonfinite",
             ),
         ),
@@ -511,10 +555,15 @@ COLUMNS: dict[str, Column] = {
             "zero3_2p",
             strategy="zero3",
             devices=2,
-            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS,
+            algorithms=TEXT + MEDIA_CELLS + DIFFUSION_CELLS + IMAGE_TOKEN_CELLS + MULTI_TURN_CELLS,
         ),
         # Janus joins the LoRA columns once (its DDP and 2-process ZeRO-3 runs were checked by hand: CI time)
-        Column("lora", lora=True, reference=None, algorithms=TEXT + IMAGE_TOKEN_CELLS + JANUS_CELLS),
+        Column(
+            "lora",
+            lora=True,
+            reference=None,
+            algorithms=TEXT + IMAGE_TOKEN_CELLS + JANUS_CELLS + MULTI_TURN_CELLS,
+        ),
         Column(
             "lora_zero3", strategy="zero3", lora=True, reference="lora", algorithms=TEXT + IMAGE_TOKEN_CELLS
         ),

@@ -33,31 +33,36 @@ def compute_gae(
     """Generalised Advantage Estimation (Schulman et al. 2015, arXiv:1506.02438).
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``, ``R_t = A_t + V_t``.
-    Rewards and values outside ``mask`` are treated as 0, so the value after the last response token
-    is 0 (episode end). Vectorised over the batch with a single reverse loop over time. The outputs
-    are detached and zero outside ``mask``.
+    The recursion runs over the positions in ``mask`` only: ``t + 1`` is the next masked position, so the
+    environment tokens between two policy turns of a multi-turn rollout (outside the mask) are stepped over,
+    neither discounted nor bootstrapped from; after the last masked token the value is 0 (episode end).
+    Rewards and values outside ``mask`` are ignored. Vectorised over the batch with a single reverse loop over
+    time. The outputs are detached and zero outside ``mask``.
 
     Args:
         rewards: ``(B, T)`` per-token rewards (e.g. KL penalty plus the final score).
         values: ``(B, T)`` value estimates.
-        mask: ``(B, T)`` bool / {0, 1}, True on response tokens.
+        mask: ``(B, T)`` bool / {0, 1}, True on the (policy) response tokens.
         gamma: discount factor.
         lam: GAE lambda.
 
     Returns:
         ``(advantages, returns)``, both ``(B, T)``.
     """
-    m = mask.to(values.dtype)
+    keep = mask.bool()
+    m = keep.to(values.dtype)
     values = values * m
     rewards = rewards * m
     seq_len = rewards.shape[1]
     advantages_reversed = []
     last_gae = torch.zeros_like(values[:, 0])
+    next_values = torch.zeros_like(values[:, 0])
     for t in reversed(range(seq_len)):
-        next_values = values[:, t + 1] if t + 1 < seq_len else torch.zeros_like(values[:, t])
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last_gae = delta + gamma * lam * last_gae
-        advantages_reversed.append(last_gae)
+        gae = delta + gamma * lam * last_gae
+        advantages_reversed.append(gae)
+        last_gae = torch.where(keep[:, t], gae, last_gae)  # unmasked positions carry the recursion over
+        next_values = torch.where(keep[:, t], values[:, t], next_values)
     advantages = torch.stack(advantages_reversed[::-1], dim=1) * m
     returns = advantages + values
     return advantages, returns

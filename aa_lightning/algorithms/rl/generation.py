@@ -157,6 +157,8 @@ class GenerationMixin:
         self, batch: dict[str, Any], num_samples: int = 1, do_sample: bool | None = None, seed_offset: int = 0
     ) -> Rollout:
         """Sample ``num_samples`` responses per prompt (groups are contiguous) in ONE ``generate`` call."""
+        if getattr(self, "environment", None) is not None:  # episodes of several turns (:mod:`.multi_turn`)
+            return self.multi_turn_rollout(batch, num_samples, do_sample, seed_offset)
         inputs = model_inputs(batch, self.model)
         for key in TEXT_KEYS:
             if key not in inputs:

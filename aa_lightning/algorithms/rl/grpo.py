@@ -44,6 +44,7 @@ from aa_lightning.algorithms.rl.dynamic_sampling import DynamicSamplingMixin
 from aa_lightning.algorithms.rl.estimators import AdvantageEstimatorMixin, check_estimator_options
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.module import OnlineRLModule
+from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.algorithms.rl.update import MinibatchWeights
 from aa_lightning.batch import PTX_STREAM
@@ -174,6 +175,8 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
         rollout["scores"] = scores
         self.rollout_stats(stats, rollout, scores, parts)
         rewards = self.shaped_rewards(rollout, scores)
+        if TURN_REWARDS in rollout.data:  # a multi-turn rollout: the environment's per-turn rewards join
+            rewards = rewards + rollout[TURN_REWARDS].sum(dim=1).to(rewards.dtype)
         if self.overlong_buffer_length is not None:
             penalty = overlong_penalty(
                 rollout.response_mask.sum(dim=1),

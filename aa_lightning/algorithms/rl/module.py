@@ -29,12 +29,14 @@ from aa_lightning.algorithms.rl.engine import RLEngineMixin
 from aa_lightning.algorithms.rl.forwards import ForwardsMixin
 from aa_lightning.algorithms.rl.generation import GenerationMixin
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdown
+from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS, MultiTurnMixin, turns_markdown
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.algorithms.rl.rollout_engines import build_rollout_engine, rollout_engine_names
 from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMixin
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
+from aa_lightning.environments import CONVERSATION, EnvironmentSpec, build_environment
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
 from aa_lightning.models.trajectories import trajectory_family
@@ -59,6 +61,7 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 class OnlineRLModule(
+    MultiTurnMixin,
     GenerationMixin,
     ForwardsMixin,
     ScoringMixin,
@@ -91,6 +94,12 @@ class OnlineRLModule(
         sample_log_interval: write a table of samples to TensorBoard every this many rollouts (0: never);
             samples with media also get their media logged next to their text.
         num_logged_samples: rows of that table.
+        environment: multi-turn rollouts (:mod:`.multi_turn`): a registered environment name, ``{name,
+            kwargs}`` or ``package.module:Class`` (:mod:`aa_lightning.environments`); None: one policy turn.
+        max_turns: policy turns per episode at most (with an environment).
+        max_observation_tokens: an environment answer longer than this (in tokens) ends the episode instead.
+        end_on_cut_turn: a policy turn cut at ``max_new_tokens`` ends its episode (False: the environment
+            answers it too).
         rollout_engine: what samples the rollouts (:mod:`.rollout_engines`): ``hf`` (the policy's own KV-cached
             ``generate``) or ``vllm`` (a colocated vLLM fed the trained weights after every update; the
             ``vllm`` extra); algorithms never name one.
@@ -120,6 +129,10 @@ class OnlineRLModule(
         eval_do_sample: bool = False,
         sample_log_interval: int = 10,
         num_logged_samples: int = 4,
+        environment: str | dict[str, Any] | EnvironmentSpec | None = None,
+        max_turns: int = 4,
+        max_observation_tokens: int = 256,
+        end_on_cut_turn: bool = True,
         rollout_engine: str = "hf",
         rollout_engine_args: dict[str, Any] | None = None,
         tis_cap: float | None = None,
@@ -158,6 +171,12 @@ class OnlineRLModule(
         self.eval_do_sample = eval_do_sample
         self.sample_log_interval = sample_log_interval
         self.num_logged_samples = num_logged_samples
+        if max_turns < 1 or max_observation_tokens < 1:
+            raise ValueError("max_turns and max_observation_tokens must be >= 1")
+        self.environment = build_environment(environment) if environment is not None else None
+        self.max_turns = max_turns
+        self.max_observation_tokens = max_observation_tokens
+        self.end_on_cut_turn = end_on_cut_turn
         if rollout_engine not in rollout_engine_names():
             build_rollout_engine(rollout_engine)  # raises: the unknown name with the known ones
         if tis_cap is not None and not tis_cap >= 1.0:
@@ -181,6 +200,11 @@ class OnlineRLModule(
                 f"{self.model_name_or_path!r}: this model family scores whole outputs itself (explain_outputs) "
                 "and samples no step-by-step trajectories, so online RL has no per-step log-probs to train on; "
                 "use SFT / DPO / KTO with it"
+            )
+        if self.environment is not None and trajectory_family(model) is not None:
+            raise ValueError(
+                f"environment: {self.model_name_or_path!r} samples trajectories (decoded media), not text turns "
+                "an environment could answer; multi-turn rollouts need a text-generating model"
             )
         if self.reward_model_name_or_path and trajectory_family(model) is not None:
             raise ValueError(
@@ -293,8 +317,13 @@ class OnlineRLModule(
             rollout.prompts[:n], rollout.responses[:n], {k: v[:n].tolist() for k, v in columns.items()}
         )
         loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        multi_turn = any(CONVERSATION in m for m in rollout.metas[:n])
         for logger in loggers:
             logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
+            if multi_turn:  # every turn of the logged episodes with its role
+                logger.experiment.add_text(
+                    "rollout/turns", turns_markdown(rollout.metas[:n]), self.trainer.global_step
+                )
         samples = [
             {
                 "prompt": rollout.prompts[i],
@@ -326,6 +355,16 @@ class OnlineRLModule(
             stats.add_mean(f"rollout/score/{name}", values)
         stats.add_mean("rollout/response_length", rollout.response_mask.sum(dim=1).float())
         stats.add_mean("rollout/eos_fraction", rollout.has_eos.float())
+        if TURN_REWARDS in rollout.data:  # a multi-turn rollout
+            stats.add_mean("rollout/policy_turns", rollout["policy_turns"])
+            stats.add_mean("rollout/tool_call_rate", (rollout["tool_calls"] > 0).float())
+            stats.add_mean("rollout/tool_calls", rollout["tool_calls"])
+            stats.add_mean("rollout/turn_reward", rollout[TURN_REWARDS].sum(dim=1))
+            stats.add_mean("rollout/observation_overflow", rollout["observation_overflow"])
+            env_tokens = (
+                rollout.attention_mask[:, rollout.prompt_length :].bool() & ~rollout.response_mask
+            ).sum(1)
+            stats.add_mean("rollout/environment_tokens", env_tokens.float())
 
     # -- validation: score the policy on held-out prompts ----------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

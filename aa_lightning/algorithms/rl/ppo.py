@@ -27,6 +27,7 @@ from aa_lightning.algorithms.logprobs import causal_lm_log_probs, masked_mean, m
 from aa_lightning.algorithms.losses import compute_gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator, RunningMoments, explained_variance
 from aa_lightning.algorithms.rl.module import OnlineRLModule
+from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS
 from aa_lightning.algorithms.rl.rollout import Rollout, rollout_mean_kl
 from aa_lightning.algorithms.rl.update import MinibatchWeights
 from aa_lightning.batch import LABELS, model_inputs
@@ -191,15 +192,22 @@ class PPOModule(OnlineRLModule):
         return out
 
     def token_rewards(
-        self, score: torch.Tensor, rollout: Rollout, kl_sign: float = -1.0
+        self, score: torch.Tensor, rollout: Rollout, kl_sign: float = -1.0, turn_rewards: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(rewards (N, R), kl (N, R))``: ``kl_sign * kl_coef * KL_t`` per token + ``score`` at the last one."""
+        """``(rewards (N, R), kl (N, R))``: ``kl_sign * kl_coef * KL_t`` per token + ``score`` at the last one.
+
+        "Last" is the last policy token (a multi-turn rollout's mask has holes at environment tokens); with
+        ``turn_rewards`` the environment's per-turn rewards are added on their turns' last policy tokens.
+        """
         mask = rollout.response_mask
         kl = kl_penalty(rollout["old_logprobs"], rollout["ref_logprobs"], self.kl_estimator)
         kl = torch.where(mask, kl, torch.zeros_like(kl))
         rewards = kl_sign * self.kl_coef * kl
-        last = (mask.long().sum(dim=1) - 1).clamp(min=0).unsqueeze(1)
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = torch.where(mask, positions, -1).max(dim=1).values.clamp(min=0).unsqueeze(1)
         rewards = rewards.scatter_add(1, last, score.to(rewards.dtype).unsqueeze(1))
+        if turn_rewards and TURN_REWARDS in rollout.data:
+            rewards = rewards + rollout[TURN_REWARDS].to(rewards.dtype)
         return rewards, kl
 
     def gae(

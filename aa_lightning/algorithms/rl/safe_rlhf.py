@@ -172,7 +172,7 @@ class SafeRLHFModule(PPOModule):
         cost_score = self.shaped_score(
             rollout["costs"], rollout.has_eos, moments, stats, name="cost", eos_penalty=False
         )
-        cost_rewards, _ = self.token_rewards(cost_score, rollout, kl_sign=1.0)
+        cost_rewards, _ = self.token_rewards(cost_score, rollout, kl_sign=1.0, turn_rewards=False)
         cost_adv, cost_returns = self.gae(cost_rewards, rollout["old_cost_values"], mask)
         rollout["cost_returns"] = cost_returns
         totals = self.reduce_sum(
