@@ -212,8 +212,11 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> AACLI:
 
 
 # subcommands that are not LightningCLI's: name -> "module:function" taking the remaining arguments
-TOOLS = {"chat": "aa_lightning.chat:main", "list": "aa_lightning.listing:main"}
-TOOLS["eval"] = "aa_lightning.evaluation:main"  # aa eval --config configs/eval/tiny_suite.yaml
+TOOLS = {
+    "chat": "aa_lightning.chat:main",
+    "eval": "aa_lightning.evaluation:main",
+    "list": "aa_lightning.listing:main",
+}
 
 
 def main() -> None:

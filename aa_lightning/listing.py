@@ -102,6 +102,24 @@ def eval_tasks() -> Rows:
     return [(name, first_line(TASKS[name])) for name in available_tasks()]
 
 
+def rollout_engines() -> Rows:
+    from aa_lightning.algorithms.rl.rollout_engines.registry import engine_class, rollout_engine_names
+
+    return [(name, first_line(engine_class(name))) for name in rollout_engine_names()]
+
+
+def environments() -> Rows:
+    from aa_lightning.environments.base import _ENVIRONMENTS
+
+    return [(name, first_line(cls)) for name, cls in _ENVIRONMENTS.items()]
+
+
+def tools() -> Rows:
+    from aa_lightning.environments.tools import available_tools, get_tool
+
+    return [(name, get_tool(name).description.split("\n")[0]) for name in available_tools()]
+
+
 class Section:
     """One registry as ``aa list`` shows it: a title, where its names go in a config, and its rows."""
 
@@ -127,6 +145,11 @@ SECTIONS: list[Section] = [
         model_aliases,
     ),
     Section("model-types", "classes registered per config.model_type (@register_model)", model_types),
+    Section("rollout-engines", "model.init_args.rollout_engine (@register_rollout_engine)", rollout_engines),
+    Section(
+        "environments", "model.init_args.environment: {name: NAME} (@register_environment)", environments
+    ),
+    Section("tools", "environment kwargs tools: [NAME] (@register_tool)", tools),
     Section("eval-tasks", "`aa eval` config tasks: [{task: NAME, data: ...}] (@register_task)", eval_tasks),
 ]
 
