@@ -505,4 +505,27 @@ def test_clip_score_of_images_a_diffusion_pipeline_samples(tiny_clip, tmp_path):
     scores = [r["clip_score"] for r in one.records["clip_score"]]
     assert scores == pytest.approx([r["clip_score"] for r in two.records["clip_score"]], abs=1e-4)
     assert len({r["image_size"][0] for r in one.records["clip_score"]}) == 1
-    assert one.scores["clip_score"]["clip_score"] > 0  # not every score clamped: the comparison means something
+    assert (
+        one.scores["clip_score"]["clip_score"] > 0
+    )  # not every score clamped: the comparison means something
+
+
+def test_data_from_a_save_to_disk_folder_and_a_parquet_file(tmp_path):
+    """The data spec is the data layer's: a ``save_to_disk`` folder and a parquet file give the same rows."""
+    import datasets
+
+    rows = datasets.Dataset.from_list(rows_of("gsm8k.jsonl"))
+    rows.save_to_disk(str(tmp_path / "gsm8k_disk"))
+    rows.to_parquet(str(tmp_path / "gsm8k.parquet"))
+    tasks = [
+        {"task": "gsm8k", "name": "disk", "data": str(tmp_path / "gsm8k_disk"), "responses_field": "reply"},
+        {
+            "task": "gsm8k",
+            "name": "parquet",
+            "data": {"path": str(tmp_path / "gsm8k.parquet"), "size": 2},
+            "responses_field": "reply",
+        },
+    ]
+    result = run(tasks, tmp_path)
+    assert result.scores["disk"]["accuracy"] == pytest.approx(2 / 3)
+    assert result.scores["parquet"]["accuracy"] == 1.0 and result.rows["parquet"] == 2
