@@ -529,3 +529,18 @@ def test_data_from_a_save_to_disk_folder_and_a_parquet_file(tmp_path):
     result = run(tasks, tmp_path)
     assert result.scores["disk"]["accuracy"] == pytest.approx(2 / 3)
     assert result.scores["parquet"]["accuracy"] == 1.0 and result.rows["parquet"] == 2
+
+
+def test_image_multiple_choice_by_generation(tmp_path):
+    """The lettered choices go to tiny Qwen2-VL with the photo; the recorded letter is the reply's first one."""
+    from aa_lightning.evaluation.tasks.multiple_choice import first_letter
+
+    task = {"task": "multiple_choice_generate", "data": fixture("image_choice.jsonl")}
+    generation = {"max_new_tokens": 5, "do_sample": True}
+    result = run([task], tmp_path, model="tiny-qwen2-vl", generation=generation)
+    records = result.records["multiple_choice_generate"]
+    assert "A. a pizza\nB. a bathroom\nC. someone baking" in records[0]["prompt"]
+    for record in records:
+        assert record["predicted"] == first_letter(record["reply"], 3)
+    right = sum(r["predicted"] == r["answer"] for r in records)
+    assert result.scores["multiple_choice_generate"]["accuracy"] == right / 3
