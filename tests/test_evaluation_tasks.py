@@ -505,4 +505,42 @@ def test_clip_score_of_images_a_diffusion_pipeline_samples(tiny_clip, tmp_path):
     scores = [r["clip_score"] for r in one.records["clip_score"]]
     assert scores == pytest.approx([r["clip_score"] for r in two.records["clip_score"]], abs=1e-4)
     assert len({r["image_size"][0] for r in one.records["clip_score"]}) == 1
-    assert one.scores["clip_score"]["clip_score"] > 0  # not every score clamped: the comparison means something
+    assert (
+        one.scores["clip_score"]["clip_score"] > 0
+    )  # not every score clamped: the comparison means something
+
+
+def test_data_from_a_save_to_disk_folder_and_a_parquet_file(tmp_path):
+    """The data spec is the data layer's: a ``save_to_disk`` folder and a parquet file give the same rows."""
+    import datasets
+
+    rows = datasets.Dataset.from_list(rows_of("gsm8k.jsonl"))
+    rows.save_to_disk(str(tmp_path / "gsm8k_disk"))
+    rows.to_parquet(str(tmp_path / "gsm8k.parquet"))
+    tasks = [
+        {"task": "gsm8k", "name": "disk", "data": str(tmp_path / "gsm8k_disk"), "responses_field": "reply"},
+        {
+            "task": "gsm8k",
+            "name": "parquet",
+            "data": {"path": str(tmp_path / "gsm8k.parquet"), "size": 2},
+            "responses_field": "reply",
+        },
+    ]
+    result = run(tasks, tmp_path)
+    assert result.scores["disk"]["accuracy"] == pytest.approx(2 / 3)
+    assert result.scores["parquet"]["accuracy"] == 1.0 and result.rows["parquet"] == 2
+
+
+def test_image_multiple_choice_by_generation(tmp_path):
+    """The lettered choices go to tiny Qwen2-VL with the photo; the recorded letter is the reply's first one."""
+    from aa_lightning.evaluation.tasks.multiple_choice import first_letter
+
+    task = {"task": "multiple_choice_generate", "data": fixture("image_choice.jsonl")}
+    generation = {"max_new_tokens": 5, "do_sample": True}
+    result = run([task], tmp_path, model="tiny-qwen2-vl", generation=generation)
+    records = result.records["multiple_choice_generate"]
+    assert "A. a pizza\nB. a bathroom\nC. someone baking" in records[0]["prompt"]
+    for record in records:
+        assert record["predicted"] == first_letter(record["reply"], 3)
+    right = sum(r["predicted"] == r["answer"] for r in records)
+    assert result.scores["multiple_choice_generate"]["accuracy"] == right / 3
