@@ -258,3 +258,14 @@ def test_zero3_weight_stream_gathers_one_module_at_a_time(repo_path: Any) -> Non
     with deepspeed.zero.GatheredParameters(list(params.values())):
         for name, p in params.items():
             torch.testing.assert_close(engine.streamed[name], p.detach().cpu(), rtol=0, atol=0)
+
+
+def test_vllm_engine_without_vllm_names_the_extra(repo_path: Any) -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed here: tests/vllm_engine/check_weight_sync.py covers the engine")
+    with pytest.raises(ImportError, match=r"aa-lightning\[vllm\]"):
+        _fit(_grpo(rollout_engine="vllm"), repo_path, 1)

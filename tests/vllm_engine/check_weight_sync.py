@@ -6,7 +6,8 @@ optimizer updates, sampling with ``rollout_engine: vllm``. Every rollout logs
 sampling log-probs against the trained policy's recomputed ones. After each update vLLM must serve the
 updated policy, so the gap of every rollout after the first (after 1, 2, ... updates) must be float noise,
 for plain and LoRA training. The same run with the sync switched off, or with one module left out of it,
-must fail that check (the gap is then the size of the updates): the check can tell a broken sync.
+must fail that check (the gap is then the size of the updates): the check can tell a broken sync. The plain
+run trains with TIS on (``tis_cap: 2``): with a complete sync every weight ``pi_trainer / pi_vLLM`` must be 1.
 
     python tests/vllm_engine/check_weight_sync.py            # exits 1 if any case disagrees
 
@@ -44,7 +45,9 @@ def build_policy(target: Path) -> str:
     return save_tiny_model(Qwen2ForCausalLM, Qwen2Config(**config), tokenizer, target, seed=0)
 
 
-def run_case(model_dir: str, lora: bool, updates: int, engine_args: dict[str, Any]) -> dict[str, Any]:
+def run_case(
+    model_dir: str, lora: bool, updates: int, engine_args: dict[str, Any], tis_cap: float | None = None
+) -> dict[str, Any]:
     """GRPO for ``updates`` updates with the vLLM engine; the gap of every rollout and the engine's timings."""
     import lightning.pytorch as pl
 
@@ -55,10 +58,14 @@ def run_case(model_dir: str, lora: bool, updates: int, engine_args: dict[str, An
     class Record(pl.Callback):
         def __init__(self) -> None:
             self.gaps: list[float] = []
+            self.tis_weights: list[float] = []
             self.engine: Any = None
 
         def on_train_batch_end(self, trainer: pl.Trainer, module: Any, *args: Any) -> None:
-            self.gaps.append(float(trainer.callback_metrics["rollout/engine_logprob_gap"]))
+            metrics = trainer.callback_metrics
+            self.gaps.append(float(metrics["rollout/engine_logprob_gap"]))
+            if "train/tis_weight" in metrics:
+                self.tis_weights.append(float(metrics["train/tis_weight"]))
             self.engine = module.rollout_engine()
 
     pl.seed_everything(0)
@@ -73,6 +80,7 @@ def run_case(model_dir: str, lora: bool, updates: int, engine_args: dict[str, An
         sample_log_interval=0,
         rollout_engine="vllm",
         rollout_engine_args={"max_model_len": 256, **engine_args},
+        tis_cap=tis_cap,
     )
     data = TextToTextDataModule(
         model_name_or_path=model_dir,
@@ -96,6 +104,7 @@ def run_case(model_dir: str, lora: bool, updates: int, engine_args: dict[str, An
     trainer.fit(module, data)
     return {
         "gaps": record.gaps,
+        "tis_weights": record.tis_weights,
         "engine_start_s": record.engine.start_seconds,
         "sync_s": record.engine.sync_seconds,
     }
@@ -103,7 +112,7 @@ def run_case(model_dir: str, lora: bool, updates: int, engine_args: dict[str, An
 
 CASES: list[tuple[str, bool, dict[str, Any], bool]] = [
     # name, LoRA, engine args, whether the sync is complete (the gaps after updates must be float noise)
-    ("plain", False, {}, True),
+    ("plain, with TIS", False, {}, True),
     ("plain, no sync", False, {"sync_weights": False}, False),
     ("plain, one module left out", False, {"skip_sync_modules": ["model.layers.1.mlp.down_proj.*"]}, False),
     ("lora (merged)", True, {}, True),
@@ -128,10 +137,14 @@ def main() -> int:
             if args.only and args.only not in name:
                 continue
             began = time.perf_counter()
-            result = run_case(model_dir, lora, args.updates, engine_args)
+            tis_cap = 2.0 if "TIS" in name else None
+            result = run_case(model_dir, lora, args.updates, engine_args, tis_cap)
             after_updates = max(result["gaps"][1:])
             # the first rollout precedes every update: engine and trainer hold the same (initial) weights
             ok = result["gaps"][0] < TOLERANCE and (after_updates < TOLERANCE) == complete
+            if tis_cap is not None:  # synced: pi_trainer / pi_vLLM is 1 up to float noise, so is every weight
+                ok = ok and len(result["tis_weights"]) == len(result["gaps"])
+                ok = ok and all(abs(w - 1.0) < TOLERANCE for w in result["tis_weights"])
             result.update(case=name, ok=ok, expect="gap < tol" if complete else "gap > tol")
             result["wall_s"] = round(time.perf_counter() - began, 1)
             print(json.dumps(result), flush=True)

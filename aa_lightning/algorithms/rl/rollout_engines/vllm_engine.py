@@ -139,6 +139,14 @@ class VLLMEngine(RolloutEngine):
                 f"rollout_engine: vllm samples text; {module.model_name_or_path!r} samples trajectories or "
                 "token grids: use rollout_engine: hf"
             )
+        world = module.trainer.world_size if module._trainer is not None else 1
+        if world > 1 and "distributed_executor_backend" not in self.llm_kwargs:
+            raise ValueError(
+                f"rollout_engine: vllm runs one colocated engine per process and is tested with one process; "
+                f"this run has {world}. vLLM's own distributed setup would clash with the trainer's process "
+                "group: pass rollout_engine_args.llm_kwargs.distributed_executor_backend (e.g. "
+                "external_launcher) to try it, untested here"
+            )
         on_gpu = module.device.type == "cuda"
         if self.sleep_mode and not on_gpu:
             raise ValueError(
