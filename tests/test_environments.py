@@ -197,3 +197,15 @@ def test_tool_call_format_reward() -> None:
     metas = [conv(good, "#### 2"), conv("#### 2"), conv(good, "<tool_call>{oops</tool_call>"), {}]
     assert reward(["q"] * 4, ["", "", "", good], metas, malformed=-1.0) == [1.0, 0.0, -1.0, 1.0]
     assert reward(["q"], [""], [conv(good)], tools=["search"]) == [0.0]
+
+
+def test_scripted_user_replies_in_order_then_ends() -> None:
+    env = build_environment({"name": "scripted_user", "kwargs": {"replies": ["Again?", "Sure?"]}})
+    conversation = [{"role": "prompt", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert env.step(conversation, {}).messages == [{"role": "user", "content": "Again?"}]
+    conversation += [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "b"}]
+    assert env.step(conversation, {}).messages == [{"role": "user", "content": "Sure?"}]
+    conversation += [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "c"}]
+    assert env.step(conversation, {}).done
+    with pytest.raises(TypeError, match="bad kwargs"):
+        build_environment({"name": "scripted_user", "kwargs": {"reply": "x"}})
