@@ -176,7 +176,7 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
         self.rollout_stats(stats, rollout, scores, parts)
         rewards = self.shaped_rewards(rollout, scores)
         if TURN_REWARDS in rollout.data:  # a multi-turn rollout: the environment's per-turn rewards join
-            rewards = rewards + rollout[TURN_REWARDS].sum(dim=1).to(rewards.dtype)
+            rewards = rewards + self.turn_reward_sums(rollout).to(rewards.dtype)
         if self.overlong_buffer_length is not None:
             penalty = overlong_penalty(
                 rollout.response_mask.sum(dim=1),
