@@ -492,3 +492,16 @@ def test_the_other_rl_modules_take_an_environment(repo_path: Any, name: str) -> 
     row = rec.rows[-1]
     assert row["rollout/policy_turns"] == 3.0 and row["rollout/turn_reward"] == pytest.approx(3 * TURN_REWARD)
     assert all(math.isfinite(v) for v in row.values())
+
+
+def test_an_observation_over_the_token_limit_ends_the_episode(repo_path: Any) -> None:
+    pl.seed_everything(0)
+    module = GRPOModule("tiny-qwen2", num_generations=2, beta=0.0, **rl_kwargs(max_observation_tokens=3))
+    module.configure_model()
+    rollout = module.generate_rollout(first_batch(text_data(repo_path)), num_samples=2)
+    assert (
+        rollout["observation_overflow"].tolist() == [1.0] * 4
+        and rollout["policy_turns"].tolist() == [1.0] * 4
+    )
+    assert not bool(environment_mask(rollout).any())  # nothing of the refused observation was appended
+    assert [m["role"] for m in rollout.metas[0][CONVERSATION]] == ["prompt", "assistant"]

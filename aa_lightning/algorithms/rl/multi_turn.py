@@ -46,6 +46,7 @@ __all__ = ["TURN_REWARDS", "MultiTurnMixin", "ObservationRenderer", "turns_markd
 
 #: ``(N, R)`` float data key of a multi-turn rollout: each environment reward on its turn's last policy token.
 TURN_REWARDS = "turn_rewards"
+_TURN_SEED_STRIDE = 7919  # seed offsets of later turns (validation uses offsets from 1_000_000 on)
 
 
 def turns_markdown(metas: list[dict[str, Any]], max_chars: int = 300) -> str:
@@ -149,11 +150,13 @@ class MultiTurnMixin:
         )
         synced = self._synced_generation(self.generation_kwargs(do_sample))
 
-        def request(turn_inputs: dict[str, torch.Tensor], rows: list[int]) -> EngineRequest:
+        def request(turn_inputs: dict[str, torch.Tensor], rows: list[int], turn: int = 0) -> EngineRequest:
             return EngineRequest(
                 inputs=turn_inputs,
                 sampling=sampling,
-                seed=self.rollout_seed(seed_offset),
+                # an engine that seeds each request (vLLM) draws each turn from its own stream; the default
+                # engine seeds its session once (seed_offset) and reads no per-request seed
+                seed=self.rollout_seed(seed_offset + _TURN_SEED_STRIDE * turn),
                 seed_offset=seed_offset,
                 do_sample=do_sample,
                 metas=[metas[i] for i in rows],
@@ -168,7 +171,7 @@ class MultiTurnMixin:
                 turn_inputs = self._turn_inputs(
                     rows, prefix, response, prompt_ids, real, extras, per_token_keys, media_rows
                 )
-                completions = engine.generate(self, request(turn_inputs, rows))
+                completions = engine.generate(self, request(turn_inputs, rows, turn))
                 if not active:
                     continue
                 generated = completions.response_ids
