@@ -108,6 +108,12 @@ def model_types() -> Rows:
     return [(name, f"{cls.__module__}.{cls.__qualname__}") for name, cls in MODEL_REGISTRY.items()]
 
 
+def rollout_engines() -> Rows:
+    from aa_lightning.algorithms.rl.rollout_engines.registry import _ENGINES
+
+    return [(name, first_line(cls)) for name, cls in _ENGINES.items()]
+
+
 class Section:
     """One registry as ``aa list`` shows it: a title, where its names go in a config, and its rows."""
 
@@ -139,6 +145,11 @@ SECTIONS: list[Section] = [
         model_aliases,
     ),
     Section("model-types", "classes registered per config.model_type (@register_model)", model_types),
+    Section(
+        "rollout-engines",
+        "model.init_args.rollout_engine of the RL modules (@register_rollout_engine)",
+        rollout_engines,
+    ),
 ]
 
 

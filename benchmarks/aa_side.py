@@ -122,8 +122,8 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
 RUNNERS = {"sft": run_sft, "dpo": run_dpo, "dpo_precomputed": run_dpo_precomputed, "rm": run_rm}
 
 
-def run_grpo(config: BenchConfig, **overrides: Any) -> dict[str, Any]:
-    """GRPOModule; ``overrides`` replace its arguments (the GSPO row)."""
+def grpo_module(config: BenchConfig, module_class: Any = None, **overrides: Any) -> Any:
+    """The GRPO workload's module (``module_class``: a GRPOModule subclass); ``overrides`` replace arguments."""
     from aa_lightning.algorithms import GenerationConfig, GRPOModule
     from aa_lightning.rewards import RewardSpec
 
@@ -135,7 +135,7 @@ def run_grpo(config: BenchConfig, **overrides: Any) -> dict[str, Any]:
         loss_aggregation="token_mean",
         num_iterations=1,
     )
-    module = GRPOModule(
+    return (module_class or GRPOModule)(
         model_name_or_path=config.model_path,
         dtype="float32",
         optim=optim_config(config),
@@ -151,6 +151,11 @@ def run_grpo(config: BenchConfig, **overrides: Any) -> dict[str, Any]:
         sample_log_interval=0,
         **{**args, **overrides},
     )
+
+
+def run_grpo(config: BenchConfig, **overrides: Any) -> dict[str, Any]:
+    """GRPOModule; ``overrides`` replace its arguments (the GSPO row)."""
+    module = grpo_module(config, **overrides)
     data = datamodule(config, batch_size=config.prompts_per_step)
     per_step = config.prompts_per_step * config.num_generations
     return fit(module, data, config, "completions", per_step, clip_in_module=True)
@@ -172,6 +177,63 @@ def run_gspo(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS["gspo"] = run_gspo
+
+
+def run_grpo_vllm(config: BenchConfig) -> dict[str, Any]:
+    """The ``grpo`` workload with ``rollout_engine: config.extra["engine"]`` (``benchmarks.grpo_vllm``):
+    the steady-state rate plus the time spent sampling, the engine's start and weight-sync times and the last
+    engine-trainer log-prob gap."""
+    import time
+
+    from aa_lightning.algorithms import GRPOModule
+    from benchmarks.common import synchronize
+
+    class TimedGRPO(GRPOModule):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.sampling_s: list[float] = []
+            self.engine_stats: dict[str, Any] = {}
+
+        def generate_rollout(self, *args: Any, **kwargs: Any) -> Any:
+            synchronize(config.device)
+            start = time.perf_counter()
+            rollout = super().generate_rollout(*args, **kwargs)  # the vLLM weight sync included
+            synchronize(config.device)
+            self.sampling_s.append(time.perf_counter() - start)
+            return rollout
+
+        def close_rollout_engine(self) -> None:
+            engine = self.__dict__.get("_rollout_engine_instance")
+            self.engine_stats = {
+                "start_s": getattr(engine, "start_seconds", None),
+                "sync_s": list(getattr(engine, "sync_seconds", [])),
+            }
+            self.engine_stats["gap"] = float(
+                self.trainer.callback_metrics.get("rollout/engine_logprob_gap", -1)
+            )
+            super().close_rollout_engine()
+
+    engine = config.extra["engine"]
+    module = grpo_module(
+        config,
+        TimedGRPO,
+        rollout_engine=engine,
+        rollout_engine_args=dict(config.extra.get("engine_args", {})),
+    )
+    data = datamodule(config, batch_size=config.prompts_per_step)
+    per_step = config.prompts_per_step * config.num_generations
+    result = fit(module, data, config, "completions", per_step, clip_in_module=True)
+    steady = module.sampling_s[1:]  # step 1 (engine start, warm-up) is not timed, as for the rate
+    result["engine"] = engine
+    result["sampling_s_per_step"] = sum(steady) / len(steady) if steady else float("nan")
+    result["sampling_share"] = (
+        sum(steady) / result["seconds"] if steady and result["seconds"] else float("nan")
+    )
+    result.update({f"engine_{k}": v for k, v in module.engine_stats.items()})
+    return result
+
+
+RUNNERS["grpo_vllm"] = run_grpo_vllm
 
 
 PPO_PHASES = ("generation", "reward scoring", "old/ref/value forwards", "advantages", "update")

@@ -70,6 +70,7 @@ def test_aa_list_names_every_registered_name(monkeypatch, capsys):
     assert {"ddp", "deepspeed_stage_3", "deepspeed_cpu_stage_3"} <= found["strategies"]
     assert found["models"] == {*TINY_BUILDERS, *EMBEDDED_MODELS}
     assert found["model-types"] == set(MODEL_REGISTRY.names())
+    assert {"hf", "vllm"} <= found["rollout-engines"]
 
 
 def test_aa_list_shows_first_docstring_lines(monkeypatch, capsys):

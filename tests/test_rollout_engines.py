@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule
+from aa_lightning.algorithms import GenerationConfig, GRPOModule, LoraConfig, OptimConfig, PPOModule
+from aa_lightning.algorithms.export import merged_lora_state_dict
 from aa_lightning.algorithms.losses import grpo_loss, ppo_policy_loss, truncated_importance_weights
 from aa_lightning.algorithms.rl.rollout_engines import (
     EngineCompletions,
@@ -25,7 +26,9 @@ from aa_lightning.algorithms.rl.rollout_engines import (
     rollout_engine_names,
 )
 from aa_lightning.algorithms.rl.rollout_engines.hf import HFGenerateEngine
+from aa_lightning.algorithms.rl.rollout_engines.vllm_engine import policy_weights
 from aa_lightning.data import TextToTextDataModule
+from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec
 
 E_SHARE = [RewardSpec("target_token_share", kwargs={"target": "e"})]
@@ -65,7 +68,7 @@ class Recorder(pl.Callback):
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def _fit(module: pl.LightningModule, repo_path: Any, rollouts: int) -> Recorder:
+def _fit(module: pl.LightningModule, repo_path: Any, rollouts: int, **trainer_kwargs: Any) -> Recorder:
     dm = TextToTextDataModule(
         model_name_or_path="tiny-qwen2",
         train={"path": repo_path("configs/data/alpaca_200.json"), "template": "Alpaca", "size": 16},
@@ -84,6 +87,7 @@ def _fit(module: pl.LightningModule, repo_path: Any, rollouts: int) -> Recorder:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[rec],
+        **trainer_kwargs,
     )
     trainer.fit(module, dm)
     return rec
@@ -136,7 +140,7 @@ def test_tis_weights_scale_the_grpo_and_ppo_token_gradients() -> None:
 
 # -- registry and config key -------------------------------------------------------------------------------
 def test_engines_are_named_by_config() -> None:
-    assert "hf" in rollout_engine_names()
+    assert {"hf", "vllm"} <= set(rollout_engine_names())
     with pytest.raises(KeyError, match="unknown rollout engine 'hff'.*did you mean 'hf'"):
         _grpo(rollout_engine="hff")
     with pytest.raises(TypeError, match="rollout_engine_args for rollout engine 'test_reporting_hf'"):
@@ -191,3 +195,77 @@ def test_ppo_logs_the_gap_from_its_old_logprobs(repo_path: Any) -> None:
     rec = _fit(module, repo_path, 1)
     assert rec.rows[0]["rollout/engine_logprob_gap"] == pytest.approx(0.25, abs=1e-4)
     assert rec.rows[0]["train/tis_weight"] == pytest.approx(math.exp(0.25), abs=1e-4)
+
+
+# -- the weight stream of the vLLM sync, without vLLM --------------------------------------------------------
+@register_rollout_engine("test_streaming")
+class StreamingEngine(ReportingHFEngine):
+    """Consumes the vLLM engine's weight stream after every update, as vLLM's reload would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streamed: dict[str, torch.Tensor] = {}
+        self.most_gathered = 0
+        self.total = 0
+
+    def on_weights_updated(self, module: Any) -> None:
+        super().on_weights_updated(module)
+        params = list(unwrap(module.model).parameters())
+        self.total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        for name, tensor in policy_weights(module.model):
+            # a ZeRO-3 parameter holds 0 local elements unless it is gathered right now
+            self.most_gathered = max(self.most_gathered, sum(p.numel() for p in params))
+            self.streamed[name] = tensor.detach().cpu().clone()
+
+
+def test_lora_weight_stream_is_the_merged_state_dict(repo_path: Any) -> None:
+    module = _grpo(rollout_engine="test_streaming", lora=LoraConfig(r=4, alpha=8, dropout=0.0))
+    captured: list[StreamingEngine] = []
+    original = module.close_rollout_engine
+    module.close_rollout_engine = lambda: (captured.append(module.rollout_engine()), original())[-1]  # type: ignore[method-assign]
+    _fit(module, repo_path, 2)
+    merged = merged_lora_state_dict(module.model)
+    streamed = captured[0].streamed
+    assert set(streamed) == set(merged) and not any("lora_" in k or "base_layer" in k for k in streamed)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(streamed[name], tensor, rtol=0, atol=0)
+    delta = (
+        merged["model.layers.0.self_attn.q_proj.weight"]
+        - module.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.detach()
+    )
+    assert delta.abs().max() > 0  # the adapters moved: the stream carries them merged
+
+
+def test_zero3_weight_stream_gathers_one_module_at_a_time(repo_path: Any) -> None:
+    from aa_lightning.strategies import CPUDeepSpeedStrategy, zero_config
+
+    config = zero_config(stage=3)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # shard even tiny tensors
+    module = _grpo(rollout_engine="test_streaming")
+    captured: list[StreamingEngine] = []
+    original = module.close_rollout_engine
+    module.close_rollout_engine = lambda: (captured.append(module.rollout_engine()), original())[-1]  # type: ignore[method-assign]
+    _fit(module, repo_path, 2, strategy=CPUDeepSpeedStrategy(config=config))
+    engine = captured[0]
+    # at most one submodule's own parameters are gathered at any moment: the largest is the tied embedding
+    largest = max(
+        sum(p.ds_numel for p in m.parameters(recurse=False)) for m in unwrap(module.model).modules()
+    )
+    assert largest == 2048 * 64 and engine.most_gathered == largest < engine.total
+    import deepspeed
+
+    params = dict(module.model.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, p in params.items():
+            torch.testing.assert_close(engine.streamed[name], p.detach().cpu(), rtol=0, atol=0)
+
+
+def test_vllm_engine_without_vllm_names_the_extra(repo_path: Any) -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("vLLM is installed here: tests/vllm_engine/check_weight_sync.py covers the engine")
+    with pytest.raises(ImportError, match=r"aa-lightning\[vllm\]"):
+        _fit(_grpo(rollout_engine="vllm"), repo_path, 1)

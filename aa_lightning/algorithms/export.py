@@ -1,5 +1,8 @@
 """Full-precision CPU state dicts for export, whatever the strategy: plain, ZeRO-3 partitioned, LoRA.
 
+The ``iter_*`` generators stream the same tensors one submodule at a time (a rollout engine's weight sync
+loads each as it comes, so the full model is never gathered at once); the dict functions collect them.
+
 Under ZeRO-3 every parameter holds only its shard (``numel() == 0`` locally), so ``state_dict()`` and peft's
 ``merge_adapter`` would write empty tensors. Everything here gathers one submodule at a time
 (``GatheredParameters``, ``modifier_rank=None``: the shards are left untouched) and copies to CPU, so peak
@@ -7,6 +10,8 @@ memory is one layer plus the CPU copy. Outside ZeRO-3 the same code runs with ga
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -16,6 +21,8 @@ from aa_lightning.algorithms.zero3 import gathered, is_partitioned
 from aa_lightning.models.unwrap import unwrap
 
 __all__ = [
+    "iter_merged_lora_tensors",
+    "iter_plain_tensors",
     "lora_adapter_state_dict",
     "merged_lora_state_dict",
     "nonfinite_export_problem",
@@ -31,17 +38,44 @@ def _local_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return list(module.named_parameters(recurse=False)) + buffers
 
 
-def _copy_local(out: dict[str, torch.Tensor], prefix: str, module: nn.Module, keep: bool) -> None:
-    """CPU copies of ``module``'s own tensors under ``prefix`` (gathered first when they are ZeRO-3 shards)."""
+def _copy_local(
+    prefix: str, module: nn.Module, keep: bool, to_cpu: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Copies of ``module``'s own tensors under ``prefix`` (gathered first when they are ZeRO-3 shards)."""
     with gathered(module.parameters(recurse=False)):
         if keep:
             for name, tensor in _local_tensors(module):
-                out[f"{prefix}.{name}" if prefix else name] = tensor.detach().cpu().clone()
+                yield f"{prefix}.{name}" if prefix else name, _copy(tensor, to_cpu)
+
+
+def _copy(tensor: torch.Tensor, to_cpu: bool) -> torch.Tensor:
+    """A copy that outlives the gather (the shards' full buffer is released or reused after it)."""
+    tensor = tensor.detach()
+    return tensor.cpu().clone() if to_cpu else tensor.clone()
 
 
 def _nothing_to_join(module: nn.Module, keep: bool) -> bool:
     """A rank that keeps no copy only has to take part when the gathers are collectives (ZeRO-3)."""
     return not keep and not is_partitioned(module.parameters())
+
+
+def iter_plain_tensors(
+    module: nn.Module,
+    skip_prefixes: tuple[str, ...] = (FROZEN_PREFIX,),
+    keep: bool = True,
+    to_cpu: bool = True,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, copy)`` of ``module``'s parameters and buffers, one submodule (one gather) at a time.
+
+    ``keep=False`` (ranks that do not write): join the gathers, yield nothing. ``to_cpu=False``: the copies
+    stay on the parameters' device.
+    """
+    module = unwrap(module)
+    if _nothing_to_join(module, keep):
+        return
+    for prefix, sub in module.named_modules():
+        if not (prefix.startswith(skip_prefixes) or f"{prefix}.".startswith(skip_prefixes)):
+            yield from _copy_local(prefix, sub, keep, to_cpu)
 
 
 def plain_state_dict(
@@ -51,29 +85,25 @@ def plain_state_dict(
 
     ``keep=False`` (ranks that do not write): join the gathers, copy nothing, return ``{}``.
     """
-    module = unwrap(module)
-    out: dict[str, torch.Tensor] = {}
-    if _nothing_to_join(module, keep):
-        return out
-    for prefix, sub in module.named_modules():
-        if not (prefix.startswith(skip_prefixes) or f"{prefix}.".startswith(skip_prefixes)):
-            _copy_local(out, prefix, sub, keep)
-    return out
+    return dict(iter_plain_tensors(module, skip_prefixes, keep))
 
 
-def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every active LoRA adapter merged in, keys as the base model names them.
+def iter_merged_lora_tensors(
+    peft_model: nn.Module, keep: bool = True, to_cpu: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, copy)`` of the base model's tensors with every active LoRA adapter merged in, keys as the base
+    model names them, one layer (one gather) at a time. ``keep`` and ``to_cpu`` as in
+    :func:`iter_plain_tensors`.
 
     Uses each layer's own ``get_delta_weight`` (peft's merge maths) on a gathered copy, so neither the training
-    weights nor the shards change. ``keep`` as in :func:`plain_state_dict`.
+    weights nor the shards change.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper
 
     base = unwrap(peft_model).get_base_model()
-    out: dict[str, torch.Tensor] = {}
     if _nothing_to_join(base, keep):
-        return out
+        return
     handled: list[str] = []
     for prefix, sub in base.named_modules():
         if any(prefix.startswith(f"{p}.") for p in handled):
@@ -82,7 +112,7 @@ def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str
             handled.append(prefix)
             trained = sub.modules_to_save[sub.active_adapters[0]]
             for inner, part in trained.named_modules():
-                _copy_local(out, f"{prefix}.{inner}" if inner else prefix, part, keep)
+                yield from _copy_local(f"{prefix}.{inner}" if inner else prefix, part, keep, to_cpu)
             continue
         if isinstance(sub, BaseTunerLayer):
             handled.append(prefix)
@@ -97,10 +127,18 @@ def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str
                         weight += sub.get_delta_weight(adapter).float()
                 tensors["weight"] = weight.to(base_layer.weight.dtype)
                 for name, tensor in tensors.items():
-                    out[f"{prefix}.{name}"] = tensor.detach().cpu().clone()
+                    yield f"{prefix}.{name}", _copy(tensor, to_cpu)
             continue
-        _copy_local(out, prefix, sub, keep)
-    return out
+        yield from _copy_local(prefix, sub, keep, to_cpu)
+
+
+def merged_lora_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every active LoRA adapter merged in, keys as the base model names them.
+
+    Uses each layer's own ``get_delta_weight`` (peft's merge maths) on a gathered copy, so neither the training
+    weights nor the shards change. ``keep`` as in :func:`plain_state_dict`.
+    """
+    return dict(iter_merged_lora_tensors(peft_model, keep))
 
 
 def lora_adapter_state_dict(peft_model: nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:

@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF  # noqa: N812
 
 from aa_lightning.batch import EXTRA, META, NOISE_SEED, SAMPLE_INDEX
 from aa_lightning.data.collators import meta_tensors, pad_sequences
@@ -36,7 +34,11 @@ IMAGE_SIDES = {"supervised": ("image",), "preference": ("chosen_image", "rejecte
 def image_tensor(image: Any, resolution: int, flip: bool = False) -> torch.Tensor:
     """``(3, resolution, resolution)`` float32 in [-1, 1]: the shorter side resized to ``resolution``
     (bilinear), center-cropped, optionally flipped left-right; the preprocessing of diffusers' and
-    Diffusion-DPO's training scripts (``Resize``, ``CenterCrop``, ``ToTensor``, ``Normalize(0.5, 0.5)``)."""
+    Diffusion-DPO's training scripts (``Resize``, ``CenterCrop``, ``ToTensor``, ``Normalize(0.5, 0.5)``).
+    torchvision is imported here, not at module level: the text-only environments (the vLLM one) lack it."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF  # noqa: N812
+
     image = TF.resize(image.convert("RGB"), resolution, interpolation=InterpolationMode.BILINEAR)
     image = TF.center_crop(image, resolution)
     if flip:

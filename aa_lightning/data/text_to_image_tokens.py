@@ -50,8 +50,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF  # noqa: N812
 
 from aa_lightning.batch import IGNORE_INDEX, IMAGE_CODES, LABELS, PER_TOKEN_KEYS
 from aa_lightning.data import image_understanding_tokens
@@ -141,6 +139,9 @@ class ImageTokenEncoder:
 
     def image_ids(self, ref: Any) -> tuple[int, int, list[int]]:
         """The image's VQ tokens (Emu3 BPE ids, end-of-line tokens included) and its ``(h, w)`` grid."""
+        from torchvision.transforms import InterpolationMode  # lazily: text-only environments lack it
+        from torchvision.transforms import functional as TF  # noqa: N812
+
         picture = TF.resize(load_image(ref).convert("RGB"), self.resolution, InterpolationMode.BICUBIC)
         picture = TF.center_crop(picture, self.resolution)
         inputs = self.processor.image_processor([picture], return_tensors="pt")

@@ -5,7 +5,7 @@ weights after every optimizer update (``pip install aa-lightning[vllm]``; :mod:`
 the one contract of :mod:`.base`; register another with :func:`register_rollout_engine`.
 """
 
-from aa_lightning.algorithms.rl.rollout_engines import hf  # noqa: F401  (registers "hf")
+from aa_lightning.algorithms.rl.rollout_engines import hf, vllm_engine  # noqa: F401  (register the engines)
 from aa_lightning.algorithms.rl.rollout_engines.base import (
     EngineCompletions,
     EngineRequest,
