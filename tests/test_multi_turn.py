@@ -505,3 +505,10 @@ def test_an_observation_over_the_token_limit_ends_the_episode(repo_path: Any) ->
     )
     assert not bool(environment_mask(rollout).any())  # nothing of the refused observation was appended
     assert [m["role"] for m in rollout.metas[0][CONVERSATION]] == ["prompt", "assistant"]
+
+
+def test_overlong_shaping_with_an_environment_needs_its_own_max_length() -> None:
+    with pytest.raises(ValueError, match="set overlong_max_length"):
+        GRPOModule("tiny-qwen2", overlong_buffer_length=2, **rl_kwargs())
+    module = GRPOModule("tiny-qwen2", overlong_buffer_length=2, overlong_max_length=12, **rl_kwargs())
+    assert module.overlong_max_length == 12
