@@ -512,3 +512,14 @@ def test_overlong_shaping_with_an_environment_needs_its_own_max_length() -> None
         GRPOModule("tiny-qwen2", overlong_buffer_length=2, **rl_kwargs())
     module = GRPOModule("tiny-qwen2", overlong_buffer_length=2, overlong_max_length=12, **rl_kwargs())
     assert module.overlong_max_length == 12
+
+
+def test_an_image_output_family_is_refused() -> None:
+    module = GRPOModule(
+        "tiny-emu3",
+        **rl_kwargs(reward_functions=[{"name": "image_color", "kwargs": {"color": [255, 0, 0]}}]),
+    )
+    module.configure_model()
+    ids = torch.ones((1, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match="non-text outputs"):
+        module.generate_rollout({"input_ids": ids, "attention_mask": ids})

@@ -40,6 +40,7 @@ from aa_lightning.batch import (
 )
 from aa_lightning.environments import CONVERSATION, Environment, parse_tool_calls
 from aa_lightning.environments.rendering import ObservationRenderer
+from aa_lightning.models.token_outputs import token_output_codec
 from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["TURN_REWARDS", "MultiTurnMixin", "ObservationRenderer", "turns_markdown"]
@@ -106,7 +107,13 @@ class MultiTurnMixin:
     ) -> Rollout:
         """``num_samples`` episodes per prompt (groups contiguous), each up to ``max_turns`` policy turns."""
         env = self.environment
-        assert env is not None
+        if env is None:
+            raise ValueError("multi_turn_rollout needs an environment (model.init_args.environment)")
+        if token_output_codec(unwrap(self.model), self.tokenizer, self.processor) is not None:
+            raise ValueError(
+                f"environment: {self.model_name_or_path!r} generates non-text outputs (an image's token grid); "
+                "multi-turn rollouts alternate text turns"
+            )
         inputs = model_inputs(batch, self.model)
         for key in TEXT_KEYS:
             if key not in inputs:
