@@ -69,6 +69,18 @@ def rewards() -> Rows:
     return [(name, first_line(get_reward(name).fn)) for name in available_rewards()]
 
 
+def environments() -> Rows:
+    from aa_lightning.environments.base import available_environments, environment_class
+
+    return [(name, first_line(environment_class(name))) for name in available_environments()]
+
+
+def tools() -> Rows:
+    from aa_lightning.environments import available_tools, get_tool
+
+    return [(name, get_tool(name).description) for name in available_tools()]
+
+
 def strategies() -> Rows:
     from lightning.pytorch.strategies import StrategyRegistry
 
@@ -138,6 +150,12 @@ SECTIONS: list[Section] = [
     Section(
         "rewards", "model.init_args.reward_functions: [{name: NAME, weight: W}] (@register_reward)", rewards
     ),
+    Section(
+        "environments",
+        "model.init_args.environment: NAME or {name: NAME, kwargs: {...}} (@register_environment)",
+        environments,
+    ),
+    Section("tools", "environment tools kwargs and data.init_args.tools (@register_tool)", tools),
     Section("strategies", "trainer.strategy (Lightning's and aa_lightning.strategies)", strategies),
     Section(
         "models",

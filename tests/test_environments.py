@@ -197,3 +197,53 @@ def test_tool_call_format_reward() -> None:
     metas = [conv(good, "#### 2"), conv("#### 2"), conv(good, "<tool_call>{oops</tool_call>"), {}]
     assert reward(["q"] * 4, ["", "", "", good], metas, malformed=-1.0) == [1.0, 0.0, -1.0, 1.0]
     assert reward(["q"], [""], [conv(good)], tools=["search"]) == [0.0]
+
+
+def test_scripted_user_replies_in_order_then_ends() -> None:
+    env = build_environment({"name": "scripted_user", "kwargs": {"replies": ["Again?", "Sure?"]}})
+    conversation = [{"role": "prompt", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert env.step(conversation, {}).messages == [{"role": "user", "content": "Again?"}]
+    conversation += [{"role": "user", "content": "Again?"}, {"role": "assistant", "content": "b"}]
+    assert env.step(conversation, {}).messages == [{"role": "user", "content": "Sure?"}]
+    conversation += [{"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "c"}]
+    assert env.step(conversation, {}).done
+    with pytest.raises(TypeError, match="bad kwargs"):
+        build_environment({"name": "scripted_user", "kwargs": {"reply": "x"}})
+
+
+# A ChatML template that renders tools the way Qwen2.5's does (written for this test): the schemas in a system
+# block, tool results as a user turn of <tool_response> blocks, consecutive results in one turn.
+QWEN25_STYLE = (
+    "{% if tools %}<|im_start|>system\n# Tools\n<tools>\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "</tools><|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}"
+    "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}"
+    "{{ '\\n<tool_response>\\n' + m['content'] + '\\n</tool_response>' }}"
+    "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_tools_and_tool_results_through_a_qwen25_style_template() -> None:
+    """The data layer's renderer puts the schemas into the prompt; the observation renderer turns two tool
+    results into the one user turn of <tool_response> blocks the template renders, then the generation prompt."""
+    from aa_lightning.data.templating import ChatRenderer
+    from aa_lightning.environments.rendering import ObservationRenderer
+    from aa_lightning.testing.tiny_common import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = QWEN25_STYLE
+    prompt = ChatRenderer(tokenizer, tools=tool_schemas(["calculator"])).render(
+        [{"role": "user", "content": "What is 6 * 7?"}], add_generation_prompt=True
+    )
+    assert prompt.startswith("<|im_start|>system\n# Tools\n<tools>\n") and '"name": "calculator"' in prompt
+    assert "tools" not in ChatRenderer(tokenizer).render([{"role": "user", "content": "q"}])
+    results = [{"role": "tool", "content": "42"}, {"role": "tool", "content": "error: division by zero"}]
+    text = ObservationRenderer(tokenizer).text(results, "<|im_end|>")
+    assert text == (
+        "\n<|im_start|>user\n<tool_response>\n42\n</tool_response>\n<tool_response>\nerror: division by zero\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )

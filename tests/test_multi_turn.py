@@ -450,3 +450,76 @@ def test_engine_logprobs_of_every_turn_line_up_with_the_policy_tokens(repo_path:
     trainer, _ = module.response_log_probs(module.model, rollout)
     assert bool((engine[environment_mask(rollout)] == 0).all())
     torch.testing.assert_close(engine[mask], trainer[mask], rtol=1e-4, atol=1e-4)
+
+
+def test_a_rank_without_open_episodes_still_joins_every_synced_generate(repo_path: Any) -> None:
+    """Under ZeRO-3 with several processes ``generate`` is a collective: a rank whose episodes all ended keeps
+    calling it (on a dummy row) while another rank's are open; its own rollout is unchanged by that."""
+    pl.seed_everything(0)
+    module = GRPOModule("tiny-qwen2", num_generations=2, beta=0.0, **rl_kwargs(environment="tools"))
+    module.configure_model()
+    batch = first_batch(text_data(repo_path))
+    alone = module.generate_rollout(batch, num_samples=2)  # a random policy calls no tool: 1 turn each
+    assert alone["policy_turns"].tolist() == [1.0] * 4
+    engine = module.rollout_engine()
+    calls: list[int] = []
+    generate = engine.generate
+    engine.generate = lambda mod, request: calls.append(len(request)) or generate(mod, request)  # type: ignore[method-assign]
+    module._synced_generation = lambda kwargs: True  # type: ignore[method-assign]
+    module._any_rank = lambda count: max(count, 1)  # another rank still has an open episode  # type: ignore[method-assign]
+    synced = module.generate_rollout(batch, num_samples=2)
+    assert calls == [4, 1, 1]  # every turn joined, the later ones on one dummy row
+    assert torch.equal(synced.sequences, alone.sequences) and torch.equal(
+        synced.response_mask, alone.response_mask
+    )
+
+
+@pytest.mark.parametrize("name", ["OnlineDPOModule", "BestOfNModule", "SafeRLHFModule"])
+def test_the_other_rl_modules_take_an_environment(repo_path: Any, name: str) -> None:
+    """Online DPO ranks, best-of-n keeps, Safe-RLHF scores whole episodes (per-turn rewards included, only
+    the policy's tokens trained); one rollout each runs with finite numbers."""
+    import aa_lightning.algorithms as algorithms
+
+    extra = {
+        "OnlineDPOModule": dict(beta=0.1),
+        "BestOfNModule": dict(num_generations=2, top_k=1),
+        "SafeRLHFModule": dict(cost_functions=[{"name": "response_length", "kwargs": {"scale": 30.0}}]),
+    }[name]
+    pl.seed_everything(0)
+    module = getattr(algorithms, name)("tiny-qwen2", **rl_kwargs(), **extra)
+    rec = Recorder()
+    fit(module, text_data(repo_path), 1, rec)
+    row = rec.rows[-1]
+    assert row["rollout/policy_turns"] == 3.0 and row["rollout/turn_reward"] == pytest.approx(3 * TURN_REWARD)
+    assert all(math.isfinite(v) for v in row.values())
+
+
+def test_an_observation_over_the_token_limit_ends_the_episode(repo_path: Any) -> None:
+    pl.seed_everything(0)
+    module = GRPOModule("tiny-qwen2", num_generations=2, beta=0.0, **rl_kwargs(max_observation_tokens=3))
+    module.configure_model()
+    rollout = module.generate_rollout(first_batch(text_data(repo_path)), num_samples=2)
+    assert (
+        rollout["observation_overflow"].tolist() == [1.0] * 4
+        and rollout["policy_turns"].tolist() == [1.0] * 4
+    )
+    assert not bool(environment_mask(rollout).any())  # nothing of the refused observation was appended
+    assert [m["role"] for m in rollout.metas[0][CONVERSATION]] == ["prompt", "assistant"]
+
+
+def test_overlong_shaping_with_an_environment_needs_its_own_max_length() -> None:
+    with pytest.raises(ValueError, match="set overlong_max_length"):
+        GRPOModule("tiny-qwen2", overlong_buffer_length=2, **rl_kwargs())
+    module = GRPOModule("tiny-qwen2", overlong_buffer_length=2, overlong_max_length=12, **rl_kwargs())
+    assert module.overlong_max_length == 12
+
+
+def test_an_image_output_family_is_refused() -> None:
+    module = GRPOModule(
+        "tiny-emu3",
+        **rl_kwargs(reward_functions=[{"name": "image_color", "kwargs": {"color": [255, 0, 0]}}]),
+    )
+    module.configure_model()
+    ids = torch.ones((1, 3), dtype=torch.long)
+    with pytest.raises(ValueError, match="non-text outputs"):
+        module.generate_rollout({"input_ids": ids, "attention_mask": ids})

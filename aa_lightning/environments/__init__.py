@@ -1,7 +1,7 @@
 """Environments and tools of multi-turn RL rollouts (see :mod:`.base` for the interface).
 
-Built-ins: the environments ``tools`` (runs the policy's ``<tool_call>`` JSON calls) and ``answer_feedback``
-(a user turn asking again after a wrong answer); the tool ``calculator`` (a sandboxed arithmetic evaluator).
+Built-ins: the environments ``tools`` (runs the policy's ``<tool_call>`` JSON calls), ``answer_feedback``
+(a user turn asking again after a wrong answer) and ``scripted_user`` (fixed follow-up user turns); the tool ``calculator`` (a sandboxed arithmetic evaluator).
 """
 
 from aa_lightning.environments import builtin  # noqa: F401  (registers the built-ins)
@@ -14,7 +14,11 @@ from aa_lightning.environments.base import (
     build_environment,
     register_environment,
 )
-from aa_lightning.environments.builtin import AnswerFeedbackEnvironment, ToolEnvironment
+from aa_lightning.environments.builtin import (
+    AnswerFeedbackEnvironment,
+    ScriptedUserEnvironment,
+    ToolEnvironment,
+)
 from aa_lightning.environments.calculator import CalculatorError, CalculatorLimits, evaluate_expression
 from aa_lightning.environments.tools import (
     Tool,
@@ -35,6 +39,7 @@ __all__ = [
     "Environment",
     "EnvironmentSpec",
     "EnvironmentStep",
+    "ScriptedUserEnvironment",
     "Tool",
     "ToolCall",
     "ToolEnvironment",

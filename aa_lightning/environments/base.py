@@ -34,6 +34,7 @@ __all__ = [
     "EnvironmentStep",
     "available_environments",
     "build_environment",
+    "environment_class",
     "register_environment",
 ]
 
@@ -78,6 +79,11 @@ def register_environment(name: str, *, override: bool = False) -> Any:
 
 def available_environments() -> list[str]:
     return _ENVIRONMENTS.names()
+
+
+def environment_class(name: str) -> type[Environment]:
+    """The class registered as ``name`` (an unknown name raises, listing the known ones)."""
+    return _ENVIRONMENTS[name]
 
 
 def build_environment(spec: str | dict[str, Any] | EnvironmentSpec | Environment) -> Environment:

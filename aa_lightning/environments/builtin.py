@@ -1,4 +1,5 @@
-"""Built-in environments: ``tools`` (runs the policy's tool calls) and ``answer_feedback`` (a user turn)."""
+"""Built-in environments: ``tools`` (runs the policy's tool calls), ``answer_feedback`` (a user who checks the
+answer) and ``scripted_user`` (fixed follow-up user turns)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 from aa_lightning.environments.base import Environment, EnvironmentStep, Message, register_environment
 from aa_lightning.environments.tools import get_tool, parse_tool_calls
 
-__all__ = ["AnswerFeedbackEnvironment", "ToolEnvironment"]
+__all__ = ["AnswerFeedbackEnvironment", "ScriptedUserEnvironment", "ToolEnvironment"]
 
 
 @register_environment("tools")
@@ -78,3 +79,20 @@ class AnswerFeedbackEnvironment(Environment):
         if answer is not None and normalize_number(answer) == normalize_number(str(meta["reference_answer"])):
             return EnvironmentStep(done=True, reward=self.correct_reward)
         return EnvironmentStep([{"role": "user", "content": self.feedback}])
+
+
+@register_environment("scripted_user")
+class ScriptedUserEnvironment(Environment):
+    """Fixed follow-up user turns: after the policy's ``k``-th turn the user says ``replies[k - 1]``; the episode
+    ends after the policy answered the last one (e.g. ``["Double-check your answer."]`` for self-correction)."""
+
+    def __init__(self, replies: list[str] | None = None) -> None:
+        self.replies = list(replies) if replies is not None else ["Are you sure? Check your answer."]
+        if not self.replies:
+            raise ValueError("scripted_user needs at least one reply")
+
+    def step(self, conversation: list[Message], meta: dict[str, Any]) -> EnvironmentStep:
+        turns = sum(1 for m in conversation if m.get("role") == "assistant")
+        if turns > len(self.replies):
+            return EnvironmentStep(done=True)
+        return EnvironmentStep([{"role": "user", "content": self.replies[turns - 1]}])

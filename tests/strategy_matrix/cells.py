@@ -465,7 +465,33 @@ def build_multi_turn(ctx: BuildContext, algorithm: str) -> tuple[Any, Any]:
     return module, _text_data(ctx, "tool_arithmetic_4.jsonl", "GSM8K", 4)
 
 
+def build_multi_turn_image(ctx: BuildContext, algorithm: str) -> tuple[Any, Any]:
+    """Qwen2-VL, the image in the first turn, a scripted follow-up user turn, cut turns answered."""
+    from aa_lightning.algorithms import GRPOModule, PPOModule
+    from aa_lightning.data import TextImageToTextDataModule
+
+    multi_turn = dict(
+        environment={"name": "scripted_user", "kwargs": {"replies": ["Look again."]}},
+        max_turns=2,
+        end_on_cut_turn=False,
+    )
+    cls, extra = (GRPOModule, dict(num_generations=2, beta=0.04)) if algorithm == "grpo" else (PPOModule, {})
+    module = cls("tiny-qwen2-vl", reward_functions=[E_SHARE], **extra, **multi_turn, **_rl_kwargs(ctx))
+    data = TextImageToTextDataModule(
+        "tiny-qwen2-vl",
+        train={
+            "path": os.path.join(MEDIA, "image", "rlaif_v", "detail_test_3_input.jsonl"),
+            "template": "RLAIF-V",
+        },
+        max_length=256,
+        batch_size=ctx.per_rank_batch(2),
+        shuffle=False,
+    )
+    return module, data
+
+
 MULTI_TURN_CELLS = ("grpo_multi_turn", "ppo_multi_turn")
+MULTI_TURN_IMAGE_CELLS = ("grpo_multi_turn_image", "ppo_multi_turn_image")  # single and zero3
 ALGORITHMS.update(
     {
         "grpo_multi_turn": Algorithm(
@@ -473,6 +499,18 @@ ALGORITHMS.update(
         ),
         "ppo_multi_turn": Algorithm(
             "ppo_multi_turn", lambda ctx: build_multi_turn(ctx, "ppo"), rl=True, zero_at_start=("rollout/kl",)
+        ),
+        "grpo_multi_turn_image": Algorithm(
+            "grpo_multi_turn_image",
+            lambda ctx: build_multi_turn_image(ctx, "grpo"),
+            rl=True,
+            zero_at_start=("train/kl",),
+        ),
+        "ppo_multi_turn_image": Algorithm(
+            "ppo_multi_turn_image",
+            lambda ctx: build_multi_turn_image(ctx, "ppo"),
+            rl=True,
+            zero_at_start=("rollout/kl",),
         ),
     }
 )
@@ -526,7 +564,8 @@ COLUMNS: dict[str, Column] = {
             + IMAGE_TOKEN_CELLS
             + JANUS_CELLS
             + ISSUE13_CELLS
-            + MULTI_TURN_CELLS,
+            + MULTI_TURN_CELLS
+            + MULTI_TURN_IMAGE_CELLS,
         ),
         Column("bf16", precision="bf16-mixed", tolerance=30.0),
         Column(
@@ -548,6 +587,7 @@ COLUMNS: dict[str, Column] = {
                 *JANUS_CELLS,
                 *ISSUE13_CELLS,
                 *MULTI_TURN_CELLS,
+                *MULTI_TURN_IMAGE_CELLS,
                 "sft_skip_nonfinite",
             ),
         ),

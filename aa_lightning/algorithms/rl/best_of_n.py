@@ -91,7 +91,7 @@ class BestOfNModule(OnlineRLModule):
         rollout = self.generate_rollout(batch, num_samples=self.num_generations)
         scores, parts = self.compute_scores(rollout)
         self.rollout_stats(stats, rollout, scores, parts)
-        ranked = scores
+        ranked = scores + self.turn_reward_sums(rollout)  # multi-turn: the environment's per-turn rewards too
         if self.missing_eos_penalty:
             ranked = ranked - self.missing_eos_penalty * (~rollout.has_eos).to(ranked.dtype)
         keep = top_k_per_group(ranked, self.num_generations, self.top_k)

@@ -80,6 +80,7 @@ class AdvantageEstimatorMixin:
         if estimator == "remax":
             greedy = self.generate_rollout(batch, num_samples=1, do_sample=False)
             greedy_rewards = self.shaped_rewards(greedy, self.compute_scores(greedy)[0]).float()
+            greedy_rewards = greedy_rewards + self.turn_reward_sums(greedy).float()  # multi-turn episodes
             stats.add_mean("rollout/greedy_score", greedy_rewards)
             return remax_advantages(rewards, greedy_rewards, group)
         if estimator in TOKEN_LEVEL_ESTIMATORS:

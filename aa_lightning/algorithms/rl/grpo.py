@@ -118,6 +118,16 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
         self.dynamic_sampling_groups = dynamic_sampling_groups
         self.max_generation_rounds = max_generation_rounds
         self.overlong_buffer_length = overlong_buffer_length
+        if (
+            overlong_buffer_length is not None
+            and self.environment is not None
+            and overlong_max_length is None
+        ):
+            raise ValueError(
+                "overlong_buffer_length with an environment: the penalty counts the policy tokens of all turns of "
+                "an episode, so its default L_max (generation.max_new_tokens, one turn) does not fit; set "
+                "overlong_max_length"
+            )
         self.overlong_max_length = overlong_max_length or self.generation.max_new_tokens
         self.overlong_penalty_factor = overlong_penalty_factor
         if overlong_buffer_length is not None and not 0 < overlong_buffer_length <= self.overlong_max_length:
@@ -176,7 +186,7 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
         self.rollout_stats(stats, rollout, scores, parts)
         rewards = self.shaped_rewards(rollout, scores)
         if TURN_REWARDS in rollout.data:  # a multi-turn rollout: the environment's per-turn rewards join
-            rewards = rewards + rollout[TURN_REWARDS].sum(dim=1).to(rewards.dtype)
+            rewards = rewards + self.turn_reward_sums(rollout).to(rewards.dtype)
         if self.overlong_buffer_length is not None:
             penalty = overlong_penalty(
                 rollout.response_mask.sum(dim=1),

@@ -40,12 +40,14 @@ from aa_lightning.batch import (
 )
 from aa_lightning.environments import CONVERSATION, Environment, parse_tool_calls
 from aa_lightning.environments.rendering import ObservationRenderer
+from aa_lightning.models.token_outputs import token_output_codec
 from aa_lightning.models.unwrap import unwrap
 
 __all__ = ["TURN_REWARDS", "MultiTurnMixin", "ObservationRenderer", "turns_markdown"]
 
 #: ``(N, R)`` float data key of a multi-turn rollout: each environment reward on its turn's last policy token.
 TURN_REWARDS = "turn_rewards"
+_TURN_SEED_STRIDE = 7919  # seed offsets of later turns (validation uses offsets from 1_000_000 on)
 
 
 def turns_markdown(metas: list[dict[str, Any]], max_chars: int = 300) -> str:
@@ -105,7 +107,13 @@ class MultiTurnMixin:
     ) -> Rollout:
         """``num_samples`` episodes per prompt (groups contiguous), each up to ``max_turns`` policy turns."""
         env = self.environment
-        assert env is not None
+        if env is None:
+            raise ValueError("multi_turn_rollout needs an environment (model.init_args.environment)")
+        if token_output_codec(unwrap(self.model), self.tokenizer, self.processor) is not None:
+            raise ValueError(
+                f"environment: {self.model_name_or_path!r} generates non-text outputs (an image's token grid); "
+                "multi-turn rollouts alternate text turns"
+            )
         inputs = model_inputs(batch, self.model)
         for key in TEXT_KEYS:
             if key not in inputs:
@@ -149,11 +157,13 @@ class MultiTurnMixin:
         )
         synced = self._synced_generation(self.generation_kwargs(do_sample))
 
-        def request(turn_inputs: dict[str, torch.Tensor], rows: list[int]) -> EngineRequest:
+        def request(turn_inputs: dict[str, torch.Tensor], rows: list[int], turn: int = 0) -> EngineRequest:
             return EngineRequest(
                 inputs=turn_inputs,
                 sampling=sampling,
-                seed=self.rollout_seed(seed_offset),
+                # an engine that seeds each request (vLLM) draws each turn from its own stream; the default
+                # engine seeds its session once (seed_offset) and reads no per-request seed
+                seed=self.rollout_seed(seed_offset + _TURN_SEED_STRIDE * turn),
                 seed_offset=seed_offset,
                 do_sample=do_sample,
                 metas=[metas[i] for i in rows],
@@ -168,7 +178,7 @@ class MultiTurnMixin:
                 turn_inputs = self._turn_inputs(
                     rows, prefix, response, prompt_ids, real, extras, per_token_keys, media_rows
                 )
-                completions = engine.generate(self, request(turn_inputs, rows))
+                completions = engine.generate(self, request(turn_inputs, rows, turn))
                 if not active:
                     continue
                 generated = completions.response_ids

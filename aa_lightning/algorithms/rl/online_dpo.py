@@ -140,7 +140,7 @@ class OnlineDPOModule(OnlineRLModule):
         rollout = self.generate_rollout(batch, num_samples=2)
         scores, parts = self.compute_scores(rollout)
         self.rollout_stats(stats, rollout, scores, parts)
-        ranked = scores
+        ranked = scores + self.turn_reward_sums(rollout)  # multi-turn: the environment's per-turn rewards too
         if self.missing_eos_penalty:
             ranked = ranked - self.missing_eos_penalty * (~rollout.has_eos).to(ranked.dtype)
         chosen, rejected, tie = pair_indices(ranked, self.tie_tolerance)

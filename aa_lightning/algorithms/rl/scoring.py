@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.models.positions import computes_own_positions
 from aa_lightning.rewards import WeightedRewards
@@ -76,6 +77,13 @@ class ScoringMixin:
             total = total + fn_total.to(self.device)
             parts.update({k: v.to(self.device) for k, v in fn_parts.items()})
         return total, parts
+
+    def turn_reward_sums(self, rollout: Rollout) -> torch.Tensor:
+        """``(N,)`` the environment's per-turn rewards of each episode, summed (0 for single-turn rollouts)."""
+        turn_rewards = rollout.data.get(TURN_REWARDS)
+        if turn_rewards is None:
+            return torch.zeros(len(rollout), device=self.device)
+        return turn_rewards.sum(dim=1).to(self.device)
 
     def compute_scores(self, rollout: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of the reward model's end score and the reward functions: ``(total (N,), parts)``."""
