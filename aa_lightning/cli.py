@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 import aa_lightning.algorithms  # noqa: F401  (imported, so `--model SFTModule` / `--model.help SFTModule` resolve)
 import aa_lightning.data  # noqa: F401  (the same for `--data TextToTextDataModule`)
 import aa_lightning.strategies  # noqa: F401  (registers the CPU-capable DeepSpeed strategies)
-from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter, RolloutMediaLogger
+from aa_lightning.callbacks import HFExportCallback, JsonlPredictionWriter, RolloutMediaLogger, RunSummary
 from aa_lightning.callbacks.progress import default_progress_bar
 from aa_lightning.checkpoint_io import remove_stale_partial_saves
 from aa_lightning.listing import help_parser_kwargs
@@ -106,6 +106,7 @@ class AACLI(LightningCLI):
         parser.add_lightning_class_args(HFExportCallback, "export")
         parser.add_lightning_class_args(RolloutMediaLogger, "rollout_media")
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
+        parser.add_lightning_class_args(RunSummary, "summary")  # --summary.enabled false: none
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config

@@ -8,10 +8,10 @@ misspelt key fails at start-up instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["as_config"]
+__all__ = ["as_config", "as_config_list"]
 
 ConfigT = TypeVar("ConfigT")
 
@@ -47,3 +47,21 @@ def as_config(config_class: type[ConfigT], value: Any, name: str | None = None) 
     if missing:
         raise ValueError(f"{section}: missing required field(s) {', '.join(map(repr, missing))}")
     return config_class(**value)
+
+
+def as_config_list(config_class: type[ConfigT], value: Any, name: str) -> list[ConfigT]:
+    """A list section (``reward_functions``, a data split's specs) as ``config_class`` instances.
+
+    Accepts None (empty), one instance or mapping (a list of one), or a sequence of them; each item is
+    coerced by :func:`as_config` under the name ``name[i]`` so an error points at the offending entry.
+    """
+    if value is None:
+        return []
+    if isinstance(value, (config_class, Mapping)):
+        return [as_config(config_class, value, name)]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{name}: expected a list of {config_class.__name__} (or mappings of its fields), "
+            f"got {type(value).__name__}"
+        )
+    return [as_config(config_class, v, f"{name}[{i}]") for i, v in enumerate(value)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import torch
 
-from aa_lightning.config_coercion import as_config
+from aa_lightning.config_coercion import as_config_list
 from aa_lightning.data.errors import DataFormatError
 from aa_lightning.data.file_diagnosis import why_unreadable
 
@@ -118,11 +118,7 @@ def as_specs(
     value: DataSpec | list[DataSpec] | dict[str, Any] | None, name: str = "data spec"
 ) -> list[DataSpec]:
     """One split's specs as typed :class:`DataSpec` objects (YAML gives dicts; a misspelt key fails here)."""
-    if value is None:
-        return []
-    if isinstance(value, (DataSpec, Mapping)):
-        return [as_config(DataSpec, value, name)]
-    return [as_config(DataSpec, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return as_config_list(DataSpec, value, name)
 
 
 torch.serialization.add_safe_globals([DataSpec])  # saved in datamodule hyper-parameters of checkpoints

@@ -36,6 +36,7 @@ from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMix
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
+from aa_lightning.config_coercion import as_config_list
 from aa_lightning.environments import CONVERSATION, EnvironmentSpec, build_environment
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
@@ -156,7 +157,7 @@ class OnlineRLModule(
                 f"num_mini_batches={num_mini_batches}"
             )
         self.generation: GenerationConfig = as_config(GenerationConfig, generation, "generation")
-        self.reward_fns = WeightedRewards(reward_functions)
+        self.reward_fns = WeightedRewards(as_config_list(RewardSpec, reward_functions, "reward_functions"))
         if reward_model_name_or_path is None and not len(self.reward_fns):
             raise ValueError("give a reward_model_name_or_path and/or reward_functions")
         self.reward_model_name_or_path = reward_model_name_or_path

@@ -26,6 +26,7 @@ from aa_lightning.algorithms.losses import lagrange_multiplier_loss, lagrangian_
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator, RunningMoments, explained_variance
 from aa_lightning.algorithms.rl.ppo import PPOModule
 from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.config_coercion import as_config_list
 from aa_lightning.rewards import RewardSpec, WeightedRewards
 
 __all__ = ["SafeRLHFModule"]
@@ -79,7 +80,7 @@ class SafeRLHFModule(PPOModule):
         self.lambda_max = lambda_max
         self.lambda_update_delay_steps = lambda_update_delay_steps
         self.normalize_cost = normalize_cost
-        self.cost_fns = WeightedRewards(cost_functions)
+        self.cost_fns = WeightedRewards(as_config_list(RewardSpec, cost_functions, "cost_functions"))
         if cost_model_name_or_path is None and not len(self.cost_fns):
             raise ValueError("give a cost_model_name_or_path and/or cost_functions")
         self.cost_critic: nn.Module | None = None
