@@ -19,20 +19,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # the benchmarks folder is not part of the installed package
     sys.path.insert(0, REPO)
 
-from benchmarks.common import BenchConfig, CountingCollator, StepTimer  # noqa: E402
-from benchmarks.run import table  # noqa: E402
+from benchmarks.common import AA_ONLY, WORKLOADS, BenchConfig, CountingCollator, StepTimer  # noqa: E402
+from benchmarks.run import median_result, table, thread_counts, update_readme  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
-def _run(tmp_path, sides: str) -> dict:
+def _run(tmp_path, sides: str, workloads: str = "sft", timeout: float = 300) -> dict:
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,
         "-m",
         "benchmarks.run",
         "--workloads",
-        "sft",
+        workloads,
         "--smoke",
         "--steps",
         "2",
@@ -43,19 +43,21 @@ def _run(tmp_path, sides: str) -> dict:
         "--json",
         str(out),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (
-        "| sft | samples/s |" in proc.stdout and "first optimizer step (warm-up) is excluded" in proc.stdout
-    )
+    first = workloads.split(",")[0]
+    assert f"| {first} | 1 |" in proc.stdout and "first optimizer step (warm-up) is excluded" in proc.stdout
     return json.loads(out.read_text())
 
 
-def _check_side(record: dict) -> None:
+def _check_side(record: dict, tokens: bool = True) -> None:
     assert "error" not in record, record.get("error")
     assert record["timed_steps"] == 1  # 2 steps, the first is the excluded warm-up
     assert record["rate"] > 0 and math.isfinite(record["rate"])
-    assert record["peak_rss_mb"] > 0 and record["tokens"] > 0
+    assert record["peak_rss_mb"] > 0
+    assert record["slowest_over_median"] == 1.0  # one timed step: it is its own median
+    if tokens:
+        assert record["tokens"] > 0
 
 
 @pytest.mark.skipif(
@@ -69,13 +71,23 @@ def test_benchmark_smoke_both_sides(tmp_path) -> None:
     assert row["trl"]["tokens"] == row["aa"]["tokens"]
 
 
-@pytest.mark.skipif(
-    HAS_TRL, reason="TRL is installed: test_benchmark_smoke_both_sides covers the aa side too"
-)
-def test_benchmark_smoke_aa_side_alone(tmp_path) -> None:
-    row = _run(tmp_path, "aa")["rows"][0]
-    assert "trl" not in row
-    _check_side(row["aa"])
+def test_every_workload_runs_on_the_aa_side(tmp_path) -> None:
+    """Every workload of the table (the aa-lightning side: the TRL side of each is checked where TRL is
+    installed, below) still runs and reports; one invocation, 2 steps each."""
+    rows = _run(tmp_path, "aa", ",".join(WORKLOADS), timeout=900)["rows"]
+    assert [r["workload"] for r in rows] == list(WORKLOADS)
+    for row in rows:
+        assert "trl" not in row
+        _check_side(row["aa"], tokens=row["workload"] in ("sft", "dpo", "rm"))
+
+
+@pytest.mark.skipif(not HAS_TRL, reason="TRL is not installed (pip install -e .[bench])")
+def test_every_trl_workload_runs(tmp_path) -> None:
+    """The TRL side of every workload that has one (the aa side is covered above)."""
+    names = [w for w in WORKLOADS if w not in AA_ONLY and w != "sft"]
+    rows = _run(tmp_path, "trl", ",".join(names), timeout=900)["rows"]
+    for row in rows:
+        _check_side(row["trl"], tokens=row["workload"] in ("dpo", "rm"))
 
 
 def test_table_ratio_and_failures() -> None:
@@ -94,10 +106,41 @@ def test_table_ratio_and_failures() -> None:
         },
     ]
     text = table(rows, config)
-    assert "| sft | samples/s | 2.00 | 3.00 | 1.50x | 100 | 90 |" in text
-    assert "| dpo_precomputed | samples/s | - | 4.00 | 2.00x |" in text
+    assert "| sft | 1 | samples/s | 2.00 | 3.00 | **1.50x** | 100 | 90 | - | - |" in text
+    assert "| dpo_precomputed | 1 | samples/s | - | 4.00 | **2.00x** |" in text
     assert "TRL failed: ValueError: bad" in text
     assert "steps 2..5" in text
+
+
+def test_median_run_spread_and_steadiness() -> None:
+    """Three runs: the median one is reported, with the min-max of the rates and the median step ratio."""
+    runs = [
+        {"rate": 3.0, "peak_rss_mb": 300.0, "slowest_over_median": 1.1},
+        {"rate": 1.0, "peak_rss_mb": 100.0, "slowest_over_median": 2.0},
+        {"rate": 2.0, "peak_rss_mb": 200.0, "slowest_over_median": 1.2},
+        {"error": "boom"},
+    ]
+    med = median_result(runs)
+    assert med["rate"] == 2.0 and (med["rate_min"], med["rate_max"]) == (1.0, 3.0)
+    assert med["peak_rss_mb_median"] == 200.0 and med["slowest_over_median_median"] == 1.2
+    assert med["failed_runs"] == 1
+    config = BenchConfig(workload="rm", side="aa", model_path="m", work_dir="w", steps=5)
+    text = table([{"workload": "rm", "threads": 2, "trl": med, "aa": med}], config)
+    assert (
+        "| rm | 2 | samples/s | 2.00 (1.00-3.00) | 2.00 (1.00-3.00) | **1.00x** | 200 | 200 | 1.20 | 1.20 |"
+        in text
+    )
+    assert thread_counts("2,1,2", "cpu") == [2, 1]
+    assert thread_counts(None, "cpu")[-1] == 1
+
+
+def test_readme_table_is_replaced_between_markers(tmp_path) -> None:
+    from benchmarks.run import TABLE_END, TABLE_START
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{TABLE_START}\nold table\n{TABLE_END}\noutro\n")
+    update_readme("| new |", readme)
+    assert readme.read_text() == f"intro\n{TABLE_START}\n| new |\n{TABLE_END}\noutro\n"
 
 
 def test_step_timer_and_token_counter() -> None:
@@ -106,6 +149,7 @@ def test_step_timer_and_token_counter() -> None:
     for _ in range(3):
         timer.step_end()
     assert timer.timed_steps == 2 and timer.seconds >= 0
+    assert len(timer.step_times) == 2 and abs(sum(timer.step_times) - timer.seconds) < 1e-9
 
     import torch
 

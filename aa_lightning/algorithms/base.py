@@ -69,6 +69,9 @@ class AlignModule(PredictionMixin, pl.LightningModule):
             with non-finite weights is never exported.
         generation: sampling settings of ``aa predict`` (:meth:`predict_step`); None decodes greedily. The RL
             modules take their own (``generation`` of their rollouts).
+        padding_free: run training forwards of text models without pad positions (the rows of a batch packed
+            into one sequence, attention per row: flash-attention varlen on GPU, exact per-row SDPA elsewhere;
+            see :mod:`aa_lightning.models.packing`). Same loss and gradients, less work on padded batches.
     """
 
     data_kind: str = "supervised"
@@ -84,6 +87,7 @@ class AlignModule(PredictionMixin, pl.LightningModule):
         attn_implementation: str | None = None,
         on_nonfinite: NonFinitePolicy = "error",
         generation: GenerationConfig | None = None,
+        padding_free: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()  # records the init args of the whole subclass chain; code reads attributes
@@ -98,6 +102,7 @@ class AlignModule(PredictionMixin, pl.LightningModule):
         self.trust_remote_code = trust_remote_code
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
+        self.padding_free = padding_free
         # typed once here: from YAML / the command line these arrive as dicts
         self.optim: OptimConfig = as_config(OptimConfig, optim, "optim")
         self.generation: GenerationConfig | None = (
@@ -113,13 +118,18 @@ class AlignModule(PredictionMixin, pl.LightningModule):
     def load_model(self, name_or_path: str | None = None, **kwargs: Any) -> tuple[nn.Module, Any, Any]:
         """``load_pretrained_models`` with this module's dtype/remote-code/attention settings."""
         self.enable_zero3_loading()
-        return load_pretrained_models(
+        model, tokenizer, processor = load_pretrained_models(
             name_or_path or self.model_name_or_path,
             dtype=self.load_dtype,
             trust_remote_code=self.trust_remote_code,
             attn_implementation=self.attn_implementation,
             **kwargs,
         )
+        if self.padding_free:
+            from aa_lightning.models.packing import enable_padding_free
+
+            model = enable_padding_free(model)
+        return model, tokenizer, processor
 
     def load_frozen(self, role: str, name_or_path: str | None = None, **kwargs: Any) -> nn.Module:
         """Load a frozen model for ``role`` into :attr:`frozen` (call from ``configure_model``: sharded under
