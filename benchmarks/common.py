@@ -130,12 +130,21 @@ class StepTimer:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self.ends: list[float] = []
+        self.cpu: list[
+            float
+        ] = []  # process CPU seconds (all threads): work done, whatever else the machine runs
         self.rss: list[float] = []
 
     def step_end(self) -> None:
         synchronize(self.device)
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         self.rss.append(current_rss_mb())
+
+    @property
+    def cpu_step_times(self) -> list[float]:
+        """Process CPU seconds of each timed step: less sensitive to other processes than wall time."""
+        return [b - a for a, b in zip(self.cpu, self.cpu[1:])]
 
     @property
     def step_times(self) -> list[float]:
@@ -217,6 +226,8 @@ def make_result(
         "rss_last_step_mb": timer.rss[-1] if timer.rss else float("nan"),
         "rss_trace_mb": [round(r) for r in timer.rss],
         **step_time_stats(timer.step_times),
+        "cpu_step_times_s": [round(t, 4) for t in timer.cpu_step_times],
+        "cpu_slowest_over_median": step_time_stats(timer.cpu_step_times)["slowest_over_median"],
     }
     if token_counts is not None and steps:
         tokens = sum(token_counts[1 : steps + 1])

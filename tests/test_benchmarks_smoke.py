@@ -67,8 +67,10 @@ def test_benchmark_smoke_both_sides(tmp_path) -> None:
     row = _run(tmp_path, "trl,aa")["rows"][0]
     _check_side(row["trl"])
     _check_side(row["aa"])
-    # both sides trained on exactly the same tokens (same rows, batches, lengths)
-    assert row["trl"]["tokens"] == row["aa"]["tokens"]
+    # both sides trained on the same rows and batches; TRL's prompt-completion encoding keeps the chat
+    # template's newline after <|im_end|> on rows that were not truncated (aa-lightning ends a row at the
+    # end-of-turn token), so TRL may count one token more per row of the timed batch (2 rows here)
+    assert 0 <= row["trl"]["tokens"] - row["aa"]["tokens"] <= 2
 
 
 def test_every_workload_runs_on_the_aa_side(tmp_path) -> None:
@@ -91,7 +93,7 @@ def test_every_trl_workload_runs(tmp_path) -> None:
 
 
 def test_table_ratio_and_failures() -> None:
-    config = BenchConfig(workload="sft", side="aa", model_path="m", work_dir="w", steps=5)
+    config = BenchConfig(workload="sft", side="aa", model_path="m", work_dir="w", steps=5, threads=1)
     rows = [
         {
             "workload": "sft",
