@@ -158,10 +158,18 @@ def prepare_kto_data(model_path: str, work_dir: Path, rows: int, max_length: int
 # --------------------------------------------------------------------------------------------------
 
 
-def run_side(config: BenchConfig, timeout: float | None = None) -> dict[str, Any]:
-    """Run one side in a fresh interpreter; its result record, or ``{"error": ...}``."""
+def run_side(config: BenchConfig, timeout: float | None = None, in_process: bool = False) -> dict[str, Any]:
+    """Run one side in a fresh interpreter (or, for smoke checks, in this one); its result record, or
+    ``{"error": ...}``."""
     work = Path(config.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if in_process:
+        from benchmarks.worker import run_in_process
+
+        start = time.perf_counter()
+        result = run_in_process(config)
+        result["wall_s"] = time.perf_counter() - start
+        return result
     config_path = work / f"{config.workload}-{config.side}.config.json"
     result_path = work / f"{config.workload}-{config.side}.result.json"
     config_path.write_text(config.to_json())
@@ -219,6 +227,7 @@ def median_result(results: list[dict[str, Any]]) -> dict[str, Any]:
         peak_rss_mb_median=_median([r.get("peak_rss_mb", float("nan")) for r in ok]),
         slowest_over_median_runs=[r.get("slowest_over_median", float("nan")) for r in ok],
         slowest_over_median_median=_median([r.get("slowest_over_median", float("nan")) for r in ok]),
+        cpu_step_s_median=_median([t for r in ok for t in r.get("cpu_step_times_s", [])]),
         failed_runs=len(results) - len(ok),
     )
     return chosen
@@ -272,6 +281,11 @@ def table(rows: list[dict[str, Any]], config: BenchConfig) -> str:
                 notes.append(f"{side} {rec['tokens_per_s']:.0f} tok/s")
             if _ok(rec) and rec.get("failed_runs"):
                 notes.append(f"{side}: {rec['failed_runs']} run(s) failed")
+        cpu_trl = trl.get("cpu_step_s_median") if _ok(trl) else None
+        cpu_aa = aa.get("cpu_step_s_median") if _ok(aa) else None
+        if row.get("threads") == 1 and cpu_trl and cpu_aa and not math.isnan(cpu_trl + cpu_aa):
+            # one thread: CPU seconds per step measure work, whatever else the machine runs
+            notes.append(f"CPU s/step TRL {cpu_trl:.2f}, aa {cpu_aa:.2f} ({cpu_trl / cpu_aa:.2f}x)")
 
         def rss(rec: dict[str, Any] | None) -> str:
             return fmt(rec.get("peak_rss_mb_median", rec.get("peak_rss_mb")), 0) if _ok(rec) else "-"
@@ -352,8 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default="bench",
-        help="'bench' (the ~5M Qwen2 built by benchmarks.build_model), an alias such as "
-        "smollm2-135m-instruct, or a local folder",
+        help="'bench' (the ~5M Qwen2 built by benchmarks.build_model), 'bench-0.5b' (a Qwen2.5-0.5B-shaped "
+        "random model, for GPUs), an alias such as smollm2-135m-instruct, or a local folder",
     )
     parser.add_argument(
         "--smollm2", action="store_true", help="shortcut for --model smollm2-135m-instruct (slow)"
@@ -402,6 +416,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="write a torch.profiler table per side into this folder (slows the run down)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per side")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every side in this process (smoke checks only: memory and speed are then not per side)",
+    )
     return parser.parse_args(argv)
 
 
@@ -442,15 +461,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-    from benchmarks.build_model import model_path as bench_model_path
+    from benchmarks.build_model import resolve
 
     model = "smollm2-135m-instruct" if args.smollm2 else args.model
-    if model == "bench":
-        path = bench_model_path()
-    else:
-        from aa_lightning.models import resolve_model_path
-
-        path = resolve_model_path(model)
+    path = resolve(model)
     work_root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="aa-bench-"))
     base = BenchConfig(
         workload="sft",
@@ -551,7 +565,7 @@ def run_row(
                 work_dir=str(work_root / workload / f"t{n_threads}-{side}-{repeat}"),
                 extra={"template": template, **profile_extra(args.profile, f"{workload}-t{n_threads}", side)},
             )
-            result = run_side(config, args.timeout)
+            result = run_side(config, args.timeout, args.in_process)
             runs[side].append(result)
             status = result.get("error", "").splitlines()[-1:] or [
                 f"{result['rate']:.3f} {UNITS[workload]}, slowest/median step "

@@ -25,7 +25,9 @@ from benchmarks.run import median_result, table, thread_counts, update_readme  #
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
-def _run(tmp_path, sides: str, workloads: str = "sft", timeout: float = 300) -> dict:
+def _run(
+    tmp_path, sides: str, workloads: str = "sft", timeout: float = 300, in_process: bool = False
+) -> dict:
     out = tmp_path / "bench.json"
     cmd = [
         sys.executable,
@@ -42,6 +44,7 @@ def _run(tmp_path, sides: str, workloads: str = "sft", timeout: float = 300) -> 
         sides,
         "--json",
         str(out),
+        *(["--in-process"] if in_process else []),
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -75,8 +78,9 @@ def test_benchmark_smoke_both_sides(tmp_path) -> None:
 
 def test_every_workload_runs_on_the_aa_side(tmp_path) -> None:
     """Every workload of the table (the aa-lightning side: the TRL side of each is checked where TRL is
-    installed, below) still runs and reports; one invocation, 2 steps each."""
-    rows = _run(tmp_path, "aa", ",".join(WORKLOADS), timeout=900)["rows"]
+    installed, below) still runs and reports; one invocation, 2 steps each, in one process (``--in-process``:
+    the frameworks are imported once; the subprocess path is the sft test above)."""
+    rows = _run(tmp_path, "aa", ",".join(WORKLOADS), timeout=900, in_process=True)["rows"]
     assert [r["workload"] for r in rows] == list(WORKLOADS)
     for row in rows:
         assert "trl" not in row
@@ -87,7 +91,7 @@ def test_every_workload_runs_on_the_aa_side(tmp_path) -> None:
 def test_every_trl_workload_runs(tmp_path) -> None:
     """The TRL side of every workload that has one (the aa side is covered above)."""
     names = [w for w in WORKLOADS if w not in AA_ONLY and w != "sft"]
-    rows = _run(tmp_path, "trl", ",".join(names), timeout=900)["rows"]
+    rows = _run(tmp_path, "trl", ",".join(names), timeout=900, in_process=True)["rows"]
     for row in rows:
         _check_side(row["trl"], tokens=row["workload"] in ("dpo", "rm"))
 
@@ -159,3 +163,23 @@ def test_step_timer_and_token_counter() -> None:
     counter([[1, 1, 0]])
     counter([[1, 0, 0], [1, 1, 1]])
     assert counter.counts == [2, 4]
+
+
+def test_model_flops_per_token_by_hand() -> None:
+    """1 layer, hidden 4, 2 heads of 2 (1 KV head), MLP 8, vocab 10, mean length 3:
+    matmul params = q 4*4 + k,v 2*(4*2) + o 4*4 + MLP 3*4*8 = 144, + head 4*10 = 184;
+    FLOPs/token = 6*184 + 6 * 1 layer * 4 * 3 = 1176."""
+    from transformers import Qwen2Config
+
+    from benchmarks.mfu import model_flops_per_token
+
+    config = Qwen2Config(
+        hidden_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=8,
+        vocab_size=10,
+    )
+    flops = model_flops_per_token(config, mean_length=3)
+    assert flops == {"matmul_params": 184.0, "nominal": 1176.0}
