@@ -85,10 +85,20 @@ def fit(
     return make_result(config, timer, unit, per_step, counts if unit == "samples" else None)
 
 
+def padding_free(config: BenchConfig) -> bool:
+    """The ``*_padding_free`` rows: the same workload with ``padding_free=True`` (rows packed, no pad positions)."""
+    return config.workload.endswith("_padding_free")
+
+
 def run_sft(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms import SFTModule
 
-    module = SFTModule(model_name_or_path=config.model_path, dtype="float32", optim=optim_config(config))
+    module = SFTModule(
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        optim=optim_config(config),
+        padding_free=padding_free(config),
+    )
     return fit(module, datamodule(config, train_on="last_assistant"), config, "samples", config.batch_size)
 
 
@@ -103,6 +113,7 @@ def run_dpo(config: BenchConfig, precompute: bool = False) -> dict[str, Any]:
         loss_type="sigmoid",
         precompute_ref_log_probs=precompute,
         ref_cache_dir=os.path.join(config.work_dir, "ref_logps") if precompute else None,
+        padding_free=padding_free(config),
     )
     data = datamodule(config, train_on="last_assistant")
     return fit(module, data, config, "samples", config.batch_size)
@@ -116,12 +127,24 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms.reward import RewardModule
 
     module = RewardModule(
-        model_name_or_path=config.model_path, dtype="float32", optim=optim_config(config), new_score_head=True
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        optim=optim_config(config),
+        padding_free=padding_free(config),
+        new_score_head=True,
     )
     return fit(module, datamodule(config, train_on="last_assistant"), config, "samples", config.batch_size)
 
 
-RUNNERS = {"sft": run_sft, "dpo": run_dpo, "dpo_precomputed": run_dpo_precomputed, "rm": run_rm}
+RUNNERS = {
+    "sft": run_sft,
+    "sft_padding_free": run_sft,
+    "dpo": run_dpo,
+    "dpo_padding_free": run_dpo,
+    "dpo_precomputed": run_dpo_precomputed,
+    "rm": run_rm,
+    "rm_padding_free": run_rm,
+}
 
 
 def grpo_module(config: BenchConfig, module_class: Any = None, **overrides: Any) -> Any:
@@ -411,3 +434,58 @@ def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS["dpo_sparse_head"] = run_dpo_sparse_head
+
+
+def run_kto(config: BenchConfig) -> dict[str, Any]:
+    """KTOModule on the same unpaired rows (``KTO`` template), KL reference point from mismatched pairs."""
+    from aa_lightning.algorithms import KTOModule
+
+    module = KTOModule(
+        model_name_or_path=config.model_path, dtype="float32", optim=optim_config(config), beta=config.beta
+    )
+    data = datamodule(config, train_on="last_assistant")
+    return fit(module, data, config, "samples", config.batch_size)
+
+
+RUNNERS["kto"] = run_kto
+
+
+def run_rloo(config: BenchConfig) -> dict[str, Any]:
+    """RLOO as TRL's RLOOTrainer runs it: leave-one-out baseline, no KL term; the loss sums each completion's
+    tokens (``constant`` aggregation: TRL's per-sequence sum up to a constant factor)."""
+    return run_grpo(config, advantage_estimator="rloo", beta=0.0, loss_aggregation="constant", clip_range=0.2)
+
+
+RUNNERS["rloo"] = run_rloo
+
+
+def run_online_dpo(config: BenchConfig) -> dict[str, Any]:
+    """OnlineDPOModule: two completions per prompt in one ``generate``, ranked by the final-answer reward."""
+    from aa_lightning.algorithms import GenerationConfig
+    from aa_lightning.algorithms.rl.online_dpo import OnlineDPOModule
+    from aa_lightning.rewards import RewardSpec
+    from benchmarks.common import online_dpo_prompts
+
+    module = OnlineDPOModule(
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        optim=optim_config(config),
+        reward_functions=[RewardSpec(name="gsm8k_answer")],
+        generation=GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=1.0,
+            top_k=0,
+            do_sample=True,
+        ),
+        beta=config.beta,
+        loss_type="sigmoid",
+        max_grad_norm=config.max_grad_norm,
+        sample_log_interval=0,
+    )
+    prompts = online_dpo_prompts(config)
+    data = datamodule(config, batch_size=prompts)
+    return fit(module, data, config, "completions", 2 * prompts, clip_in_module=True)
+
+
+RUNNERS["online_dpo"] = run_online_dpo

@@ -36,6 +36,25 @@ MODEL_SHAPE = dict(
 )
 
 
+#: a Qwen2.5-0.5B-shaped body (24 layers, hidden 896, 14/2 heads, its 151936-row vocabulary) for GPU runs:
+#: 494M parameters, random init, the same benchmark tokenizer (rows past its 8192 ids are never used)
+SHAPES = {
+    MODEL_NAME: MODEL_SHAPE,
+    "qwen2-0.5b-shape-v1": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        vocab_size=151936,
+    ),
+}
+#: ``--model`` names of ``benchmarks.run`` / ``benchmarks.mfu`` that build one of :data:`SHAPES`
+MODEL_ALIASES = {"bench": MODEL_NAME, "bench-0.5b": "qwen2-0.5b-shape-v1"}
+
+
 def corpus() -> Iterator[str]:
     """Every text field of the three benchmark data files (the tokenizer is fitted to what it encodes)."""
     for row in json.loads((DATA_DIR / "alpaca_256.json").read_text()):
@@ -68,18 +87,18 @@ def build_tokenizer():  # noqa: ANN201
     return tokenizer
 
 
-def build(save_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Write tokenizer + randomly initialised Qwen2ForCausalLM (float32) into ``save_dir``."""
+def build(save_dir: str | os.PathLike, seed: int = 0, name: str = MODEL_NAME) -> str:
+    """Write tokenizer + randomly initialised Qwen2ForCausalLM (float32) of shape ``SHAPES[name]``."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = build_tokenizer()
+    shape = {"vocab_size": len(tokenizer), **SHAPES[name]}
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        **MODEL_SHAPE,
+        **shape,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()
@@ -90,12 +109,21 @@ def build(save_dir: str | os.PathLike, seed: int = 0) -> str:
     return str(save_dir)
 
 
-def model_path(cache_dir: str | os.PathLike | None = None) -> str:
-    """The benchmark model's folder, built on first use."""
+def model_path(cache_dir: str | os.PathLike | None = None, name: str = MODEL_NAME) -> str:
+    """The folder of benchmark model ``name`` (a key of :data:`SHAPES`), built on first use."""
     from aa_lightning.models.cache import build_once, cache_root
 
-    target = cache_root(cache_dir) / "benchmarks" / MODEL_NAME
-    return str(build_once(target, lambda tmp: build(tmp, 0)))
+    target = cache_root(cache_dir) / "benchmarks" / name
+    return str(build_once(target, lambda tmp: build(tmp, 0, name)))
+
+
+def resolve(model: str) -> str:
+    """``bench`` / ``bench-0.5b`` (built here), else any aa-lightning alias or folder."""
+    if model in MODEL_ALIASES:
+        return model_path(name=MODEL_ALIASES[model])
+    from aa_lightning.models import resolve_model_path
+
+    return resolve_model_path(model)
 
 
 def main() -> None:

@@ -16,8 +16,38 @@ from pathlib import Path
 from typing import Any
 
 DATA_DIR = Path(__file__).parent / "data"
-WORKLOADS = ("sft", "dpo", "dpo_precomputed", "dpo_sparse_head", "rm", "grpo", "gspo", "ppo")
-AA_ONLY = ("dpo_precomputed", "dpo_sparse_head", "ppo")
+WORKLOADS = (
+    "sft",
+    "sft_padding_free",
+    "dpo",
+    "dpo_padding_free",
+    "dpo_precomputed",
+    "dpo_sparse_head",
+    "rm",
+    "rm_padding_free",
+    "kto",
+    "grpo",
+    "gspo",
+    "rloo",
+    "online_dpo",
+    "ppo",
+)
+AA_ONLY = (
+    "sft_padding_free",
+    "dpo_padding_free",
+    "dpo_precomputed",
+    "dpo_sparse_head",
+    "rm_padding_free",
+    "ppo",
+)
+#: aa-only rows compared with the TRL figure of this workload (same data, TRL's default batches)
+BASELINE_OF = {
+    "sft_padding_free": "sft",
+    "dpo_padding_free": "dpo",
+    "dpo_precomputed": "dpo",
+    "dpo_sparse_head": "dpo",
+    "rm_padding_free": "rm",
+}
 
 
 @dataclass
@@ -53,6 +83,11 @@ class BenchConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def online_dpo_prompts(config: BenchConfig) -> int:
+    """Prompts per online-DPO step: as many completions (2 per prompt) as a GRPO step samples."""
+    return max(1, config.prompts_per_step * config.num_generations // 2)
 
 
 def setup_process(config: BenchConfig) -> None:
@@ -95,12 +130,26 @@ class StepTimer:
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self.ends: list[float] = []
+        self.cpu: list[
+            float
+        ] = []  # process CPU seconds (all threads): work done, whatever else the machine runs
         self.rss: list[float] = []
 
     def step_end(self) -> None:
         synchronize(self.device)
         self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
         self.rss.append(current_rss_mb())
+
+    @property
+    def cpu_step_times(self) -> list[float]:
+        """Process CPU seconds of each timed step: less sensitive to other processes than wall time."""
+        return [b - a for a, b in zip(self.cpu, self.cpu[1:])]
+
+    @property
+    def step_times(self) -> list[float]:
+        """Seconds of each timed step (steps 2..N)."""
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
 
     @property
     def timed_steps(self) -> int:
@@ -133,6 +182,26 @@ class CountingCollator:
         return getattr(self.__dict__["collate"], name)
 
 
+def step_time_stats(times: list[float]) -> dict[str, Any]:
+    """Median and slowest timed step, and their ratio: how steady the steady state is."""
+    if not times:
+        return {
+            "step_times_s": [],
+            "median_step_s": float("nan"),
+            "slowest_step_s": float("nan"),
+            "slowest_over_median": float("nan"),
+        }
+    ordered = sorted(times)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {
+        "step_times_s": [round(t, 4) for t in times],
+        "median_step_s": median,
+        "slowest_step_s": ordered[-1],
+        "slowest_over_median": ordered[-1] / median if median > 0 else float("nan"),
+    }
+
+
 def make_result(
     config: BenchConfig,
     timer: StepTimer,
@@ -156,6 +225,9 @@ def make_result(
         "rss_after_step1_mb": timer.rss[0] if timer.rss else float("nan"),
         "rss_last_step_mb": timer.rss[-1] if timer.rss else float("nan"),
         "rss_trace_mb": [round(r) for r in timer.rss],
+        **step_time_stats(timer.step_times),
+        "cpu_step_times_s": [round(t, 4) for t in timer.cpu_step_times],
+        "cpu_slowest_over_median": step_time_stats(timer.cpu_step_times)["slowest_over_median"],
     }
     if token_counts is not None and steps:
         tokens = sum(token_counts[1 : steps + 1])

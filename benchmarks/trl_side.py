@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import BenchConfig, CountingCollator, StepTimer, make_result, read_jsonl
+from benchmarks.common import (
+    BenchConfig,
+    CountingCollator,
+    StepTimer,
+    make_result,
+    online_dpo_prompts,
+    read_jsonl,
+)
 
 
 def common_args(config: BenchConfig) -> dict[str, Any]:
@@ -207,3 +214,105 @@ def run_gspo(config: BenchConfig) -> dict[str, Any]:
 
 
 RUNNERS["gspo"] = run_gspo
+
+
+def run_kto(config: BenchConfig) -> dict[str, Any]:
+    """KTOTrainer (unpaired prompt/completion/label rows, KL reference point from mismatched pairs)."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]} for r in rows]
+    )
+    args = KTOConfig(**common_args(config), beta=config.beta, max_length=config.max_length)
+    timer = StepTimer(config.device)
+    trainer = KTOTrainer(
+        model=config.model_path,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    counter = train(trainer, config, timer)
+    return make_result(config, timer, "samples", config.batch_size, counter.counts)
+
+
+RUNNERS["kto"] = run_kto
+
+
+def run_rloo(config: BenchConfig) -> dict[str, Any]:
+    """RLOOTrainer: leave-one-out baseline, sequence-level clipped ratio, no KL term (beta 0)."""
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "reference_answer": r["reference_answer"]} for r in rows]
+    )
+    per_step = config.prompts_per_step * config.num_generations
+    args = RLOOConfig(
+        **{**common_args(config), "per_device_train_batch_size": per_step},
+        num_generations=config.num_generations,
+        max_completion_length=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        epsilon=0.2,
+        normalize_advantages=False,
+        shuffle_dataset=False,
+        log_completions=False,
+    )
+    timer = StepTimer(config.device)
+    trainer = RLOOTrainer(
+        model=config.model_path,
+        reward_funcs=gsm8k_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    trainer.train()
+    return make_result(config, timer, "completions", per_step)
+
+
+RUNNERS["rloo"] = run_rloo
+
+
+def run_online_dpo(config: BenchConfig) -> dict[str, Any]:
+    """Online DPO (``trl.experimental``): two sampled completions per prompt ranked by the reward function."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+    rows = read_jsonl(config.data_file)
+    data = Dataset.from_list(
+        [{"prompt": r["prompt"], "reference_answer": r["reference_answer"]} for r in rows]
+    )
+    prompts = online_dpo_prompts(config)
+    args = OnlineDPOConfig(
+        **{**common_args(config), "per_device_train_batch_size": prompts},
+        beta=[config.beta],
+        loss_type="sigmoid",
+        max_new_tokens=config.max_new_tokens,
+        max_length=config.max_length + config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+    )
+    timer = StepTimer(config.device)
+    trainer = OnlineDPOTrainer(
+        model=config.model_path,
+        reward_funcs=gsm8k_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer(config),
+        callbacks=[timer_callback(timer)],
+    )
+    trainer.train()
+    return make_result(config, timer, "completions", 2 * prompts)
+
+
+RUNNERS["online_dpo"] = run_online_dpo

@@ -12,6 +12,29 @@ import sys
 import warnings
 
 
+def runners(side: str) -> dict:
+    """The workload functions of one side (imported only when asked: each side's memory is its own)."""
+    if side == "trl":
+        from benchmarks.trl_side import RUNNERS
+    else:
+        from benchmarks.aa_side import RUNNERS
+    return RUNNERS
+
+
+def run_in_process(config) -> dict:  # noqa: ANN001 - a BenchConfig
+    """One side in THIS process (``benchmarks.run --in-process``, the smoke test): same code path, no fresh
+    interpreter, so its memory and speed figures are not that side's own."""
+    import traceback
+
+    from benchmarks.common import setup_process
+
+    setup_process(config)
+    try:
+        return runners(config.side)[config.workload](config)
+    except Exception:
+        return {"workload": config.workload, "side": config.side, "error": traceback.format_exc()}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     config_path, result_path = argv
@@ -26,10 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(config_path) as f:
         config = BenchConfig.from_json(f.read())
     setup_process(config)
-    if config.side == "trl":
-        from benchmarks.trl_side import RUNNERS
-    else:
-        from benchmarks.aa_side import RUNNERS
+    RUNNERS = runners(config.side)
     profile_path = config.extra.get("profile")
     if not profile_path:
         write_result(result_path, RUNNERS[config.workload](config))
