@@ -24,6 +24,7 @@ import aa_lightning.callbacks as callbacks
 import aa_lightning.data as data
 from aa_lightning.algorithms.config import GenerationConfig, LoraConfig, OptimConfig
 from aa_lightning.data.sources import DataSpec
+from aa_lightning.environments import EnvironmentSpec
 from aa_lightning.listing import algorithms as listed_algorithms
 from aa_lightning.listing import datamodules as listed_datamodules
 from aa_lightning.rewards import RewardSpec
@@ -35,6 +36,7 @@ SAMPLES: dict[type, dict[str, Any]] = {
     GenerationConfig: {"max_new_tokens": 7, "do_sample": False, "top_k": 5},
     DataSpec: {"path": "rows.json", "template": "Alpaca", "size": 3},
     RewardSpec: {"name": "response_length", "weight": 0.5},
+    EnvironmentSpec: {"name": "tools", "kwargs": {"tools": ["calculator"]}},
 }
 # Arguments a constructor cannot do without (an RL module needs some reward), by argument name.
 REQUIRED: dict[str, Any] = {

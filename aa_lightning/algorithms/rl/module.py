@@ -37,7 +37,7 @@ from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
 from aa_lightning.config_coercion import as_config_list
-from aa_lightning.environments import CONVERSATION, EnvironmentSpec, build_environment
+from aa_lightning.environments import CONVERSATION, Environment, EnvironmentSpec, build_environment
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
 from aa_lightning.models.trajectories import trajectory_family
@@ -174,7 +174,15 @@ class OnlineRLModule(
         self.num_logged_samples = num_logged_samples
         if max_turns < 1 or max_observation_tokens < 1:
             raise ValueError("max_turns and max_observation_tokens must be >= 1")
-        self.environment = build_environment(environment) if environment is not None else None
+        # a name or an Environment instance is built as is; a spec (or its dict) is kept, typed, beside it
+        self.environment_spec = (
+            None
+            if environment is None or isinstance(environment, (str, Environment))
+            else as_config(EnvironmentSpec, environment, "environment")
+        )
+        self.environment = (
+            build_environment(self.environment_spec or environment) if environment is not None else None
+        )
         self.max_turns = max_turns
         self.max_observation_tokens = max_observation_tokens
         self.end_on_cut_turn = end_on_cut_turn
