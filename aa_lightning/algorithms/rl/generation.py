@@ -119,14 +119,16 @@ class GenerationMixin:
     def sampling_settings(self, do_sample: bool | None = None) -> SamplingSettings:
         """The configured sampling settings, resolved for one engine request."""
         cfg = self.generation
+        eos = self.eos_token_ids()
+        pad = self.tokenizer.pad_token_id
         return SamplingSettings(
             max_new_tokens=cfg.max_new_tokens,
             do_sample=cfg.do_sample if do_sample is None else do_sample,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             top_k=cfg.top_k,
-            eos_token_ids=tuple(self.eos_token_ids()),
-            pad_token_id=int(self.tokenizer.pad_token_id),
+            eos_token_ids=tuple(eos),
+            pad_token_id=int(pad) if pad is not None else eos[0],
         )
 
     # -- the rollout engine ------------------------------------------------------------------------------
