@@ -120,3 +120,13 @@ def test_multimodal_models_refuse_padding_free() -> None:
     with pytest.raises(ValueError, match="text-only"):
         module = SFTModule("tiny-llava", padding_free=True)
         module.configure_model()
+
+
+def test_a_row_without_tokens_packs_to_an_empty_segment() -> None:
+    """A row whose mask is all zeros adds no token and a zero-length segment (skipped by the attention)."""
+    ids = torch.tensor([[5, 6, 7], [0, 0, 0], [8, 0, 0]])
+    mask = (ids != 0).long()
+    packed = pack_rows(ids, mask)
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8]]
+    assert packed["index"].tolist() == [0, 1, 2, 6]
+    assert packed["cu_seq_lens"].tolist() == [0, 3, 3, 4]

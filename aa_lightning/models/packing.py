@@ -74,6 +74,7 @@ def packed_sdpa_attention(
     outputs = [
         sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
         for a, b in zip(edges, edges[1:])
+        if b > a  # a row without real tokens has no slice
     ]
     return torch.cat(outputs, dim=1), None
 
@@ -187,6 +188,8 @@ class _PaddingFreeHooks:
             flat = hidden.new_zeros((rows * length, hidden.shape[-1]))
             return flat.index_copy(0, index, hidden[0]).view(rows, length, hidden.shape[-1])
 
+        if isinstance(output, tuple):  # return_dict=False
+            return (unpack(output[0]), *output[1:])
         output.last_hidden_state = unpack(output.last_hidden_state)
         if getattr(output, "hidden_states", None) is not None:
             output.hidden_states = tuple(unpack(h) for h in output.hidden_states)
