@@ -120,18 +120,6 @@ def rollout_engines() -> Rows:
     return [(name, first_line(engine_class(name))) for name in rollout_engine_names()]
 
 
-def environments() -> Rows:
-    from aa_lightning.environments.base import _ENVIRONMENTS
-
-    return [(name, first_line(cls)) for name, cls in _ENVIRONMENTS.items()]
-
-
-def tools() -> Rows:
-    from aa_lightning.environments.tools import available_tools, get_tool
-
-    return [(name, get_tool(name).description.split("\n")[0]) for name in available_tools()]
-
-
 class Section:
     """One registry as ``aa list`` shows it: a title, where its names go in a config, and its rows."""
 
@@ -164,10 +152,6 @@ SECTIONS: list[Section] = [
     ),
     Section("model-types", "classes registered per config.model_type (@register_model)", model_types),
     Section("rollout-engines", "model.init_args.rollout_engine (@register_rollout_engine)", rollout_engines),
-    Section(
-        "environments", "model.init_args.environment: {name: NAME} (@register_environment)", environments
-    ),
-    Section("tools", "environment kwargs tools: [NAME] (@register_tool)", tools),
     Section("eval-tasks", "`aa eval` config tasks: [{task: NAME, data: ...}] (@register_task)", eval_tasks),
 ]
 

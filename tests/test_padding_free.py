@@ -83,7 +83,7 @@ def test_dpo_padding_free_equals_padded(repo_path) -> None:
 def test_reward_model_padding_free_equals_padded(repo_path) -> None:
     batch = first_batch(repo_path, "HH-RLHF", ("benchmarks", "data", "hh_rlhf_256.jsonl"), "preference", 1024)
     compare(
-        lambda pf: RewardModule("tiny-qwen2", dtype="float32", padding_free=pf),
+        lambda pf: RewardModule("tiny-qwen2", dtype="float32", padding_free=pf, new_score_head=True),
         batch,
         lambda m, b: m.compute_loss(b, "train")[0],
     )

@@ -43,3 +43,34 @@ def test_setup_objects_are_frozen_during_training_only(tmp_path, repo_path) -> N
     # the model's parameters (and everything else alive at the start) are in the permanent generation
     assert len(probe.counts) == 2 and min(probe.counts) > 10_000
     assert gc.get_freeze_count() == 0
+
+
+class FailAtFirstBatch(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        assert gc.get_freeze_count() > 10_000  # frozen by then
+        raise RuntimeError("a failing step")
+
+
+def test_a_failed_fit_unfreezes_too(tmp_path, repo_path) -> None:
+    """Lightning skips on_train_end when training raises; the callback's on_exception must unfreeze."""
+    gc.unfreeze()
+    spec = DataSpec(repo_path("configs", "data", "alpaca_200.json"), "Alpaca", size=4)
+    data = TextToTextDataModule("tiny-qwen2", train=spec, max_length=64, batch_size=2)
+    module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant"))
+    trainer = pl.Trainer(
+        default_root_dir=str(tmp_path),
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FailAtFirstBatch()],
+    )
+    try:
+        trainer.fit(module, datamodule=data)
+    except RuntimeError as err:
+        assert "a failing step" in str(err)
+    else:
+        raise AssertionError("the fit should have failed")
+    assert gc.get_freeze_count() == 0

@@ -10,7 +10,6 @@ object built from it; its default is stated once, in the signature) and the code
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import random
@@ -30,6 +29,7 @@ from aa_lightning.algorithms.export import (
     plain_state_dict,
 )
 from aa_lightning.algorithms.frozen import FROZEN_PREFIX, FrozenModels, freeze
+from aa_lightning.algorithms.gc_freeze import FreezeSetupObjects
 from aa_lightning.algorithms.nonfinite import NonFiniteError, NonFinitePolicy, any_rank_nonfinite
 from aa_lightning.algorithms.optim import build_optimizer, param_groups
 from aa_lightning.algorithms.prediction import PredictionMixin
@@ -50,18 +50,6 @@ def frozen_module_names(model: nn.Module) -> list[str]:
         if name and params and not any(p.requires_grad for p in params):
             names.append(name)
     return names
-
-
-def freeze_setup_objects() -> None:
-    """Collect once, then move every object alive after setup (models, tokenizers, the datasets' and the
-    frameworks' ~0.5M objects) out of the garbage collector's reach (``gc.freeze``).
-
-    Without it, a full (generation 2) collection somewhere in training walks all of them: about 0.3-1.5 s on
-    this project's 2-core CI machine, one step that takes several times the median. Training's own short-lived
-    objects are collected as before; :meth:`AlignModule.on_train_end` unfreezes.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 class AlignModule(PredictionMixin, pl.LightningModule):
@@ -284,10 +272,10 @@ class AlignModule(PredictionMixin, pl.LightningModule):
                 f"accumulate_grad_batches={accumulate} but an epoch has only {batches} training batches: "
                 "DeepSpeed would never take a step. Lower accumulate_grad_batches or the batch size"
             )
-        freeze_setup_objects()
 
-    def on_train_end(self) -> None:
-        gc.unfreeze()  # what training froze can be collected again (notebooks, a second fit)
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Callbacks every algorithm needs: setup objects out of the GC's walks while training (steady steps)."""
+        return [FreezeSetupObjects()]
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """A NaN/inf loss on any rank stops the run before its gradients reach the weights."""
