@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from eval_hand import DirectScorer, answer_log_likelihood, causal_lm, chat_text
+from eval_hand import DirectScorer, SeqClsScorer, answer_log_likelihood, causal_lm, chat_text
 
 from aa_lightning.data.formatters import get_formatter
 from aa_lightning.evaluation import EvalTask, RowResult, evaluate, register_task
@@ -47,10 +47,26 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_models")
     policy = resolve_model_path("tiny-qwen2")
     other = build_tiny_qwen2(root / "other", seed=1)
-    score = ScoreModel.from_pretrained(policy, head_init_std=1.0)
-    score.save_pretrained(str(root / "score"))
-    AutoTokenizer.from_pretrained(policy).save_pretrained(str(root / "score"))
-    return {"policy": policy, "other": str(other), "score": str(root / "score"), "pool": ModelPool("cpu")}
+    # a biased head keeps our own format (backbone + score_head.safetensors); a bias-free one exports as
+    # Qwen2ForSequenceClassification: both formats are scored, each by its own hand scorer
+    for name, bias in (("score", True), ("score_seqcls", False)):
+        torch.manual_seed(0)
+        score = ScoreModel.from_pretrained(policy, new_score_head=True, head_bias=bias, head_init_std=1.0)
+        if bias:
+            torch.nn.init.constant_(score.score_head.bias, 0.25)
+        score.save_pretrained(str(root / name))
+        AutoTokenizer.from_pretrained(policy).save_pretrained(str(root / name))
+    assert os.path.exists(root / "score" / "score_head.safetensors")
+    assert json.loads((root / "score_seqcls" / "config.json").read_text())["architectures"] == [
+        "Qwen2ForSequenceClassification"
+    ]
+    return {
+        "policy": policy,
+        "other": str(other),
+        "score": str(root / "score"),
+        "score_seqcls": str(root / "score_seqcls"),
+        "pool": ModelPool("cpu"),
+    }
 
 
 def run(tasks, tmp_path, **kwargs):
@@ -149,8 +165,10 @@ def test_vqa_generation_on_an_image_model(tmp_path):
         )
 
 
-def test_reward_and_cost_preference_accuracy(models, tmp_path):
-    score = DirectScorer(models["score"])
+@pytest.mark.parametrize(("key", "hand"), [("score", DirectScorer), ("score_seqcls", SeqClsScorer)])
+def test_reward_and_cost_preference_accuracy(models, tmp_path, key, hand):
+    """Both export formats (own backbone + biased head; Qwen2ForSequenceClassification) against hand scores."""
+    score = hand(models[key])
     hh = get_formatter("HH-RLHF")
     margins = [score(c) - score(r) for c, r, _ in map(hh.format_preference_sample, rows_of("hh_rlhf.jsonl"))]
     safety = get_formatter("PKU-SafeRLHF-Safety")
@@ -158,14 +176,14 @@ def test_reward_and_cost_preference_accuracy(models, tmp_path):
         score(r) - score(c) for c, r, _ in map(safety.format_preference_sample, rows_of("pku_saferlhf.json"))
     ]
     tasks = [
-        {"task": "preference_accuracy", "data": fixture("hh_rlhf.jsonl"), "reward_model": models["score"]},
+        {"task": "preference_accuracy", "data": fixture("hh_rlhf.jsonl"), "reward_model": models[key]},
         {
             "task": "preference_accuracy",
             "name": "cost_accuracy",
             "data": fixture("pku_saferlhf.json"),
             "template": "PKU-SafeRLHF-Safety",
             "scorer": "cost",
-            "cost_model": models["score"],
+            "cost_model": models[key],
             "batch_size": 3,
         },
     ]
