@@ -194,13 +194,19 @@ def test_reward_and_cost_preference_accuracy(models, tmp_path, key, hand):
     assert result.scores["cost_accuracy"]["margin"] == pytest.approx(sum(cost_margins) / 4, abs=1e-4)
 
 
-def test_dpo_implicit_reward_accuracy(models, tmp_path):
-    """beta * (log pi - log pi_ref) of chosen vs rejected, on single-turn PKU-SafeRLHF pairs."""
+@pytest.mark.parametrize(
+    ("template", "data"), [("PKU-SafeRLHF", "pku_saferlhf.json"), ("HH-RLHF", "hh_rlhf.jsonl")]
+)
+def test_dpo_implicit_reward_accuracy(models, tmp_path, template, data):
+    """beta * (log pi - log pi_ref) of the final reply given all before it, on single-turn PKU-SafeRLHF and
+    multi-turn HH-RLHF pairs: each row's chosen / rejected scores by hand (earlier assistant turns are prompt;
+    counting them would cancel in the margin, not in the scores)."""
     policy, tokenizer = causal_lm(models["policy"])
     reference, _ = causal_lm(models["other"])
-    formatter = get_formatter("PKU-SafeRLHF")
-    margins = []
-    for row in rows_of("pku_saferlhf.json"):
+    formatter = get_formatter(template)
+    margins, scores = [], []
+    rows = rows_of(data)
+    for row in rows:
         chosen, rejected, _ = formatter.format_preference_sample(row)
         rewards = []
         for conversation in (chosen, rejected):
@@ -209,17 +215,23 @@ def test_dpo_implicit_reward_accuracy(models, tmp_path):
             ref = answer_log_likelihood(reference, tokenizer, prompt, answer)
             rewards.append(0.5 * (pi - ref))
         margins.append(rewards[0] - rewards[1])
+        scores.append(rewards)
+    if template == "HH-RLHF":
+        assert sum(m["role"] == "assistant" for m in formatter.format_preference_sample(rows[0])[0]) > 1
     task = {
         "task": "preference_accuracy",
-        "data": fixture("pku_saferlhf.json"),
-        "template": "PKU-SafeRLHF",
+        "data": fixture(data),
+        "template": template,
         "scorer": "dpo",
         "reference_model": models["other"],
         "beta": 0.5,
     }
     result = run([task], tmp_path, model=models["policy"], pool=models["pool"])
-    assert result.scores["preference_accuracy"]["accuracy"] == sum(m > 0 for m in margins) / 4
-    assert result.scores["preference_accuracy"]["margin"] == pytest.approx(sum(margins) / 4, abs=1e-3)
+    n = len(rows)
+    got = [[r["chosen_score"], r["rejected_score"]] for r in result.records["preference_accuracy"]]
+    assert torch.allclose(torch.tensor(got), torch.tensor(scores), atol=1e-3)
+    assert result.scores["preference_accuracy"]["accuracy"] == sum(m > 0 for m in margins) / n
+    assert result.scores["preference_accuracy"]["margin"] == pytest.approx(sum(margins) / n, abs=1e-3)
 
 
 def test_safety_unsafe_rate_and_mean_cost(models, tmp_path):

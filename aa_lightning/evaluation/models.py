@@ -112,10 +112,16 @@ class EvalModel:
         conversations: Sequence[Conversation],
         metas: Sequence[dict[str, Any]] | None,
         media_root: str | None = None,
+        train_on: str = "all_assistant",
     ) -> dict[str, Any]:
+        """Encoded as SFT encodes them; ``train_on`` picks the labelled assistant turns (all, or the last)."""
         self.set_media_root(media_root)
         metas = metas or [{} for _ in conversations]
-        samples = [self.encoder.supervised(list(c), dict(m)) for c, m in zip(conversations, metas)]
+        previous, self.encoder.train_on = self.encoder.train_on, train_on
+        try:
+            samples = [self.encoder.supervised(list(c), dict(m)) for c, m in zip(conversations, metas)]
+        finally:
+            self.encoder.train_on = previous
         return self.collate(samples, "supervised")
 
     @torch.no_grad()
@@ -124,11 +130,13 @@ class EvalModel:
         conversations: Sequence[Conversation],
         metas: Sequence[dict[str, Any]] | None = None,
         media_root: str | None = None,
+        train_on: str = "all_assistant",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum, count)`` of the log-probs of each conversation's assistant tokens (as SFT labels them)."""
+        """``(sum, count)`` of the log-probs of each conversation's assistant tokens (as SFT labels them);
+        ``train_on="last_assistant"``: only the final reply's (the response of a multi-turn preference row)."""
         from aa_lightning.algorithms.logprobs import output_log_probs
 
-        batch = self._supervised(conversations, metas, media_root)
+        batch = self._supervised(conversations, metas, media_root, train_on)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = output_log_probs(self.model, batch)
         return out.sum.float().cpu(), out.token_count.cpu()
