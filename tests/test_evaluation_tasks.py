@@ -109,13 +109,17 @@ def test_vqa_exact_match_normalised(tmp_path):
 # -- models: hand-computed ----------------------------------------------------------------------------------
 def test_multiple_choice_log_likelihood(models, tmp_path):
     model, tokenizer = causal_lm(models["policy"])
-    expected, correct = [], 0
+    expected, correct, correct_norm = [], 0, 0
     for row in rows_of("mmlu.jsonl"):
         prompt = [{"role": "user", "content": row["question"]}]
         lls = [answer_log_likelihood(model, tokenizer, prompt, choice) for choice in row["choices"]]
         answer = "ABCD".index(row["answer"]) if isinstance(row["answer"], str) else row["answer"]
         expected.append(lls)
         correct += lls.index(max(lls)) == answer
+        # accuracy_norm: the choice with the best mean log-prob per answer token (reply + end-of-turn)
+        sizes = [len(tokenizer(c + "<|im_end|>", add_special_tokens=False).input_ids) for c in row["choices"]]
+        means = [ll / n for ll, n in zip(lls, sizes)]
+        correct_norm += means.index(max(means)) == answer
     result = run(
         [{"task": "multiple_choice", "data": fixture("mmlu.jsonl")}],
         tmp_path,
@@ -125,6 +129,7 @@ def test_multiple_choice_log_likelihood(models, tmp_path):
     got = [r["log_likelihoods"] for r in result.records["multiple_choice"]]
     assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-3)
     assert result.scores["multiple_choice"]["accuracy"] == correct / 4
+    assert result.scores["multiple_choice"]["accuracy_norm"] == correct_norm / 4
 
 
 def test_image_multiple_choice_log_likelihood(tmp_path):
