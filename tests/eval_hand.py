@@ -55,5 +55,20 @@ class DirectScorer:
         return float(hidden @ self.weight + self.bias)
 
 
+class SeqClsScorer(DirectScorer):
+    """A ``*ForSequenceClassification`` export's end score from its files: the base model's last hidden state
+    times ``score.weight`` (no bias: transformers' heads have none), read from the safetensors by hand."""
+
+    def __init__(self, path):
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.backbone = AutoModel.from_pretrained(path).eval()
+        tensors = {}
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".safetensors"):
+                tensors.update(load_file(os.path.join(path, name)))
+        assert "score.weight" in tensors and "score.bias" not in tensors, sorted(tensors)[:5]
+        self.weight, self.bias = tensors["score.weight"][0], torch.zeros(())
+
+
 def causal_lm(path):
     return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

@@ -47,5 +47,19 @@ def test_a_local_lm_eval_task_matches_hand_computed_accuracy(tmp_path, monkeypat
         answer = "ABCD".index(row["answer"]) if isinstance(row["answer"], str) else row["answer"]
         correct += sums.index(max(sums)) == answer
     task = {"task": "lm_eval", "tasks": ["aa_mmlu_local"], "include_path": TASK_DIR, "batch_size": 4}
-    result = evaluate(model=path, tasks=[task], output_dir=str(tmp_path), tensorboard=False, device="cpu")
+    import lm_eval
+
+    from aa_lightning.evaluation.models import ModelPool
+
+    handed, real = [], lm_eval.simple_evaluate
+
+    def record(model, **kwargs):  # the real simple_evaluate, noting which model lm-eval was given
+        handed.append(model)
+        return real(model=model, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", record)
+    pool = ModelPool("cpu")
+    result = evaluate(model=path, tasks=[task], output_dir=str(tmp_path), tensorboard=False, pool=pool)
     assert result.scores["lm_eval"]["aa_mmlu_local/acc"] == pytest.approx(correct / len(rows))
+    # lm-eval got the pool's loaded model (one process: world_size 1 under torchrun too), not a path to load
+    assert handed[0]._model is pool.loaded[(path, "lm")].model and handed[0].world_size == 1

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from eval_hand import DirectScorer, answer_log_likelihood, causal_lm, chat_text
+from eval_hand import DirectScorer, SeqClsScorer, answer_log_likelihood, causal_lm, chat_text
 
 from aa_lightning.data.formatters import get_formatter
 from aa_lightning.evaluation import EvalTask, RowResult, evaluate, register_task
@@ -47,10 +47,26 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_models")
     policy = resolve_model_path("tiny-qwen2")
     other = build_tiny_qwen2(root / "other", seed=1)
-    score = ScoreModel.from_pretrained(policy, head_init_std=1.0)
-    score.save_pretrained(str(root / "score"))
-    AutoTokenizer.from_pretrained(policy).save_pretrained(str(root / "score"))
-    return {"policy": policy, "other": str(other), "score": str(root / "score"), "pool": ModelPool("cpu")}
+    # a biased head keeps our own format (backbone + score_head.safetensors); a bias-free one exports as
+    # Qwen2ForSequenceClassification: both formats are scored, each by its own hand scorer
+    for name, bias in (("score", True), ("score_seqcls", False)):
+        torch.manual_seed(0)
+        score = ScoreModel.from_pretrained(policy, new_score_head=True, head_bias=bias, head_init_std=1.0)
+        if bias:
+            torch.nn.init.constant_(score.score_head.bias, 0.25)
+        score.save_pretrained(str(root / name))
+        AutoTokenizer.from_pretrained(policy).save_pretrained(str(root / name))
+    assert os.path.exists(root / "score" / "score_head.safetensors")
+    assert json.loads((root / "score_seqcls" / "config.json").read_text())["architectures"] == [
+        "Qwen2ForSequenceClassification"
+    ]
+    return {
+        "policy": policy,
+        "other": str(other),
+        "score": str(root / "score"),
+        "score_seqcls": str(root / "score_seqcls"),
+        "pool": ModelPool("cpu"),
+    }
 
 
 def run(tasks, tmp_path, **kwargs):
@@ -93,13 +109,17 @@ def test_vqa_exact_match_normalised(tmp_path):
 # -- models: hand-computed ----------------------------------------------------------------------------------
 def test_multiple_choice_log_likelihood(models, tmp_path):
     model, tokenizer = causal_lm(models["policy"])
-    expected, correct = [], 0
+    expected, correct, correct_norm = [], 0, 0
     for row in rows_of("mmlu.jsonl"):
         prompt = [{"role": "user", "content": row["question"]}]
         lls = [answer_log_likelihood(model, tokenizer, prompt, choice) for choice in row["choices"]]
         answer = "ABCD".index(row["answer"]) if isinstance(row["answer"], str) else row["answer"]
         expected.append(lls)
         correct += lls.index(max(lls)) == answer
+        # accuracy_norm: the choice with the best mean log-prob per answer token (reply + end-of-turn)
+        sizes = [len(tokenizer(c + "<|im_end|>", add_special_tokens=False).input_ids) for c in row["choices"]]
+        means = [ll / n for ll, n in zip(lls, sizes)]
+        correct_norm += means.index(max(means)) == answer
     result = run(
         [{"task": "multiple_choice", "data": fixture("mmlu.jsonl")}],
         tmp_path,
@@ -109,6 +129,7 @@ def test_multiple_choice_log_likelihood(models, tmp_path):
     got = [r["log_likelihoods"] for r in result.records["multiple_choice"]]
     assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-3)
     assert result.scores["multiple_choice"]["accuracy"] == correct / 4
+    assert result.scores["multiple_choice"]["accuracy_norm"] == correct_norm / 4
 
 
 def test_image_multiple_choice_log_likelihood(tmp_path):
@@ -149,8 +170,10 @@ def test_vqa_generation_on_an_image_model(tmp_path):
         )
 
 
-def test_reward_and_cost_preference_accuracy(models, tmp_path):
-    score = DirectScorer(models["score"])
+@pytest.mark.parametrize(("key", "hand"), [("score", DirectScorer), ("score_seqcls", SeqClsScorer)])
+def test_reward_and_cost_preference_accuracy(models, tmp_path, key, hand):
+    """Both export formats (own backbone + biased head; Qwen2ForSequenceClassification) against hand scores."""
+    score = hand(models[key])
     hh = get_formatter("HH-RLHF")
     margins = [score(c) - score(r) for c, r, _ in map(hh.format_preference_sample, rows_of("hh_rlhf.jsonl"))]
     safety = get_formatter("PKU-SafeRLHF-Safety")
@@ -158,14 +181,14 @@ def test_reward_and_cost_preference_accuracy(models, tmp_path):
         score(r) - score(c) for c, r, _ in map(safety.format_preference_sample, rows_of("pku_saferlhf.json"))
     ]
     tasks = [
-        {"task": "preference_accuracy", "data": fixture("hh_rlhf.jsonl"), "reward_model": models["score"]},
+        {"task": "preference_accuracy", "data": fixture("hh_rlhf.jsonl"), "reward_model": models[key]},
         {
             "task": "preference_accuracy",
             "name": "cost_accuracy",
             "data": fixture("pku_saferlhf.json"),
             "template": "PKU-SafeRLHF-Safety",
             "scorer": "cost",
-            "cost_model": models["score"],
+            "cost_model": models[key],
             "batch_size": 3,
         },
     ]
@@ -176,13 +199,19 @@ def test_reward_and_cost_preference_accuracy(models, tmp_path):
     assert result.scores["cost_accuracy"]["margin"] == pytest.approx(sum(cost_margins) / 4, abs=1e-4)
 
 
-def test_dpo_implicit_reward_accuracy(models, tmp_path):
-    """beta * (log pi - log pi_ref) of chosen vs rejected, on single-turn PKU-SafeRLHF pairs."""
+@pytest.mark.parametrize(
+    ("template", "data"), [("PKU-SafeRLHF", "pku_saferlhf.json"), ("HH-RLHF", "hh_rlhf.jsonl")]
+)
+def test_dpo_implicit_reward_accuracy(models, tmp_path, template, data):
+    """beta * (log pi - log pi_ref) of the final reply given all before it, on single-turn PKU-SafeRLHF and
+    multi-turn HH-RLHF pairs: each row's chosen / rejected scores by hand (earlier assistant turns are prompt;
+    counting them would cancel in the margin, not in the scores)."""
     policy, tokenizer = causal_lm(models["policy"])
     reference, _ = causal_lm(models["other"])
-    formatter = get_formatter("PKU-SafeRLHF")
-    margins = []
-    for row in rows_of("pku_saferlhf.json"):
+    formatter = get_formatter(template)
+    margins, scores = [], []
+    rows = rows_of(data)
+    for row in rows:
         chosen, rejected, _ = formatter.format_preference_sample(row)
         rewards = []
         for conversation in (chosen, rejected):
@@ -191,17 +220,23 @@ def test_dpo_implicit_reward_accuracy(models, tmp_path):
             ref = answer_log_likelihood(reference, tokenizer, prompt, answer)
             rewards.append(0.5 * (pi - ref))
         margins.append(rewards[0] - rewards[1])
+        scores.append(rewards)
+    if template == "HH-RLHF":
+        assert sum(m["role"] == "assistant" for m in formatter.format_preference_sample(rows[0])[0]) > 1
     task = {
         "task": "preference_accuracy",
-        "data": fixture("pku_saferlhf.json"),
-        "template": "PKU-SafeRLHF",
+        "data": fixture(data),
+        "template": template,
         "scorer": "dpo",
         "reference_model": models["other"],
         "beta": 0.5,
     }
     result = run([task], tmp_path, model=models["policy"], pool=models["pool"])
-    assert result.scores["preference_accuracy"]["accuracy"] == sum(m > 0 for m in margins) / 4
-    assert result.scores["preference_accuracy"]["margin"] == pytest.approx(sum(margins) / 4, abs=1e-3)
+    n = len(rows)
+    got = [[r["chosen_score"], r["rejected_score"]] for r in result.records["preference_accuracy"]]
+    assert torch.allclose(torch.tensor(got), torch.tensor(scores), atol=1e-3)
+    assert result.scores["preference_accuracy"]["accuracy"] == sum(m > 0 for m in margins) / n
+    assert result.scores["preference_accuracy"]["margin"] == pytest.approx(sum(margins) / n, abs=1e-3)
 
 
 def test_safety_unsafe_rate_and_mean_cost(models, tmp_path):

@@ -31,6 +31,7 @@ class RewardServer:
         self.script: list[Callable[[dict[str, Any]], Reply]] = [length_scores]
         self.requests: list[dict[str, Any]] = []
         self.authorization: list[str | None] = []
+        self.cut = 0  # the first ``cut`` replies stop halfway through their body and the connection closes
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,7 +47,11 @@ class RewardServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(body)
+                    if len(server.requests) <= server.cut:
+                        self.wfile.write(body[: len(body) // 2])
+                        self.close_connection = True
+                    else:
+                        self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                     pass
 
@@ -100,6 +105,22 @@ def test_a_server_that_keeps_failing_names_url_status_and_body(server: RewardSer
     with pytest.raises(RemoteRewardError, match=rf"{server.url} failed 3 times.*HTTP 503.*model is loading"):
         call(server.url, retries=2, backoff=0.01)
     assert len(server.requests) == 3
+
+
+def test_a_reply_cut_mid_body_is_retried_then_named(server: RewardServer) -> None:
+    """http.client.IncompleteRead is no OSError: it is retried, and named once the retries are spent."""
+    server.cut = 1
+    assert call(server.url, n=2, backoff=0.01) == [1.0, 12.0]
+    assert len(server.requests) == 2
+    server.cut = 99
+    with pytest.raises(RemoteRewardError, match=r"failed 2 times.*broken reply \(IncompleteRead"):
+        call(server.url, n=2, retries=1, backoff=0.01)
+
+
+def test_nan_in_metas_is_a_clear_error_not_invalid_json(server: RewardServer) -> None:
+    with pytest.raises(RemoteRewardError, match=r"NaN or infinity"):
+        get_reward("remote")(["p"], ["r"], [{"bonus": float("nan")}], url=server.url)
+    assert server.requests == []  # nothing was sent
 
 
 def test_a_client_error_is_not_retried(server: RewardServer) -> None:

@@ -9,7 +9,6 @@ is evaluated on exactly the text it was trained on. Models load with ``trust_rem
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -113,10 +112,16 @@ class EvalModel:
         conversations: Sequence[Conversation],
         metas: Sequence[dict[str, Any]] | None,
         media_root: str | None = None,
+        train_on: str = "all_assistant",
     ) -> dict[str, Any]:
+        """Encoded as SFT encodes them; ``train_on`` picks the labelled assistant turns (all, or the last)."""
         self.set_media_root(media_root)
         metas = metas or [{} for _ in conversations]
-        samples = [self.encoder.supervised(list(c), dict(m)) for c, m in zip(conversations, metas)]
+        previous, self.encoder.train_on = self.encoder.train_on, train_on
+        try:
+            samples = [self.encoder.supervised(list(c), dict(m)) for c, m in zip(conversations, metas)]
+        finally:
+            self.encoder.train_on = previous
         return self.collate(samples, "supervised")
 
     @torch.no_grad()
@@ -125,11 +130,13 @@ class EvalModel:
         conversations: Sequence[Conversation],
         metas: Sequence[dict[str, Any]] | None = None,
         media_root: str | None = None,
+        train_on: str = "all_assistant",
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sum, count)`` of the log-probs of each conversation's assistant tokens (as SFT labels them)."""
+        """``(sum, count)`` of the log-probs of each conversation's assistant tokens (as SFT labels them);
+        ``train_on="last_assistant"``: only the final reply's (the response of a multi-turn preference row)."""
         from aa_lightning.algorithms.logprobs import output_log_probs
 
-        batch = self._supervised(conversations, metas, media_root)
+        batch = self._supervised(conversations, metas, media_root, train_on)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         out = output_log_probs(self.model, batch)
         return out.sum.float().cpu(), out.token_count.cpu()
@@ -143,19 +150,8 @@ class EvalModel:
     ) -> torch.Tensor:
         """The end score of each whole conversation (a reward or cost model; read at its end-of-turn token)."""
         batch = self._supervised(conversations, metas, media_root)
-        output = self.model(**self.inputs(batch))
-        if hasattr(output, "end_scores"):
-            return output.end_scores.float().cpu()
-        return output.logits[:, 0].float().cpu()  # AutoModelForSequenceClassification: last non-pad token
-
-
-def _is_sequence_classifier(path: str) -> bool:
-    config = os.path.join(path, "config.json")
-    if not os.path.exists(config):
-        return False
-    with open(config, encoding="utf-8") as handle:
-        architectures = json.load(handle).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
+        output = self.model(**self.inputs(batch))  # a ScoreModel (ModelPool.score loads every format as one)
+        return output.end_scores.float().cpu()
 
 
 class ModelPool:
@@ -177,8 +173,8 @@ class ModelPool:
     def lm(self, name_or_path: str) -> EvalModel:
         key = (name_or_path, "lm")
         if key not in self.loaded:
-            chat = load_chat_model(
-                name_or_path, device=self.device, dtype=self.dtype, trust_remote_code=False
+            chat = load_chat_model(  # this rank's device: "auto" there would be GPU 0 on every rank
+                name_or_path, device=str(self.target()), dtype=self.dtype, trust_remote_code=False
             )
             self.loaded[key] = EvalModel(chat.path, chat.model, chat.tokenizer, chat.processor, chat.device)
         return self.loaded[key]
@@ -202,14 +198,9 @@ class ModelPool:
         if key in self.loaded:
             return self.loaded[key]
         path = resolve_chat_path(name_or_path)
-        if _is_sequence_classifier(path):
-            from transformers import AutoModelForSequenceClassification
-
-            from aa_lightning.models.loading import load_tokenizer_and_processor
-
-            model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=False)
-            tokenizer, processor = load_tokenizer_and_processor(path, padding_side="right")
-        elif has_score_head(path):
+        if has_score_head(path):
+            # both formats load as a ScoreModel: a seqcls export with num_labels != 1 is refused (its first
+            # logit is no score), and the end score is read at the last attended token
             model, tokenizer, processor = load_pretrained_models(
                 path, dtype=self.dtype, score_model=True, padding_side="right", trust_remote_code=False
             )

@@ -122,6 +122,21 @@ def reduce_sums(sums: list[float], world: int) -> list[float]:
     return tensor.tolist()
 
 
+def metric_names(task: EvalTask, results: list[tuple[int, RowResult]], world: int) -> list[str]:
+    """The task's declared metrics, else the union of the rows' over all ranks: every rank must all_reduce a
+    tensor of the same length, also a rank that got no rows."""
+    if task.metrics:
+        return list(task.metrics)
+    mine = sorted({m for _, r in results for m in r.metrics})
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return sorted({m for part in parts for m in part})
+
+
 def gather_records(records: list[dict[str, Any]], world: int) -> list[dict[str, Any]]:
     if world == 1:
         return records
@@ -207,7 +222,7 @@ def run_task(
         progress.update(len(batch) * world)
     progress.done = len(rows)
     progress.close()
-    names = list(task.metrics) or sorted({m for _, r in results for m in r.metrics})
+    names = metric_names(task, results, world)
     for number, result in results:
         missing = set(names) - set(result.metrics)
         if missing:

@@ -19,6 +19,7 @@ URL, the status and the start of the body. Only the standard library is used (``
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import os
@@ -93,7 +94,13 @@ def post_batch(
 ) -> bytes:
     """POST ``payload`` as JSON; the body of the 200 reply. Transient failures are retried ``retries`` times,
     waiting ``backoff * 2**k`` seconds before retry ``k + 1``."""
-    data = json.dumps(payload, default=_jsonable).encode("utf-8")
+    try:  # NaN / inf are no JSON: Python would write them as bare NaN, which servers reject or misread
+        data = json.dumps(payload, default=_jsonable, allow_nan=False).encode("utf-8")
+    except ValueError as error:
+        raise RemoteRewardError(
+            f"reward server {url}: the request holds NaN or infinity (in prompts/responses/metas), which JSON "
+            f"cannot carry ({error}); clean the metas before scoring"
+        ) from None
     request_headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
     last = ""
     for attempt in range(retries + 1):
@@ -117,6 +124,8 @@ def post_batch(
                 last = f"cannot connect ({error.reason})"
         except (ConnectionError, OSError) as error:  # a connection reset mid-reply
             last = f"connection failed ({error})"
+        except http.client.HTTPException as error:  # a reply cut mid-body, a garbled status line (no OSError)
+            last = f"broken reply ({type(error).__name__}: {error!r})"
     raise RemoteRewardError(f"reward server {url} failed {retries + 1} times; last: {last}")
 
 

@@ -1,16 +1,15 @@
 """lm-evaluation-harness benchmarks on an exported model, through its Python API (optional extra).
 
 Why not re-implement them: lm-eval already carries hundreds of text benchmarks with their prompts, few-shot
-sets and metrics. This task hands it the model folder (a run's ``hf_model`` export, any folder or hub name;
-``trust_remote_code`` off) and its task names, with ``include_path`` for task YAMLs of one's own (e.g. a task
-over a local jsonl file, as the test does). Installed by ``pip install 'aa-lightning[eval]'``.
+sets and metrics. This task hands it the model (a run's ``hf_model`` export, any folder or hub name;
+``trust_remote_code`` off), loaded on this rank's device, and its task names, with ``include_path`` for task
+YAMLs of one's own (e.g. a task over a local jsonl file, as the test does). Installed by ``pip install 'aa-lightning[eval]'``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aa_lightning.chat.loading import resolve_chat_path
 from aa_lightning.evaluation.registry import register_task
 from aa_lightning.evaluation.task import EvalContext, EvalTask
 
@@ -79,10 +78,19 @@ class LMEvalHarness(EvalTask):
         lm_eval = import_lm_eval()
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
+        from transformers import AutoTokenizer
 
-        path = resolve_chat_path(self.model_path(context))
-        device = str(context.pool.target())
-        lm = HFLM(pretrained=path, trust_remote_code=False, batch_size=self.batch_size, device=device)
+        # a loaded model, not a path: given a path under a multi-GPU torchrun, lm-eval starts an Accelerator
+        # (world_size > 1) and waits in gathers the other ranks never join; a model object is one process
+        loaded = context.pool.lm(self.model_path(context))  # on this rank's device, shared with other tasks
+        tokenizer = AutoTokenizer.from_pretrained(
+            loaded.path, trust_remote_code=False
+        )  # lm-eval's own padding
+        lm = HFLM(pretrained=loaded.model, tokenizer=tokenizer, batch_size=self.batch_size)
+        if lm.world_size != 1:
+            raise RuntimeError(
+                f"task {self.name}: lm-eval set up {lm.world_size} processes; rank 0 runs it alone"
+            )
         manager = TaskManager(include_path=self.include_path) if self.include_path else TaskManager()
         output = lm_eval.simple_evaluate(
             model=lm,

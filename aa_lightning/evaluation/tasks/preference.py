@@ -7,7 +7,8 @@ Pairs come from a registered preference formatter (``HH-RLHF``, ``PKU-SafeRLHF``
 - ``cost``: ``c(chosen) < c(rejected)`` under ``cost_model`` (pair it with ``PKU-SafeRLHF-Safety``, whose
   chosen is the safer reply);
 - ``dpo``: the implicit reward ``beta * (log pi(y|x) - log pi_ref(y|x))`` of the policy (the run's ``model``)
-  against ``reference_model``: ``r(chosen) > r(rejected)``, i.e. DPO's reward accuracy.
+  against ``reference_model``: ``r(chosen) > r(rejected)``, i.e. DPO's reward accuracy. ``y`` is the final
+  reply only (earlier turns are the prompt ``x``), so each row's recorded scores are the response's.
 
 Metrics: ``accuracy`` (a tie counts as wrong) and ``margin`` (mean of better minus worse score).
 """
@@ -70,8 +71,13 @@ class PreferenceAccuracy(EvalTask):
             scores = context.pool.score(path).scores(both, both_metas, media_root=root).tolist()
         else:
             assert self.reference_model is not None
-            policy, _ = context.pool.lm(self.model_path(context)).log_likelihoods(both, both_metas, root)
-            reference, _ = context.pool.lm(self.reference_model).log_likelihoods(both, both_metas, root)
+            # log pi(y|x) of the final reply y only: earlier turns of a multi-turn row are the prompt x
+            policy, _ = context.pool.lm(self.model_path(context)).log_likelihoods(
+                both, both_metas, root, train_on="last_assistant"
+            )
+            reference, _ = context.pool.lm(self.reference_model).log_likelihoods(
+                both, both_metas, root, train_on="last_assistant"
+            )
             scores = (self.beta * (policy - reference)).tolist()
         n = len(chosen)
         return scores[:n], scores[n:]

@@ -1,18 +1,32 @@
 """Win rate of model A against model B under a reward model, on the same prompts (align-anything's models_pk).
 
 Both models answer every prompt with the same generation settings; the reward model scores both turns.
-``win_rate`` counts a tie (equal rewards) as half a win, so two copies of one model score exactly 0.5.
+``win_rate`` counts a tie (equal rewards) as half a win, and B samples from the random state A started from,
+so two copies of one model give the same replies and score exactly 0.5.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from aa_lightning.data.sources import media_root
 from aa_lightning.evaluation.registry import register_task
 from aa_lightning.evaluation.task import EvalContext, EvalRow, RowResult
 from aa_lightning.evaluation.tasks.generative import GenerativeTask
 from aa_lightning.evaluation.tasks.prompts import prompt_text
+
+
+def random_state() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """torch's CPU and CUDA generator states (sampling draws from both, depending on the device)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+
+
+def set_random_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1]:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 @register_task("win_rate")
@@ -45,12 +59,16 @@ class WinRate(GenerativeTask):
 
     def evaluate_batch(self, rows: list[EvalRow], context: EvalContext) -> list[RowResult]:
         prompts, metas = self.ask(rows)
+        state = random_state()  # B samples from A's random state: one model against itself ties exactly
         replies_a = self.replies(rows, prompts, metas, context)
         if self.responses_b_field:
             replies_b = [str(row.get(self.responses_b_field, str)) for row in rows]
         else:
             assert self.model_b is not None
+            after_a = random_state()
+            set_random_state(state)
             replies_b = self.replies(rows, prompts, metas, context, model=self.model_b)
+            set_random_state(after_a)
         turns = [
             [*prompt, {"role": "assistant", "content": reply}]
             for replies in (replies_a, replies_b)
