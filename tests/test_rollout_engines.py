@@ -152,6 +152,19 @@ def test_tis_with_an_engine_that_reports_no_logprobs_is_refused(repo_path: Any) 
         _fit(_grpo(tis_cap=2.0), repo_path, 1)
 
 
+def test_tis_with_top_p_or_top_k_sampling_is_refused_unless_opted_in() -> None:
+    # the engine's log-probs are of the truncated distribution, the trainer's of the full one
+    for truncation in ({"top_p": 0.9}, {"top_k": 5}):
+        generation = GenerationConfig(max_new_tokens=4, **truncation)
+        with pytest.raises(ValueError, match="after top-k/top-p truncation.*tis_with_truncated_sampling"):
+            _grpo(tis_cap=2.0, generation=generation)
+        opted_in = _grpo(tis_cap=2.0, generation=generation, tis_with_truncated_sampling=True)
+        assert opted_in.tis_with_truncated_sampling
+        _grpo(generation=generation)  # no TIS: nothing to refuse
+    _grpo(tis_cap=2.0, generation=GenerationConfig(max_new_tokens=4, temperature=0.7))  # both sides scale
+    _grpo(tis_cap=2.0, generation=GenerationConfig(max_new_tokens=4, top_p=0.9, do_sample=False))  # greedy
+
+
 # -- a reporting engine through GRPO and PPO ---------------------------------------------------------------
 def test_grpo_logs_the_sampling_gap_and_the_engine_hears_every_update(repo_path: Any) -> None:
     module = _grpo(rollout_engine="test_reporting_hf", num_iterations=2)

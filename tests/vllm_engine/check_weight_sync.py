@@ -7,7 +7,8 @@ sampling log-probs against the trained policy's recomputed ones. After each upda
 updated policy, so the gap of every rollout after the first (after 1, 2, ... updates) must be float noise,
 for plain and LoRA training. The same run with the sync switched off, or with one module left out of it,
 must fail that check (the gap is then the size of the updates): the check can tell a broken sync. The plain
-run trains with TIS on (``tis_cap: 2``): with a complete sync every weight ``pi_trainer / pi_vLLM`` must be 1.
+run trains with TIS on (``tis_cap: 2``): with a complete sync every weight ``pi_trainer / pi_vLLM`` must be 1;
+so must they at temperature 0.7 (vLLM's processed log-probs and the trainer's both divide the logits by it).
 
     python tests/vllm_engine/check_weight_sync.py            # exits 1 if any case disagrees
 
@@ -46,7 +47,12 @@ def build_policy(target: Path) -> str:
 
 
 def run_case(
-    model_dir: str, lora: bool, updates: int, engine_args: dict[str, Any], tis_cap: float | None = None
+    model_dir: str,
+    lora: bool,
+    updates: int,
+    engine_args: dict[str, Any],
+    tis_cap: float | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """GRPO for ``updates`` updates with the vLLM engine; the gap of every rollout and the engine's timings."""
     import lightning.pytorch as pl
@@ -74,7 +80,7 @@ def run_case(
         reward_functions=[RewardSpec("target_token_share", kwargs={"target": "e"})],
         num_generations=4,
         beta=0.0,
-        generation=GenerationConfig(max_new_tokens=8),
+        generation=GenerationConfig(max_new_tokens=8, temperature=temperature),
         optim=OptimConfig(lr=2e-2, warmup_steps=0, scheduler="constant"),
         lora=LoraConfig(r=8, alpha=16, dropout=0.0) if lora else None,
         sample_log_interval=0,
@@ -113,6 +119,7 @@ def run_case(
 CASES: list[tuple[str, bool, dict[str, Any], bool]] = [
     # name, LoRA, engine args, whether the sync is complete (the gaps after updates must be float noise)
     ("plain, with TIS", False, {}, True),
+    ("plain, temperature 0.7, with TIS", False, {}, True),  # temperature is applied on both sides
     ("plain, no sync", False, {"sync_weights": False}, False),
     ("plain, one module left out", False, {"skip_sync_modules": ["model.layers.1.mlp.down_proj.*"]}, False),
     ("lora (merged)", True, {}, True),
@@ -138,7 +145,8 @@ def main() -> int:
                 continue
             began = time.perf_counter()
             tis_cap = 2.0 if "TIS" in name else None
-            result = run_case(model_dir, lora, args.updates, engine_args, tis_cap)
+            temperature = 0.7 if "temperature 0.7" in name else 1.0
+            result = run_case(model_dir, lora, args.updates, engine_args, tis_cap, temperature)
             after_updates = max(result["gaps"][1:])
             # the first rollout precedes every update: engine and trainer hold the same (initial) weights
             ok = result["gaps"][0] < TOLERANCE and (after_updates < TOLERANCE) == complete

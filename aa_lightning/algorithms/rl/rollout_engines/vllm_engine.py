@@ -14,8 +14,12 @@ samples: align-anything's ``ppo_vllm`` sampled from its initial weights for a wh
 
 Every row is its own request with its own seed (the rollout seed + row index), so a rollout is reproducible
 and a resumed run samples what the uninterrupted one did. vLLM reports the log-probs it sampled with
-(``logprobs_mode="processed_logprobs"``: after temperature, before top-k/top-p truncation, as the trainer
-computes them), kept as ``engine_logprobs`` for the gap metric and TIS. ``sleep_mode`` (GPU only) releases
+(``logprobs_mode="processed_logprobs"``), kept as ``engine_logprobs`` for the gap metric and TIS. They are
+taken AFTER temperature AND top-k/top-p truncation (vLLM's sampler truncates, then takes the log-softmax of
+what is left), while the trainer's are temperature-only over the full vocabulary: with ``top_p < 1`` or
+``top_k > 0`` every engine log-prob is the larger one of the renormalised kept set, so the gap metric shows
+that offset even with synced weights (a warning says so once), and ``tis_cap`` is refused unless
+``tis_with_truncated_sampling`` (:func:`~aa_lightning.algorithms.rl.sampling_correction.check_tis_truncation`). ``sleep_mode`` (GPU only) releases
 vLLM's weights and KV cache while the trainer updates (``LLM.sleep(level=2)``; woken and re-synced before
 the next rollout). Text-only: media inputs and token-grid families are refused.
 """
@@ -26,6 +30,7 @@ import fnmatch
 import gc
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +133,7 @@ class VLLMEngine(RolloutEngine):
         self.asleep = False
         self.start_seconds: float | None = None
         self.sync_seconds: list[float] = []
+        self.warned_truncation = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self, module: OnlineRLModule) -> None:
@@ -230,6 +236,14 @@ class VLLMEngine(RolloutEngine):
         from vllm.inputs import TokensPrompt
 
         s = request.sampling
+        if s.do_sample and (s.top_p < 1.0 or s.top_k > 0) and not self.warned_truncation:
+            self.warned_truncation = True
+            warnings.warn(
+                f"rollout_engine: vllm samples with top_p={s.top_p} / top_k={s.top_k}: its log-probs are of the "
+                "truncated, renormalised distribution, the trainer's of the full one, so "
+                "rollout/engine_logprob_gap shows that offset even with synced weights (and TIS weights < 1)",
+                stacklevel=2,
+            )
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request.prompt_token_ids()]
         params = [
             SamplingParams(
