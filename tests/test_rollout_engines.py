@@ -9,7 +9,7 @@ float noise; an ``offset`` added to them shows that the gap metric and the TIS w
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import pytest
@@ -26,8 +26,9 @@ from aa_lightning.algorithms.rl.rollout_engines import (
     rollout_engine_names,
 )
 from aa_lightning.algorithms.rl.rollout_engines.hf import HFGenerateEngine
-from aa_lightning.algorithms.rl.rollout_engines.vllm_engine import policy_weights
+from aa_lightning.algorithms.rl.rollout_engines.vllm_engine import VLLMEngine, policy_weights
 from aa_lightning.data import TextToTextDataModule
+from aa_lightning.environments import Environment, EnvironmentStep, register_environment
 from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec
 
@@ -282,3 +283,74 @@ def test_vllm_engine_without_vllm_names_the_extra(repo_path: Any) -> None:
         pytest.skip("vLLM is installed here: tests/vllm_engine/check_weight_sync.py covers the engine")
     with pytest.raises(ImportError, match=r"aa-lightning\[vllm\]"):
         _fit(_grpo(rollout_engine="vllm"), repo_path, 1)
+
+
+# -- vLLM's sleep mode: when it sleeps, wakes and re-syncs, without vLLM --------------------------------------
+class _FakeLLM:
+    """Records the sleep-mode calls the engine makes on ``vllm.LLM``."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self) -> None:
+        self.calls.append("wake")
+
+
+@register_rollout_engine("test_sleeping_vllm")
+class SleepingVLLMEngine(VLLMEngine):
+    """The vLLM engine's start/wake/sync/sleep bookkeeping, sampling with the policy's own ``generate``."""
+
+    reports_logprobs = False
+    instances: ClassVar[list[SleepingVLLMEngine]] = []
+
+    def __init__(self) -> None:
+        super().__init__(sleep_mode=True)
+        self.calls: list[str] = []
+        SleepingVLLMEngine.instances.append(self)
+
+    def start(self, module: Any) -> None:
+        self.calls.append("start")
+        self.llm, self.stale = _FakeLLM(self.calls), True
+
+    def sync(self, module: Any) -> None:
+        self.calls.append("sync")
+        self.stale = False
+
+    def on_weights_updated(self, module: Any) -> None:
+        self.calls.append("update")
+        super().on_weights_updated(module)
+
+    def generate(self, module: Any, request: EngineRequest) -> EngineCompletions:
+        self.prepare(module)
+        self.calls.append("generate")
+        hf = HFGenerateEngine()
+        with hf.session(module, request):
+            return hf.generate(module, request)
+
+
+@register_environment("test_engine_tool")
+class _EngineTool(Environment):
+    def step(self, conversation: list[dict], meta: dict) -> EnvironmentStep:
+        return EnvironmentStep([{"role": "tool", "content": "42"}], reward=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "generates"),
+    [
+        # three policy turns per episode: three generate calls per rollout
+        ({"environment": "test_engine_tool", "max_turns": 3, "end_on_cut_turn": False}, 3),
+        ({"advantage_estimator": "remax", "num_generations": 1}, 2),  # sampled + greedy baseline
+    ],
+)
+def test_sleep_mode_sleeps_once_per_update_phase_and_resyncs_only_after_it(
+    repo_path: Any, kwargs: dict[str, Any], generates: int
+) -> None:
+    SleepingVLLMEngine.instances.clear()
+    module = _grpo(rollout_engine="test_sleeping_vllm", num_mini_batches=2, **kwargs)
+    _fit(module, repo_path, 2)
+    # two minibatches, two updates per rollout: ONE sleep before the first, no wake or sync between turns
+    rollout = ["generate"] * generates + ["sleep2", "update", "update"]
+    assert SleepingVLLMEngine.instances[0].calls == ["start", "sync", *rollout, "wake", "sync", *rollout]

@@ -22,8 +22,10 @@ what is left), while the trainer's are temperature-only over the full vocabulary
 ``top_k > 0`` every engine log-prob is the larger one of the renormalised kept set, so the gap metric shows
 that offset even with synced weights (a warning says so once), and ``tis_cap`` is refused unless
 ``tis_with_truncated_sampling`` (:func:`~aa_lightning.algorithms.rl.sampling_correction.check_tis_truncation`). ``sleep_mode`` (GPU only) releases
-vLLM's weights and KV cache while the trainer updates (``LLM.sleep(level=2)``; woken and re-synced before
-the next rollout). Text-only: media inputs and token-grid families are refused.
+vLLM's weights and KV cache while the trainer updates: ``LLM.sleep(level=2)`` once, when the first update
+minibatch starts (:meth:`~.base.RolloutEngine.before_policy_update`), woken and re-synced at the next
+rollout; the several ``generate`` calls of one rollout (a multi-turn episode's turns, ReMax's greedy pass)
+keep it awake, with no re-sync between them. Text-only: media inputs and token-grid families are refused.
 """
 
 from __future__ import annotations
@@ -246,6 +248,23 @@ class VLLMEngine(RolloutEngine):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def prepare(self, module: OnlineRLModule) -> None:
+        """Before sampling: started, awake, and holding the policy's current weights."""
+        if self.llm is None:
+            self.start(module)
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self.stale and self.sync_weights:
+            self.sync(module)
+
+    def before_policy_update(self, module: OnlineRLModule) -> None:
+        """Sleep mode: release the weights and KV cache once per update phase (level 2: the weights are
+        dropped, so the next rollout wakes and re-syncs, even if the update was skipped)."""
+        if self.sleep_mode and self.llm is not None and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep, self.stale = True, True
+
     # -- weights -----------------------------------------------------------------------------------------
     def on_weights_updated(self, module: OnlineRLModule) -> None:
         self.stale = True
@@ -288,13 +307,7 @@ class VLLMEngine(RolloutEngine):
                 f"rollout_engine: vllm takes text prompts only; this batch has {request.media_keys()} inputs "
                 "(use rollout_engine: hf for multimodal policies)"
             )
-        if self.llm is None:
-            self.start(module)
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        if self.stale and self.sync_weights:
-            self.sync(module)
+        self.prepare(module)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -323,11 +336,6 @@ class VLLMEngine(RolloutEngine):
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        if self.sleep_mode:
-            self.llm.sleep(
-                level=2
-            )  # weights and KV cache released; woken and re-synced before sampling again
-            self.asleep, self.stale = True, True
         return self._completions(outputs, s.pad_token_id, request.inputs["input_ids"].device)
 
     @staticmethod
