@@ -523,3 +523,25 @@ def test_an_image_output_family_is_refused() -> None:
     ids = torch.ones((1, 3), dtype=torch.long)
     with pytest.raises(ValueError, match="non-text outputs"):
         module.generate_rollout({"input_ids": ids, "attention_mask": ids})
+
+
+def test_the_constant_loss_normaliser_counts_every_policy_turn() -> None:
+    """Dr. GRPO's ``constant`` normaliser is the most policy tokens an episode holds: max_turns * max_new_tokens."""
+    module = GRPOModule("tiny-qwen2", loss_aggregation="constant", **rl_kwargs())  # 3 turns x 4 tokens
+    assert module.max_policy_tokens() == 12
+    assert GRPOModule("tiny-qwen2", **rl_kwargs(environment=None)).max_policy_tokens() == 4
+    # two episodes, on-policy (ratio 1, so each token's loss is -A): a full one (3 turns x 4 = 12 policy tokens,
+    # A = 1) and one of 5 policy tokens (A = -2): (-12 * 1 + 5 * 2) / (2 episodes * 12) = -2 / 24
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0], mask[1, :5] = True, True
+    out = grpo_loss(
+        torch.zeros(2, 12),
+        None,
+        None,
+        torch.tensor([1.0, -2.0]),
+        mask,
+        beta=0.0,
+        aggregation="constant",
+        max_completion_length=module.max_policy_tokens(),
+    )
+    assert out.loss.item() == pytest.approx(-2 / 24)

@@ -203,6 +203,14 @@ class OnlineRLModule(
         self._base_seed: int | None = rollout_seed
         self._val_sums: dict[str, UniqueSampleSums] = {}  # the current validation epoch's table
 
+    def max_policy_tokens(self) -> int:
+        """The most policy tokens one episode can hold: the ``constant`` loss normaliser's ``L``.
+
+        One turn: ``max_new_tokens``; with an environment every one of up to ``max_turns`` policy turns may use
+        ``max_new_tokens`` (environment tokens are masked out, so they do not count)."""
+        turns = self.max_turns if self.environment is not None else 1
+        return turns * self.generation.max_new_tokens
+
     # -- models ----------------------------------------------------------------------------------------
     def build_actor(self) -> None:
         """Actor (``self.model``), tokenizer/processor, and the frozen reward model."""
