@@ -384,6 +384,7 @@ class OnlineRLModule(
             stats.add_mean("rollout/tool_calls", rollout["tool_calls"])
             stats.add_mean("rollout/turn_reward", rollout[TURN_REWARDS].sum(dim=1))
             stats.add_mean("rollout/observation_overflow", rollout["observation_overflow"])
+            stats.add_mean("rollout/transcript_cut", rollout["transcript_cut"])
             env_tokens = (
                 rollout.attention_mask[:, rollout.prompt_length :].bool() & ~rollout.response_mask
             ).sum(1)

@@ -258,6 +258,12 @@ class VLLMEngine(RolloutEngine):
         if self.stale and self.sync_weights:
             self.sync(module)
 
+    def max_sequence_length(self, module: OnlineRLModule) -> int | None:
+        """vLLM's ``max_model_len`` (it refuses a longer request); the engine is started to read it."""
+        if self.llm is None:
+            self.start(module)
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
     def before_policy_update(self, module: OnlineRLModule) -> None:
         """Sleep mode: release the weights and KV cache once per update phase (level 2: the weights are
         dropped, so the next rollout wakes and re-syncs, even if the update was skipped)."""
