@@ -9,6 +9,7 @@ float noise; an ``offset`` added to them shows that the gap metric and the TIS w
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -291,6 +292,7 @@ class _FakeLLM:
 
     def __init__(self, calls: list[str]) -> None:
         self.calls = calls
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096))
 
     def sleep(self, level: int) -> None:
         self.calls.append(f"sleep{level}")
