@@ -30,6 +30,7 @@ from aa_lightning.algorithms.rl.rollout_engines import (
 from aa_lightning.algorithms.rl.rollout_engines.hf import HFGenerateEngine
 from aa_lightning.data import TextImageToTextDataModule, TextToTextDataModule
 from aa_lightning.environments import CONVERSATION, Environment, EnvironmentStep, register_environment
+from aa_lightning.models.unwrap import unwrap
 from aa_lightning.testing.tiny_common import build_tiny_tokenizer
 
 E_SHARE = [{"name": "target_token_share", "kwargs": {"target": "e"}}]
@@ -523,3 +524,46 @@ def test_an_image_output_family_is_refused() -> None:
     ids = torch.ones((1, 3), dtype=torch.long)
     with pytest.raises(ValueError, match="non-text outputs"):
         module.generate_rollout({"input_ids": ids, "attention_mask": ids})
+
+
+def test_the_constant_loss_normaliser_counts_every_policy_turn() -> None:
+    """Dr. GRPO's ``constant`` normaliser is the most policy tokens an episode holds: max_turns * max_new_tokens."""
+    module = GRPOModule("tiny-qwen2", loss_aggregation="constant", **rl_kwargs())  # 3 turns x 4 tokens
+    assert module.max_policy_tokens() == 12
+    assert GRPOModule("tiny-qwen2", **rl_kwargs(environment=None)).max_policy_tokens() == 4
+    # two episodes, on-policy (ratio 1, so each token's loss is -A): a full one (3 turns x 4 = 12 policy tokens,
+    # A = 1) and one of 5 policy tokens (A = -2): (-12 * 1 + 5 * 2) / (2 episodes * 12) = -2 / 24
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0], mask[1, :5] = True, True
+    out = grpo_loss(
+        torch.zeros(2, 12),
+        None,
+        None,
+        torch.tensor([1.0, -2.0]),
+        mask,
+        beta=0.0,
+        aggregation="constant",
+        max_completion_length=module.max_policy_tokens(),
+    )
+    assert out.loss.item() == pytest.approx(-2 / 24)
+
+
+def test_a_transcript_that_would_outgrow_the_engine_limit_ends_before_the_request(repo_path: Any) -> None:
+    """The hf engine's limit is the model's max_position_embeddings: set so that every first turn fits (prompt +
+    max_new_tokens) but no second one does, every episode ends after one turn, logged as cut."""
+    pl.seed_everything(0)
+    module = GRPOModule("tiny-qwen2", num_generations=2, beta=0.0, **rl_kwargs())
+    module.configure_model()
+    batch = first_batch(text_data(repo_path))
+    config = unwrap(module.model).config
+    assert module.rollout_engine().max_sequence_length(module) == config.max_position_embeddings
+    longest_prompt = int(batch["attention_mask"].sum(dim=1).max())
+    config.max_position_embeddings = longest_prompt + 4  # max_new_tokens = 4
+    rollout = module.generate_rollout(batch, num_samples=2)
+    assert rollout["transcript_cut"].tolist() == [1.0] * 4 and rollout["policy_turns"].tolist() == [1.0] * 4
+    assert not bool(environment_mask(rollout).any())  # nothing of the next turn's observation was appended
+    assert rollout["observation_overflow"].tolist() == [0.0] * 4
+    # with room for every turn nothing is cut: 3 policy turns each
+    config.max_position_embeddings = 4096
+    rollout = module.generate_rollout(batch, num_samples=2)
+    assert rollout["transcript_cut"].tolist() == [0.0] * 4 and rollout["policy_turns"].tolist() == [3.0] * 4

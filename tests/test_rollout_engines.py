@@ -9,7 +9,8 @@ float noise; an ``offset`` added to them shows that the gap metric and the TIS w
 from __future__ import annotations
 
 import math
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import pytest
@@ -26,8 +27,9 @@ from aa_lightning.algorithms.rl.rollout_engines import (
     rollout_engine_names,
 )
 from aa_lightning.algorithms.rl.rollout_engines.hf import HFGenerateEngine
-from aa_lightning.algorithms.rl.rollout_engines.vllm_engine import policy_weights
+from aa_lightning.algorithms.rl.rollout_engines.vllm_engine import VLLMEngine, policy_weights
 from aa_lightning.data import TextToTextDataModule
+from aa_lightning.environments import Environment, EnvironmentStep, register_environment
 from aa_lightning.models.unwrap import unwrap
 from aa_lightning.rewards import RewardSpec
 
@@ -152,6 +154,19 @@ def test_tis_with_an_engine_that_reports_no_logprobs_is_refused(repo_path: Any) 
         _fit(_grpo(tis_cap=2.0), repo_path, 1)
 
 
+def test_tis_with_top_p_or_top_k_sampling_is_refused_unless_opted_in() -> None:
+    # the engine's log-probs are of the truncated distribution, the trainer's of the full one
+    for truncation in ({"top_p": 0.9}, {"top_k": 5}):
+        generation = GenerationConfig(max_new_tokens=4, **truncation)
+        with pytest.raises(ValueError, match="after top-k/top-p truncation.*tis_with_truncated_sampling"):
+            _grpo(tis_cap=2.0, generation=generation)
+        opted_in = _grpo(tis_cap=2.0, generation=generation, tis_with_truncated_sampling=True)
+        assert opted_in.tis_with_truncated_sampling
+        _grpo(generation=generation)  # no TIS: nothing to refuse
+    _grpo(tis_cap=2.0, generation=GenerationConfig(max_new_tokens=4, temperature=0.7))  # both sides scale
+    _grpo(tis_cap=2.0, generation=GenerationConfig(max_new_tokens=4, top_p=0.9, do_sample=False))  # greedy
+
+
 # -- a reporting engine through GRPO and PPO ---------------------------------------------------------------
 def test_grpo_logs_the_sampling_gap_and_the_engine_hears_every_update(repo_path: Any) -> None:
     module = _grpo(rollout_engine="test_reporting_hf", num_iterations=2)
@@ -269,3 +284,75 @@ def test_vllm_engine_without_vllm_names_the_extra(repo_path: Any) -> None:
         pytest.skip("vLLM is installed here: tests/vllm_engine/check_weight_sync.py covers the engine")
     with pytest.raises(ImportError, match=r"aa-lightning\[vllm\]"):
         _fit(_grpo(rollout_engine="vllm"), repo_path, 1)
+
+
+# -- vLLM's sleep mode: when it sleeps, wakes and re-syncs, without vLLM --------------------------------------
+class _FakeLLM:
+    """Records the sleep-mode calls the engine makes on ``vllm.LLM``."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096))
+
+    def sleep(self, level: int) -> None:
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self) -> None:
+        self.calls.append("wake")
+
+
+@register_rollout_engine("test_sleeping_vllm")
+class SleepingVLLMEngine(VLLMEngine):
+    """The vLLM engine's start/wake/sync/sleep bookkeeping, sampling with the policy's own ``generate``."""
+
+    reports_logprobs = False
+    instances: ClassVar[list[SleepingVLLMEngine]] = []
+
+    def __init__(self) -> None:
+        super().__init__(sleep_mode=True)
+        self.calls: list[str] = []
+        SleepingVLLMEngine.instances.append(self)
+
+    def start(self, module: Any) -> None:
+        self.calls.append("start")
+        self.llm, self.stale = _FakeLLM(self.calls), True
+
+    def sync(self, module: Any) -> None:
+        self.calls.append("sync")
+        self.stale = False
+
+    def on_weights_updated(self, module: Any) -> None:
+        self.calls.append("update")
+        super().on_weights_updated(module)
+
+    def generate(self, module: Any, request: EngineRequest) -> EngineCompletions:
+        self.prepare(module)
+        self.calls.append("generate")
+        hf = HFGenerateEngine()
+        with hf.session(module, request):
+            return hf.generate(module, request)
+
+
+@register_environment("test_engine_tool")
+class _EngineTool(Environment):
+    def step(self, conversation: list[dict], meta: dict) -> EnvironmentStep:
+        return EnvironmentStep([{"role": "tool", "content": "42"}], reward=0.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "generates"),
+    [
+        # three policy turns per episode: three generate calls per rollout
+        ({"environment": "test_engine_tool", "max_turns": 3, "end_on_cut_turn": False}, 3),
+        ({"advantage_estimator": "remax", "num_generations": 1}, 2),  # sampled + greedy baseline
+    ],
+)
+def test_sleep_mode_sleeps_once_per_update_phase_and_resyncs_only_after_it(
+    repo_path: Any, kwargs: dict[str, Any], generates: int
+) -> None:
+    SleepingVLLMEngine.instances.clear()
+    module = _grpo(rollout_engine="test_sleeping_vllm", num_mini_batches=2, **kwargs)
+    _fit(module, repo_path, 2)
+    # two minibatches, two updates per rollout: ONE sleep before the first, no wake or sync between turns
+    rollout = ["generate"] * generates + ["sleep2", "update", "update"]
+    assert SleepingVLLMEngine.instances[0].calls == ["start", "sync", *rollout, "wake", "sync", *rollout]

@@ -125,9 +125,11 @@ class RLEngineMixin:
 
         Lightning runs the whole ``training_step`` inside ONE engine forward, so without this ZeRO never
         learns that a new micro-batch started: ZeRO-3 keeps ``micro_step_id == 0`` and *overwrites* the
-        gradient partitions of earlier minibatches instead of accumulating them.
+        gradient partitions of earlier minibatches instead of accumulating them. The rollout engine hears that
+        an update phase runs (:meth:`~.rollout_engines.base.RolloutEngine.before_policy_update`).
         """
         self.deepspeed_adapter().start_micro_batch()
+        self.policy_update_starting()  # the rollout is done: an engine may sleep until the next one
 
     def backward_minibatch(self, loss: torch.Tensor, last_in_group: bool) -> None:
         """Backward of one minibatch; under DeepSpeed mark whether it closes the accumulation group."""

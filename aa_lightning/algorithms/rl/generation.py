@@ -140,6 +140,12 @@ class GenerationMixin:
             self.__dict__["_rollout_engine_instance"] = engine
         return engine
 
+    def policy_update_starting(self) -> None:
+        """Before the forwards of each update minibatch: an engine may release its device memory (sleep)."""
+        engine = self.__dict__.get("_rollout_engine_instance")
+        if engine is not None:
+            engine.before_policy_update(self)
+
     def policy_weights_updated(self) -> None:
         """After every optimizer update: an engine holding its own weights must re-sync before sampling."""
         engine = self.__dict__.get("_rollout_engine_instance")

@@ -12,7 +12,8 @@ Loss per token: ``-min(rho * A, clip(rho, 1 - eps, 1 + eps_high) * A) + beta * k
   are not down-weighted per token;
 * ``sequence_mean`` - mean over tokens per response, then over responses (the original GRPO);
 * ``constant`` - token sum divided by ``responses * max_new_tokens`` (Dr. GRPO): no length normalisation,
-  so there is no incentive to lengthen wrong answers.
+  so there is no incentive to lengthen wrong answers. Multi-turn (an ``environment``): ``max_turns *
+  max_new_tokens``, the most policy tokens an episode holds (:meth:`~.module.OnlineRLModule.max_policy_tokens`).
 
 With gradient accumulation the weights are taken over the whole accumulation group (tokens or responses
 of all its minibatches), so splitting a step into minibatches does not change the objective.
@@ -238,7 +239,7 @@ class GRPOModule(DynamicSamplingMixin, AdvantageEstimatorMixin, OnlineRLModule):
                 clip_range=self.clip_range,
                 beta=self.beta,
                 aggregation=self.loss_aggregation,
-                max_completion_length=self.generation.max_new_tokens,
+                max_completion_length=self.max_policy_tokens(),
                 clip_range_high=self.clip_range_high,
                 policy_loss=self.policy_loss,
                 importance_weights=importance,

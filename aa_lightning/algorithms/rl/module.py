@@ -32,7 +32,7 @@ from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdo
 from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS, MultiTurnMixin, turns_markdown
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.algorithms.rl.rollout_engines import build_rollout_engine, rollout_engine_names
-from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMixin
+from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMixin, check_tis_truncation
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
@@ -108,6 +108,9 @@ class OnlineRLModule(
         tis_cap: truncated importance sampling (Yao et al. 2025): the policy loss of each token is weighted by
             ``min(pi_trainer / pi_engine, tis_cap)`` (detached), correcting the gap between the engine's
             sampling distribution and the trainer's; needs an engine that reports its log-probs. None: off.
+            Refused with top-p/top-k sampling (:func:`~.sampling_correction.check_tis_truncation`).
+        tis_with_truncated_sampling: allow ``tis_cap`` with ``top_p < 1`` or ``top_k > 0`` anyway (the engine's
+            log-probs are then of the truncated distribution, the trainer's of the full one: the weights < 1).
     """
 
     data_kind = "prompt_only"
@@ -137,6 +140,7 @@ class OnlineRLModule(
         rollout_engine: str = "hf",
         rollout_engine_args: dict[str, Any] | None = None,
         tis_cap: float | None = None,
+        tis_with_truncated_sampling: bool = False,
         **kwargs: Any,
     ) -> None:
         if "position_ids_from_mask" in kwargs:  # removed: read from the model (models/positions.py)
@@ -190,12 +194,22 @@ class OnlineRLModule(
             build_rollout_engine(rollout_engine)  # raises: the unknown name with the known ones
         if tis_cap is not None and not tis_cap >= 1.0:
             raise ValueError(f"tis_cap must be >= 1 (a cap on pi_trainer / pi_engine), got {tis_cap}")
+        check_tis_truncation(tis_cap, self.generation, tis_with_truncated_sampling)
         self.rollout_engine_name = rollout_engine
         self.rollout_engine_args = dict(rollout_engine_args or {})
         self.tis_cap = tis_cap
+        self.tis_with_truncated_sampling = tis_with_truncated_sampling
         self._rollout_index = 0
         self._base_seed: int | None = rollout_seed
         self._val_sums: dict[str, UniqueSampleSums] = {}  # the current validation epoch's table
+
+    def max_policy_tokens(self) -> int:
+        """The most policy tokens one episode can hold: the ``constant`` loss normaliser's ``L``.
+
+        One turn: ``max_new_tokens``; with an environment every one of up to ``max_turns`` policy turns may use
+        ``max_new_tokens`` (environment tokens are masked out, so they do not count)."""
+        turns = self.max_turns if self.environment is not None else 1
+        return turns * self.generation.max_new_tokens
 
     # -- models ----------------------------------------------------------------------------------------
     def build_actor(self) -> None:
@@ -370,6 +384,7 @@ class OnlineRLModule(
             stats.add_mean("rollout/tool_calls", rollout["tool_calls"])
             stats.add_mean("rollout/turn_reward", rollout[TURN_REWARDS].sum(dim=1))
             stats.add_mean("rollout/observation_overflow", rollout["observation_overflow"])
+            stats.add_mean("rollout/transcript_cut", rollout["transcript_cut"])
             env_tokens = (
                 rollout.attention_mask[:, rollout.prompt_length :].bool() & ~rollout.response_mask
             ).sum(1)

@@ -5,8 +5,11 @@ replaces the one ``generate`` call of a rollout: every episode's policy turn is 
 one batched ``generate``), the environment answers it from the conversation so far, its messages are rendered
 with the chat template and appended as tokens, and the next policy turn is sampled from the whole transcript,
 until the environment ends the episode, a turn is cut at ``max_new_tokens`` (unless ``end_on_cut_turn`` is
-off: the template's end-of-turn text then closes the cut turn, as environment tokens) or ``max_turns`` policy
-turns were sampled.
+off: the template's end-of-turn text then closes the cut turn, as environment tokens), ``max_turns`` policy
+turns were sampled, or the next request (transcript + environment answer + ``max_new_tokens``) would exceed
+the engine's length limit (:meth:`~.rollout_engines.base.RolloutEngine.max_sequence_length`: vLLM's
+``max_model_len``, the model's ``max_position_embeddings``): the episode then ends before it, logged as
+``rollout/transcript_cut``.
 
 The result is an ordinary :class:`~aa_lightning.algorithms.rl.rollout.Rollout` whose response region holds the
 whole transcript after the prompt. ``attention_mask`` covers every real token, ``response_mask`` only the
@@ -148,6 +151,7 @@ class MultiTurnMixin:
         ]
         has_eos = [True] * n
         overflow = [False] * n
+        cut = [False] * n  # ended: the next request would not fit the engine's length limit
         active = list(range(n))
         renderer = self.observation_renderer()
         engine = self.rollout_engine()
@@ -156,6 +160,7 @@ class MultiTurnMixin:
             [[] for _ in range(n)] if engine.reports_logprobs else None
         )
         synced = self._synced_generation(self.generation_kwargs(do_sample))
+        length_limit = engine.max_sequence_length(self)
 
         def request(turn_inputs: dict[str, torch.Tensor], rows: list[int], turn: int = 0) -> EngineRequest:
             return EngineRequest(
@@ -206,6 +211,10 @@ class MultiTurnMixin:
                     if len(obs) > self.max_observation_tokens:
                         overflow[i] = True
                         continue
+                    next_request = len(prefix[i]) + len(response[i]) + len(obs) + sampling.max_new_tokens
+                    if length_limit is not None and next_request > length_limit:
+                        cut[i] = True
+                        continue
                     response[i] += obs
                     policy[i] += [False] * len(obs)
                     if engine_logprobs is not None:
@@ -225,6 +234,7 @@ class MultiTurnMixin:
             conversations,
             has_eos,
             overflow,
+            cut,
             prompts,
             metas,
             pad,
@@ -284,6 +294,7 @@ class MultiTurnMixin:
         conversations: list[list[dict[str, Any]]],
         has_eos: list[bool],
         overflow: list[bool],
+        cut: list[bool],
         prompts: list[str],
         metas: list[dict[str, Any]],
         pad: int,
@@ -324,5 +335,6 @@ class MultiTurnMixin:
                 "policy_turns": torch.tensor([float(len(t)) for t in assistant_turns], device=device),
                 "tool_calls": tool_calls,
                 "observation_overflow": torch.tensor(overflow, dtype=torch.float32, device=device),
+                "transcript_cut": torch.tensor(cut, dtype=torch.float32, device=device),
             },
         )

@@ -59,7 +59,8 @@ class PPOModule(OnlineRLModule):
         normalize_score: divide scores by running std after subtracting the running mean (statistics over
             every score seen, kept in checkpoints).
         score_clip: clip the (normalised) score to ``[-score_clip, score_clip]``.
-        loss_aggregation: policy-loss reduction: ``token_mean``, ``sequence_mean`` or ``constant``.
+        loss_aggregation: policy-loss reduction: ``token_mean``, ``sequence_mean`` or ``constant`` (token sum over
+            ``responses * max_policy_tokens()``: ``max_new_tokens``, times ``max_turns`` with an environment).
         ptx_coef: weight of the supervised (pre-training mix) loss on a ``ptx`` batch, when the train loader
             yields ``{"prompt": prompt_batch, "ptx": supervised_batch}`` (the datamodule's ``ptx`` data spec,
             or a dict of loaders). The rollout's ptx batch enters each optimizer update once.
@@ -261,7 +262,7 @@ class PPOModule(OnlineRLModule):
             mask,
             self.clip_range,
             self.loss_aggregation,
-            self.generation.max_new_tokens,
+            self.max_policy_tokens(),
             importance_weights=self.tis_weights(stats, mb, mb["old_logprobs"]),
         )
         weight = token_weight if self.loss_aggregation == "token_mean" else seq_weight

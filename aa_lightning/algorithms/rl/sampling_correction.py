@@ -11,13 +11,34 @@ from __future__ import annotations
 
 import torch
 
+from aa_lightning.algorithms.config import GenerationConfig
 from aa_lightning.algorithms.losses import truncated_importance_weights
 from aa_lightning.algorithms.rl.generation import ENGINE_LOGPROBS
 from aa_lightning.algorithms.rl.metrics import MetricAccumulator
 from aa_lightning.algorithms.rl.rollout import Rollout
 from aa_lightning.algorithms.rl.rollout_engines.registry import engine_class
 
-__all__ = ["SamplingCorrectionMixin"]
+__all__ = ["SamplingCorrectionMixin", "check_tis_truncation"]
+
+
+def check_tis_truncation(tis_cap: float | None, generation: GenerationConfig, allow: bool) -> None:
+    """Refuse TIS with top-k/top-p sampling unless ``allow``: the engine's log-probs would not be comparable.
+
+    vLLM reports the log-probs of the distribution it sampled from, i.e. AFTER top-k/top-p truncation
+    (renormalised over the kept tokens, so each is larger than its full-vocabulary value), while the trainer's
+    are temperature-only over the whole vocabulary. ``pi_trainer / pi_engine`` is then below 1 even with a
+    perfect sync: TIS shrinks every token's loss and the gap metric shows that offset, not a sync error.
+    """
+    if tis_cap is None or allow or not generation.do_sample:
+        return
+    if generation.top_p < 1.0 or generation.top_k > 0:
+        raise ValueError(
+            f"tis_cap={tis_cap} with generation.top_p={generation.top_p} / top_k={generation.top_k}: the "
+            "engine's log-probs are taken after top-k/top-p truncation, the trainer's over the full "
+            "(temperature-scaled) vocabulary, so pi_trainer / pi_engine < 1 even with synced weights and TIS "
+            "would shrink every token's loss. Sample with top_p: 1.0 and top_k: 0, remove tis_cap, or set "
+            "tis_with_truncated_sampling: true to weight by that ratio anyway"
+        )
 
 
 class SamplingCorrectionMixin:

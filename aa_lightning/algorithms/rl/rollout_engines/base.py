@@ -124,6 +124,17 @@ class RolloutEngine(ABC):
     def generate(self, module: OnlineRLModule, request: EngineRequest) -> EngineCompletions:
         """Sample one completion per request row."""
 
+    def max_sequence_length(self, module: OnlineRLModule) -> int | None:
+        """The longest prompt + response one request may have (None: no limit). A multi-turn episode whose
+        next request would exceed it ends before it (:mod:`~aa_lightning.algorithms.rl.multi_turn`)."""
+        return None
+
+    def before_policy_update(self, module: OnlineRLModule) -> None:
+        """Called before the forwards of every minibatch of an update phase (the rollout is done): an engine
+        holding device memory may release it until its next :meth:`generate` (vLLM's sleep mode). Called once
+        per minibatch, so it must be cheap when already released. The default engine holds nothing."""
+        return None
+
     def on_weights_updated(self, module: OnlineRLModule) -> None:
         """Called after every optimizer update of the policy: an engine with its own weights must not sample
         from the old ones again. The default engine samples with the trained weights themselves: nothing to do."""

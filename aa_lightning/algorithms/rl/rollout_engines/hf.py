@@ -3,7 +3,8 @@
 It samples with the trained weights themselves, so there is nothing to sync; every model input of the prompt
 batch (media included) goes to ``generate``. The session puts the actor in eval mode, seeds the torch RNG for
 the rollout (``torch.random.fork_rng``: the global RNG is left alone) and, under ZeRO-3, gathers the actor
-once per rollout (``zero3_gather_for_generation``); ``synced_gpus`` is set with more than one process.
+once per rollout (``zero3_gather_for_generation``); ``synced_gpus`` is set with more than one process. Its
+length limit (multi-turn transcripts) is the model config's ``max_position_embeddings``, when it has one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from aa_lightning.algorithms.rl.rollout_engines.base import (
     RolloutEngine,
 )
 from aa_lightning.algorithms.rl.rollout_engines.registry import register_rollout_engine
+from aa_lightning.models.unwrap import unwrap
 
 if TYPE_CHECKING:
     from aa_lightning.algorithms.rl.module import OnlineRLModule
@@ -43,6 +45,15 @@ class HFGenerateEngine(RolloutEngine):
                 yield
         finally:
             actor.train(was_training)
+
+    def max_sequence_length(self, module: OnlineRLModule) -> int | None:
+        """The model config's ``max_position_embeddings`` (the positions it was trained for), if it has one."""
+        config = getattr(unwrap(module.model), "config", None)
+        if config is None:
+            return None
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limit = getattr(text, "max_position_embeddings", None)
+        return int(limit) if isinstance(limit, int) and limit > 0 else None
 
     def generate(self, module: OnlineRLModule, request: EngineRequest) -> EngineCompletions:
         overrides = dict(request.generate_overrides)

