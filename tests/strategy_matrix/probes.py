@@ -198,9 +198,14 @@ def check_export(folder: str, trained: torch.Tensor, probe: Probe, report: dict[
     elif score:
         from transformers import AutoModelForSequenceClassification
 
-        seqcls, info = AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
         reloaded: nn.Module = ScoreModel.from_pretrained(folder)
-        check_seqcls_scores(seqcls, trained, {k: v.cpu() for k, v in probe.inputs().items()}, report)
+        info = {}
+        # families transformers has no *ForSequenceClassification for keep the backbone + score_head format
+        if not os.path.exists(os.path.join(folder, "score_head.safetensors")):
+            seqcls, info = AutoModelForSequenceClassification.from_pretrained(
+                folder, output_loading_info=True
+            )
+            check_seqcls_scores(seqcls, trained, {k: v.cpu() for k, v in probe.inputs().items()}, report)
     else:
         model_class = type(base_model(probe.model()))
         reloaded, info = model_class.from_pretrained(folder, output_loading_info=True)
