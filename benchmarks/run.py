@@ -382,6 +382,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides")
     parser.add_argument(
+        "--attn",
+        default="sdpa",
+        help="aa side attn_implementation (sdpa; flash_attention_2 on GPU, so padding_free runs varlen kernels)",
+    )
+    parser.add_argument(
         "--threads",
         default=None,
         help="torch threads on both sides, a comma list gives one table row per value (default on CPU: all "
@@ -485,6 +490,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         max_length=args.max_length,
         device=args.device,
         bf16=args.bf16,
+        attn=args.attn,
         threads=threads[0],
         max_new_tokens=args.max_new_tokens,
         prompts_per_step=max(1, args.batch_size // 4) if args.smoke else 2,
