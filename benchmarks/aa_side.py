@@ -96,6 +96,7 @@ def run_sft(config: BenchConfig) -> dict[str, Any]:
     module = SFTModule(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         padding_free=padding_free(config),
     )
@@ -108,6 +109,7 @@ def run_dpo(config: BenchConfig, precompute: bool = False) -> dict[str, Any]:
     module = DPOModule(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         beta=config.beta,
         loss_type="sigmoid",
@@ -129,6 +131,7 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
     module = RewardModule(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         padding_free=padding_free(config),
         new_score_head=True,
@@ -163,6 +166,7 @@ def grpo_module(config: BenchConfig, module_class: Any = None, **overrides: Any)
     return (module_class or GRPOModule)(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         reward_functions=[RewardSpec(name="gsm8k_answer")],
         generation=GenerationConfig(
@@ -342,6 +346,7 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
     module = TimedPPO(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         reward_model_name_or_path=score_model_folder(
             config
@@ -426,6 +431,7 @@ def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
     module = SparseHeadDPO(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         beta=config.beta,
         loss_type="sigmoid",
@@ -441,7 +447,11 @@ def run_kto(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms import KTOModule
 
     module = KTOModule(
-        model_name_or_path=config.model_path, dtype="float32", optim=optim_config(config), beta=config.beta
+        model_name_or_path=config.model_path,
+        dtype="float32",
+        attn_implementation=config.attn,
+        optim=optim_config(config),
+        beta=config.beta,
     )
     data = datamodule(config, train_on="last_assistant")
     return fit(module, data, config, "samples", config.batch_size)
@@ -469,6 +479,7 @@ def run_online_dpo(config: BenchConfig) -> dict[str, Any]:
     module = OnlineDPOModule(
         model_name_or_path=config.model_path,
         dtype="float32",
+        attn_implementation=config.attn,
         optim=optim_config(config),
         reward_functions=[RewardSpec(name="gsm8k_answer")],
         generation=GenerationConfig(

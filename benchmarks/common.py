@@ -64,6 +64,7 @@ class BenchConfig:
     max_length: int = 256
     device: str = "cpu"
     bf16: bool = False
+    attn: str = "sdpa"  # aa side attn_implementation (flash_attention_2 on GPU for padding-free varlen)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     lr: float = 1e-5
     max_grad_norm: float = 1.0

@@ -320,11 +320,18 @@ def table(rows: list[dict[str, Any]], config: BenchConfig) -> str:
     return "\n".join(lines)
 
 
+def check_readme_markers(path: Path = README) -> str:
+    """The README's text; exits with a clear message when the generated-table markers are missing."""
+    content = path.read_text()
+    missing = [marker for marker in (TABLE_START, TABLE_END) if marker not in content]
+    if missing:
+        raise SystemExit(f"{path}: --update-readme needs the marker lines {missing} (add them, then rerun)")
+    return content
+
+
 def update_readme(text: str, path: Path = README) -> None:
     """Replace the generated block of ``benchmarks/README.md`` (between the two markers) with ``text``."""
-    content = path.read_text()
-    if TABLE_START not in content or TABLE_END not in content:
-        raise SystemExit(f"{path}: the markers {TABLE_START!r} / {TABLE_END!r} are missing")
+    content = check_readme_markers(path)
     head, rest = content.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     path.write_text(f"{head}{TABLE_START}\n{text.rstrip()}\n{TABLE_END}{tail}")
@@ -374,6 +381,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides")
+    parser.add_argument(
+        "--attn",
+        default="sdpa",
+        help="aa side attn_implementation (sdpa; flash_attention_2 on GPU, so padding_free runs varlen kernels)",
+    )
     parser.add_argument(
         "--threads",
         default=None,
@@ -463,6 +475,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     from benchmarks.build_model import resolve
 
+    if args.update_readme:
+        check_readme_markers(README)  # before hours of measuring, not after
     model = "smollm2-135m-instruct" if args.smollm2 else args.model
     path = resolve(model)
     work_root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="aa-bench-"))
@@ -476,6 +490,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         max_length=args.max_length,
         device=args.device,
         bf16=args.bf16,
+        attn=args.attn,
         threads=threads[0],
         max_new_tokens=args.max_new_tokens,
         prompts_per_step=max(1, args.batch_size // 4) if args.smoke else 2,
@@ -502,29 +517,43 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         row["notes"].insert(0, f"ratio vs TRL {baseline}")
                 rows.append(row)
                 by_name[(workload, n_threads)] = row
+                # after every row, so a run killed by a timeout keeps what it measured
+                write_results(args, rows, base, start_machine, model, argv)
     finally:
         if not args.work_dir:
             shutil.rmtree(work_root, ignore_errors=True)
-    text = table(rows, base)
+    report = write_results(args, rows, base, start_machine, model, argv)
+    print()
+    print(report)
+    if args.update_readme:
+        update_readme(report, README)
+    return rows
+
+
+def write_results(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    base: BenchConfig,
+    start_machine: str,
+    model: str,
+    argv: list[str] | None,
+) -> str:
+    """Write ``--json`` and ``--markdown`` with the rows finished so far; return the markdown report."""
     extras = [row["aa"].get("breakdown") for row in rows if _ok(row.get("aa")) and row["aa"].get("breakdown")]
     report = "\n\n".join(
         [
             f"Command: `{command_line(argv)}`\n\nMachine at the start: {start_machine}; at the end: "
             f"load avg {os.getloadavg()[0]:.2f}.",
-            text,
+            table(rows, base),
             *extras,
         ]
     )
-    print()
-    print(report)
     if args.markdown:
         Path(args.markdown).write_text(report + "\n")
-    if args.update_readme:
-        update_readme(report)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": start_machine, "model": model, "rows": rows}, f, indent=1, default=str)
-    return rows
+    return report
 
 
 NOTES = {

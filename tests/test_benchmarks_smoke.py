@@ -183,3 +183,15 @@ def test_model_flops_per_token_by_hand() -> None:
     )
     flops = model_flops_per_token(config, mean_length=3)
     assert flops == {"matmul_params": 184.0, "nominal": 1176.0}
+
+
+def test_update_readme_checks_the_markers_before_running(tmp_path, monkeypatch) -> None:
+    """--update-readme against a README without markers fails at once, before any model is built."""
+    import benchmarks.run as run
+
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    monkeypatch.setattr(run, "README", readme)
+    with pytest.raises(SystemExit, match="marker lines"):
+        run.main(["--update-readme", "--workloads", "sft", "--model", str(tmp_path / "never-built")])
+    assert not (tmp_path / "never-built").exists()
