@@ -6,10 +6,9 @@ modules only add their advantages and losses:
 * sampling (:mod:`.generation`), token log-probs and values (:mod:`.forwards`), reward scoring
   (:mod:`.scoring`), the optimizer plumbing (:mod:`.engine`, DeepSpeed behind :mod:`.deepspeed_adapter`) and
   the one minibatch update loop (:mod:`.update`);
-* here: the models (actor, frozen reward model and reference, critics), metric and sample logging (sums and
-  counts reduced in one collective per rollout; a markdown table of samples every ``sample_log_interval``
-  rollouts, each sample's media next to its own text), validation on held-out prompts, and the RL state of
-  checkpoints.
+  metric and sample logging (:mod:`.rollout_logging`);
+* here: the models (actor, frozen reward model and reference, critics), validation on held-out prompts, and
+  the RL state of checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import warnings
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from aa_lightning.algorithms.base import AlignModule
@@ -28,16 +26,15 @@ from aa_lightning.algorithms.logprobs import explains_its_outputs
 from aa_lightning.algorithms.rl.engine import RLEngineMixin
 from aa_lightning.algorithms.rl.forwards import ForwardsMixin
 from aa_lightning.algorithms.rl.generation import GenerationMixin
-from aa_lightning.algorithms.rl.metrics import MetricAccumulator, samples_markdown
-from aa_lightning.algorithms.rl.multi_turn import TURN_REWARDS, MultiTurnMixin, turns_markdown
-from aa_lightning.algorithms.rl.rollout import Rollout
+from aa_lightning.algorithms.rl.multi_turn import MultiTurnMixin
 from aa_lightning.algorithms.rl.rollout_engines import build_rollout_engine, rollout_engine_names
+from aa_lightning.algorithms.rl.rollout_logging import RolloutLoggingMixin
 from aa_lightning.algorithms.rl.sampling_correction import SamplingCorrectionMixin, check_tis_truncation
 from aa_lightning.algorithms.rl.scoring import ScoringMixin
 from aa_lightning.algorithms.rl.update import MinibatchUpdatesMixin
 from aa_lightning.batch import PROMPT_STREAM, PTX_STREAM
 from aa_lightning.config_coercion import as_config_list
-from aa_lightning.environments import CONVERSATION, Environment, EnvironmentSpec, build_environment
+from aa_lightning.environments import Environment, EnvironmentSpec, build_environment
 from aa_lightning.models.aliases import resolve_model_path
 from aa_lightning.models.score_model import has_score_head, init_score_head
 from aa_lightning.models.trajectories import trajectory_family
@@ -68,6 +65,7 @@ class OnlineRLModule(
     ScoringMixin,
     SamplingCorrectionMixin,
     MinibatchUpdatesMixin,
+    RolloutLoggingMixin,
     RLEngineMixin,
     AlignModule,
 ):
@@ -312,83 +310,6 @@ class OnlineRLModule(
         if isinstance(batch, dict) and PROMPT_STREAM in batch and isinstance(batch[PROMPT_STREAM], dict):
             return batch[PROMPT_STREAM], batch.get(PTX_STREAM)
         return batch, None
-
-    def log_metrics(
-        self,
-        stats: MetricAccumulator,
-        rollout: Rollout | None = None,
-        columns: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        metrics = stats.compute(self.reduce_sum)
-        self.log_dict(
-            metrics,
-            on_step=True,
-            on_epoch=False,
-            prog_bar=False,
-            sync_dist=False,
-            batch_size=len(rollout) if rollout is not None else None,
-        )
-        interval = self.sample_log_interval
-        if rollout is not None and interval and self._rollout_index % interval == 0:
-            self.log_samples(rollout, columns or {})
-
-    def log_samples(self, rollout: Rollout, columns: dict[str, torch.Tensor]) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        n = min(self.num_logged_samples, len(rollout))
-        table = samples_markdown(
-            rollout.prompts[:n], rollout.responses[:n], {k: v[:n].tolist() for k, v in columns.items()}
-        )
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        multi_turn = any(CONVERSATION in m for m in rollout.metas[:n])
-        for logger in loggers:
-            logger.experiment.add_text("rollout/samples", table, self.trainer.global_step)
-            if multi_turn:  # every turn of the logged episodes with its role
-                logger.experiment.add_text(
-                    "rollout/turns", turns_markdown(rollout.metas[:n]), self.trainer.global_step
-                )
-        samples = [
-            {
-                "prompt": rollout.prompts[i],
-                "response": rollout.responses[i],
-                "scores": {k: float(v[i]) for k, v in columns.items()},
-                "meta": rollout.metas[i],
-                "text": samples_markdown(
-                    [rollout.prompts[i]],
-                    [rollout.responses[i]],
-                    {k: [float(v[i])] for k, v in columns.items()},
-                ),
-            }
-            for i in range(n)
-        ]
-        # the documented hook: callbacks that define ``on_rollout_samples(trainer, pl_module, samples)`` get the
-        # logged samples with their metas (e.g. RolloutMediaLogger writes the media next to each text); the
-        # algorithm neither imports them nor names a modality
-        for callback in self.trainer.callbacks:
-            hook = getattr(callback, "on_rollout_samples", None)
-            if callable(hook):
-                hook(self.trainer, self, samples)
-
-    def rollout_stats(
-        self, stats: MetricAccumulator, rollout: Rollout, scores: torch.Tensor, parts: dict[str, torch.Tensor]
-    ) -> None:
-        """Score, per-term scores, response length and EOS share of a rollout."""
-        stats.add_std("rollout/score", scores)
-        for name, values in parts.items():
-            stats.add_mean(f"rollout/score/{name}", values)
-        stats.add_mean("rollout/response_length", rollout.response_mask.sum(dim=1).float())
-        stats.add_mean("rollout/eos_fraction", rollout.has_eos.float())
-        if TURN_REWARDS in rollout.data:  # a multi-turn rollout
-            stats.add_mean("rollout/policy_turns", rollout["policy_turns"])
-            stats.add_mean("rollout/tool_call_rate", (rollout["tool_calls"] > 0).float())
-            stats.add_mean("rollout/tool_calls", rollout["tool_calls"])
-            stats.add_mean("rollout/turn_reward", rollout[TURN_REWARDS].sum(dim=1))
-            stats.add_mean("rollout/observation_overflow", rollout["observation_overflow"])
-            stats.add_mean("rollout/transcript_cut", rollout["transcript_cut"])
-            env_tokens = (
-                rollout.attention_mask[:, rollout.prompt_length :].bool() & ~rollout.response_mask
-            ).sum(1)
-            stats.add_mean("rollout/environment_tokens", env_tokens.float())
 
     # -- validation: score the policy on held-out prompts ----------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
