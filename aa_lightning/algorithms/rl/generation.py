@@ -116,11 +116,15 @@ class GenerationMixin:
             kwargs["synced_gpus"] = True
         return kwargs
 
+    def pad_token_id(self) -> int:
+        """The id responses and transcripts are padded with: the tokenizer's pad, else its first EOS."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.eos_token_ids()[0]
+
     def sampling_settings(self, do_sample: bool | None = None) -> SamplingSettings:
         """The configured sampling settings, resolved for one engine request."""
         cfg = self.generation
         eos = self.eos_token_ids()
-        pad = self.tokenizer.pad_token_id
         return SamplingSettings(
             max_new_tokens=cfg.max_new_tokens,
             do_sample=cfg.do_sample if do_sample is None else do_sample,
@@ -128,7 +132,7 @@ class GenerationMixin:
             top_p=cfg.top_p,
             top_k=cfg.top_k,
             eos_token_ids=tuple(eos),
-            pad_token_id=int(pad) if pad is not None else eos[0],
+            pad_token_id=self.pad_token_id(),
         )
 
     # -- the rollout engine ------------------------------------------------------------------------------
@@ -160,13 +164,11 @@ class GenerationMixin:
     def generation_context(self) -> contextlib.AbstractContextManager:
         return self.deepspeed_adapter().generation_context(self.model, self.zero3_gather_for_generation)
 
-    @torch.no_grad()
-    def generate_rollout(
-        self, batch: dict[str, Any], num_samples: int = 1, do_sample: bool | None = None, seed_offset: int = 0
-    ) -> Rollout:
-        """Sample ``num_samples`` responses per prompt (groups are contiguous) in ONE ``generate`` call."""
-        if getattr(self, "environment", None) is not None:  # episodes of several turns (:mod:`.multi_turn`)
-            return self.multi_turn_rollout(batch, num_samples, do_sample, seed_offset)
+    def repeated_prompts(
+        self, batch: dict[str, Any], num_samples: int
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[str], dict[str, torch.Tensor]]:
+        """A prompt batch's model inputs, metas, decoded prompts and media rows, each row repeated
+        ``num_samples`` times (groups contiguous): what every rollout (one turn or several) starts from."""
         inputs = model_inputs(batch, self.model)
         for key in TEXT_KEYS:
             if key not in inputs:
@@ -180,9 +182,19 @@ class GenerationMixin:
             media_rows = select_media_rows(
                 media_rows, torch.arange(batch_size).repeat_interleave(num_samples)
             )
-        prompt_length = inputs["input_ids"].shape[1]
         metas = [m for m in metas for _ in range(num_samples)]
         prompts = [p for p in prompt_texts for _ in range(num_samples)]
+        return inputs, metas, prompts, media_rows
+
+    @torch.no_grad()
+    def generate_rollout(
+        self, batch: dict[str, Any], num_samples: int = 1, do_sample: bool | None = None, seed_offset: int = 0
+    ) -> Rollout:
+        """Sample ``num_samples`` responses per prompt (groups are contiguous) in ONE ``generate`` call."""
+        if getattr(self, "environment", None) is not None:  # episodes of several turns (:mod:`.multi_turn`)
+            return self.multi_turn_rollout(batch, num_samples, do_sample, seed_offset)
+        inputs, metas, prompts, media_rows = self.repeated_prompts(batch, num_samples)
+        prompt_length = inputs["input_ids"].shape[1]
         family = trajectory_family(self.model)
         if family is not None:  # the family samples (and decodes) its own trajectories
             return self.trajectory_rollout(family, inputs, prompts, metas, do_sample, seed_offset)
@@ -201,7 +213,7 @@ class GenerationMixin:
             completions = engine.generate(self, request)
             response = completions.response_ids
             mask, has_eos = response_mask_from_eos(response, self.eos_token_ids())
-            response = torch.where(mask, response, torch.full_like(response, self.tokenizer.pad_token_id))
+            response = torch.where(mask, response, torch.full_like(response, self.pad_token_id()))
             # decoded inside the session: an image family decodes with its own weights (gathered under ZeRO-3)
             outputs = (
                 codec.decode(response, metas)

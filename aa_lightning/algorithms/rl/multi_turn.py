@@ -32,13 +32,8 @@ from aa_lightning.algorithms.rl.generation import ENGINE_LOGPROBS
 from aa_lightning.algorithms.rl.rollout import TEXT_KEYS, Rollout, response_mask_from_eos
 from aa_lightning.algorithms.rl.rollout_engines import EngineRequest
 from aa_lightning.batch import (
-    MEDIA_ROWS,
-    META,
     PER_TOKEN_KEYS,
     extend_per_token_inputs,
-    model_inputs,
-    repeat_batch_inputs,
-    select_media_rows,
     select_sequences,
 )
 from aa_lightning.environments import CONVERSATION, Environment, parse_tool_calls
@@ -117,28 +112,14 @@ class MultiTurnMixin:
                 f"environment: {self.model_name_or_path!r} generates non-text outputs (an image's token grid); "
                 "multi-turn rollouts alternate text turns"
             )
-        inputs = model_inputs(batch, self.model)
-        for key in TEXT_KEYS:
-            if key not in inputs:
-                raise ValueError(f"a prompt-only batch needs {key!r}")
-        batch_size = inputs["input_ids"].shape[0]
-        metas = list(batch.get(META) or [{} for _ in range(batch_size)])
-        prompt_texts = self.tokenizer.batch_decode(inputs["input_ids"], skip_special_tokens=True)
-        media_rows = dict(batch.get(MEDIA_ROWS) or {})
-        inputs = repeat_batch_inputs(inputs, num_samples, batch_size, media_rows)
-        if media_rows:
-            media_rows = select_media_rows(
-                media_rows, torch.arange(batch_size).repeat_interleave(num_samples)
-            )
-        metas = [m for m in metas for _ in range(num_samples)]
-        prompts = [p for p in prompt_texts for _ in range(num_samples)]
+        inputs, metas, prompts, media_rows = self.repeated_prompts(batch, num_samples)
         prompt_ids, prompt_attention = inputs["input_ids"], inputs["attention_mask"]
         extras = {k: v for k, v in inputs.items() if k not in TEXT_KEYS}
         per_token = batch.get(PER_TOKEN_KEYS)
         per_token_keys = _per_token_keys(extras, prompt_ids, per_token)
         n = len(prompts)
         eos_ids = self.eos_token_ids()
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_token_id()
         real = prompt_attention.bool()
         prefix = [prompt_ids[i][real[i]].tolist() for i in range(n)]  # each prompt's real tokens
         response: list[list[int]] = [[] for _ in range(n)]
@@ -179,9 +160,18 @@ class MultiTurnMixin:
             for turn in range(self.max_turns):
                 if (self._any_rank(len(active)) if synced else len(active)) == 0:
                     break
-                rows = active or [0]  # a rank without open episodes still joins a synced generate
+                # a rank without open episodes still joins a synced generate, with row 0's prompt alone (its
+                # transcript may already be at the length limit; the dummy reply is thrown away)
+                rows = active or [0]
                 turn_inputs = self._turn_inputs(
-                    rows, prefix, response, prompt_ids, real, extras, per_token_keys, media_rows
+                    rows,
+                    prefix,
+                    response if active else [[]] * n,
+                    prompt_ids,
+                    real,
+                    extras,
+                    per_token_keys,
+                    media_rows,
                 )
                 completions = engine.generate(self, request(turn_inputs, rows, turn))
                 if not active:
@@ -264,7 +254,7 @@ class MultiTurnMixin:
         """The open episodes' transcripts, left-padded, with their media and per-token inputs."""
         sequences = [prefix[i] + response[i] for i in rows]
         width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad_token_id()
         device = prompt_ids.device
         ids = torch.full((len(rows), width), pad, dtype=prompt_ids.dtype, device=device)
         attention = torch.zeros((len(rows), width), dtype=torch.long, device=device)
