@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 
 import lightning.pytorch as pl
+from quick_training import quiet_trainer
 
 from aa_lightning.algorithms import OptimConfig, SFTModule
 from aa_lightning.data import DataSpec, TextToTextDataModule
@@ -29,16 +30,7 @@ def test_setup_objects_are_frozen_during_training_only(tmp_path, repo_path) -> N
     data = TextToTextDataModule("tiny-qwen2", train=spec, max_length=64, batch_size=2)
     module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant"))
     probe = FreezeProbe()
-    trainer = pl.Trainer(
-        default_root_dir=str(tmp_path),
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[probe],
-    )
+    trainer = quiet_trainer(2, default_root_dir=str(tmp_path), callbacks=[probe])
     trainer.fit(module, datamodule=data)
     # the model's parameters (and everything else alive at the start) are in the permanent generation
     assert len(probe.counts) == 2 and min(probe.counts) > 10_000
@@ -57,16 +49,7 @@ def test_a_failed_fit_unfreezes_too(tmp_path, repo_path) -> None:
     spec = DataSpec(repo_path("configs", "data", "alpaca_200.json"), "Alpaca", size=4)
     data = TextToTextDataModule("tiny-qwen2", train=spec, max_length=64, batch_size=2)
     module = SFTModule("tiny-qwen2", optim=OptimConfig(lr=1e-3, warmup_steps=0, scheduler="constant"))
-    trainer = pl.Trainer(
-        default_root_dir=str(tmp_path),
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[FailAtFirstBatch()],
-    )
+    trainer = quiet_trainer(2, default_root_dir=str(tmp_path), callbacks=[FailAtFirstBatch()])
     try:
         trainer.fit(module, datamodule=data)
     except RuntimeError as err:

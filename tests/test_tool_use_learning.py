@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import lightning.pytorch as pl
+from quick_training import quiet_trainer
 
 from aa_lightning.algorithms import GenerationConfig, GRPOModule, OptimConfig, PPOModule
 from aa_lightning.data import TextToTextDataModule
@@ -63,17 +64,7 @@ def test_tiny_policy_learns_to_call_the_calculator(repo_path: Any) -> None:
         rollout_seed=0,
     )
     rec = Recorder()
-    trainer = pl.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[rec],
-    )
+    trainer = quiet_trainer(8, callbacks=[rec])
     trainer.fit(module, dm)
     assert len(rec.rows) == 8
     rate_before, rate_after = (
@@ -114,17 +105,7 @@ def test_tiny_policy_learns_to_call_the_calculator_with_ppo(repo_path: Any) -> N
         rollout_seed=0,
     )
     rec = Recorder()
-    pl.Trainer(
-        max_steps=8,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[rec],
-    ).fit(module, dm)
+    quiet_trainer(8, callbacks=[rec]).fit(module, dm)
     rate_before, rate_after = (
         rec.mean("rollout/tool_call_rate", slice(0, 2)),
         rec.mean("rollout/tool_call_rate", slice(5, 8)),
