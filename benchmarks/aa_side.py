@@ -21,6 +21,16 @@ def optim_config(config: BenchConfig) -> Any:
     )
 
 
+def module_kwargs(config: BenchConfig) -> dict[str, Any]:
+    """What every aa-side module of a workload is built with: the model, fp32 weights, attention, optimizer."""
+    return {
+        "model_name_or_path": config.model_path,
+        "dtype": "float32",
+        "attn_implementation": config.attn,
+        "optim": optim_config(config),
+    }
+
+
 def datamodule(config: BenchConfig, **kwargs: Any) -> Any:
     """The text datamodule on the prepared rows, counting the non-pad tokens of every batch it collates."""
     from aa_lightning.data import TextToTextDataModule
@@ -94,10 +104,7 @@ def run_sft(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms import SFTModule
 
     module = SFTModule(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         padding_free=padding_free(config),
     )
     return fit(module, datamodule(config, train_on="last_assistant"), config, "samples", config.batch_size)
@@ -107,10 +114,7 @@ def run_dpo(config: BenchConfig, precompute: bool = False) -> dict[str, Any]:
     from aa_lightning.algorithms import DPOModule
 
     module = DPOModule(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         beta=config.beta,
         loss_type="sigmoid",
         precompute_ref_log_probs=precompute,
@@ -129,10 +133,7 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms.reward import RewardModule
 
     module = RewardModule(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         padding_free=padding_free(config),
         new_score_head=True,
     )
@@ -164,10 +165,7 @@ def grpo_module(config: BenchConfig, module_class: Any = None, **overrides: Any)
         num_iterations=1,
     )
     return (module_class or GRPOModule)(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         reward_functions=[RewardSpec(name="gsm8k_answer")],
         generation=GenerationConfig(
             max_new_tokens=config.max_new_tokens,
@@ -344,10 +342,7 @@ def run_ppo(config: BenchConfig) -> dict[str, Any]:
         do_sample=True,
     )
     module = TimedPPO(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         reward_model_name_or_path=score_model_folder(
             config
         ),  # same backbone + a fixed head: a real scoring forward
@@ -429,10 +424,7 @@ def run_dpo_sparse_head(config: BenchConfig) -> dict[str, Any]:
                 return causal_lm_log_probs(ref, model_inputs(batch, ref), batch[LABELS])
 
     module = SparseHeadDPO(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         beta=config.beta,
         loss_type="sigmoid",
     )
@@ -447,10 +439,7 @@ def run_kto(config: BenchConfig) -> dict[str, Any]:
     from aa_lightning.algorithms import KTOModule
 
     module = KTOModule(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         beta=config.beta,
     )
     data = datamodule(config, train_on="last_assistant")
@@ -477,10 +466,7 @@ def run_online_dpo(config: BenchConfig) -> dict[str, Any]:
     from benchmarks.common import online_dpo_prompts
 
     module = OnlineDPOModule(
-        model_name_or_path=config.model_path,
-        dtype="float32",
-        attn_implementation=config.attn,
-        optim=optim_config(config),
+        **module_kwargs(config),
         reward_functions=[RewardSpec(name="gsm8k_answer")],
         generation=GenerationConfig(
             max_new_tokens=config.max_new_tokens,
