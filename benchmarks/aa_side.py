@@ -91,8 +91,15 @@ def fit(
     pl.seed_everything(config.seed, verbose=False)
     timer = StepTimer(config.device)
     trainer(config, timer, clip_in_module).fit(module, datamodule=data)
-    counts = data.counter.counts if data.counter is not None else None
-    return make_result(config, timer, unit, per_step, counts if unit == "samples" else None)
+    counter = data.counter if unit == "samples" else None
+    return make_result(
+        config,
+        timer,
+        unit,
+        per_step,
+        counter.counts if counter is not None else None,
+        counter.square_sums if counter is not None else None,
+    )
 
 
 def padding_free(config: BenchConfig) -> bool:

@@ -164,6 +164,9 @@ class StepTimer:
 class CountingCollator:
     """Wraps a collate function and records the non-pad tokens of every batch it builds, in order.
 
+    It also records the sum of squared row lengths per batch: causal attention's work grows with each
+    row's length squared, so FLOP counts need ``sum(len^2)``, not the mean length.
+
     With ``num_workers=0`` and an in-order sampler, the i-th call builds the i-th training batch (a loader
     that looks one batch ahead only adds calls at the end), so batches 2..N are ``counts[1:N]``.
     """
@@ -172,11 +175,14 @@ class CountingCollator:
         self.collate = collate
         self.key = key
         self.counts: list[int] = []
+        self.square_sums: list[int] = []
 
     def __call__(self, samples: list[Any]) -> Any:
         batch = self.collate(samples)
         mask = batch.get(self.key) if isinstance(batch, dict) else None
         self.counts.append(int(mask.sum()) if mask is not None else 0)
+        rows = mask.reshape(mask.shape[0], -1).sum(-1) if mask is not None and mask.dim() > 1 else None
+        self.square_sums.append(int((rows.long() ** 2).sum()) if rows is not None else 0)
         return batch
 
     def __getattr__(self, name: str) -> Any:  # the wrapped collator's attributes (e.g. TRL's pad_token_id)
@@ -209,6 +215,7 @@ def make_result(
     unit: str,
     per_step: float,
     token_counts: list[int] | None = None,
+    square_sums: list[int] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """The record a child prints: steady-state rate in ``unit`` per second, peak memory and details."""
@@ -234,6 +241,8 @@ def make_result(
         tokens = sum(token_counts[1 : steps + 1])
         result["tokens"] = tokens
         result["tokens_per_s"] = tokens / seconds
+    if square_sums is not None and steps:
+        result["token_square_sum"] = sum(square_sums[1 : steps + 1])
     if config.device.startswith("cuda"):
         import torch
 

@@ -8,8 +8,9 @@
 2. SFT through the benchmark's aa-lightning side (``benchmarks.aa_side.run_sft``, a fresh process, step 1 not
    timed) on the benchmark's Alpaca rows: real (non-pad) tokens per second.
 3. Model FLOPs per real token, the usual training count (forward + backward = 3 x forward):
-   ``6 * (parameters in matmuls, LM head included) + 6 * layers * hidden * mean_length`` (causal attention's
-   ``QK^T`` and ``AV``: half of the full ``T x T``). It is the nominal work of the model, so the fraction is
+   ``6 * (parameters in matmuls, LM head included) + 6 * layers * hidden * sum(len^2) / sum(len)`` (causal
+   attention's ``QK^T`` and ``AV``, half of each row's full ``len x len``: a row's attention work grows with its
+   length squared, so the per-token average weights long rows more than the mean length does). It is the nominal work of the model, so the fraction is
    comparable with any trainer's MFU; aa-lightning's sparse LM head skips the head on unlabelled positions, so
    the work it really executes is lower than this count.
 
@@ -52,8 +53,11 @@ def matmul_rate(device: str, dtype: Any, n: int, threads: int, seconds: float = 
     return 2 * n**3 / times[len(times) // 2]
 
 
-def model_flops_per_token(config: Any, mean_length: float) -> dict[str, float]:
-    """Nominal training FLOPs per real token (module docstring) and the parameters in matmuls."""
+def model_flops_per_token(config: Any, attention_length: float) -> dict[str, float]:
+    """Nominal training FLOPs per real token (module docstring) and the parameters in matmuls.
+
+    ``attention_length`` is ``sum(len^2) / sum(len)`` over the rows trained on.
+    """
     text = config.get_text_config()
     hidden, layers = text.hidden_size, text.num_hidden_layers
     heads, kv_heads = (
@@ -65,7 +69,7 @@ def model_flops_per_token(config: Any, mean_length: float) -> dict[str, float]:
     per_layer = hidden * q_out + 2 * hidden * kv_out + q_out * hidden + 3 * hidden * text.intermediate_size
     body = layers * per_layer
     head = hidden * text.vocab_size
-    attention = 6 * layers * q_out * mean_length
+    attention = 6 * layers * q_out * attention_length
     return {
         "matmul_params": float(body + head),
         "nominal": 6.0 * (body + head) + attention,
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"the SFT run failed:\n{result['error']}")
     rows = result["timed_steps"] * args.batch_size
     mean_length = result["tokens"] / rows
-    flops = model_flops_per_token(AutoConfig.from_pretrained(path), mean_length)
+    attention_length = result["token_square_sum"] / result["tokens"]
+    flops = model_flops_per_token(AutoConfig.from_pretrained(path), attention_length)
     tokens_per_s = result["tokens_per_s"]
     nominal = flops["nominal"] * tokens_per_s
     report: dict[str, Any] = {
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens_per_s": tokens_per_s,
         "samples_per_s": result["rate"],
         "mean_real_length": mean_length,
+        "attention_length": attention_length,
         "model_flops_per_token": flops["nominal"],
         "model_flops": nominal,
         "fraction_of_matmul": nominal / peak_matmul,
@@ -157,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"matmul {n}x{n} {'bf16' if args.bf16 else 'fp32'}, {threads} thread(s): {peak_matmul / 1e9:.1f} GFLOP/s"
         + (f" (1 thread: {per_core / 1e9:.1f} GFLOP/s)" if per_core else ""),
         f"{args.model} SFT ({workload}, batch {args.batch_size}, max length {args.max_length}, steps 2..{args.steps}): "
-        f"{result['rate']:.3f} samples/s, {tokens_per_s:.0f} real tokens/s (mean {mean_length:.0f} tokens/row)",
+        f"{result['rate']:.3f} samples/s, {tokens_per_s:.0f} real tokens/s (mean {mean_length:.0f} tokens/row, "
+        f"sum(len^2)/sum(len) {attention_length:.0f})",
         f"model FLOPs/token {flops['nominal'] / 1e9:.3f} GFLOP ({flops['matmul_params'] / 1e6:.0f}M params in "
         f"matmuls): {nominal / 1e9:.1f} GFLOP/s = {100 * nominal / peak_matmul:.1f}% of the measured matmul rate",
     ]

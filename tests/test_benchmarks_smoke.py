@@ -163,12 +163,14 @@ def test_step_timer_and_token_counter() -> None:
     counter([[1, 1, 0]])
     counter([[1, 0, 0], [1, 1, 1]])
     assert counter.counts == [2, 4]
+    assert counter.square_sums == [2**2, 1**2 + 3**2]
 
 
 def test_model_flops_per_token_by_hand() -> None:
-    """1 layer, hidden 4, 2 heads of 2 (1 KV head), MLP 8, vocab 10, mean length 3:
+    """1 layer, hidden 4, 2 heads of 2 (1 KV head), MLP 8, vocab 10, rows of 1 and 3 tokens:
     matmul params = q 4*4 + k,v 2*(4*2) + o 4*4 + MLP 3*4*8 = 144, + head 4*10 = 184;
-    FLOPs/token = 6*184 + 6 * 1 layer * 4 * 3 = 1176."""
+    attention length sum(len^2)/sum(len) = (1 + 9) / 4 = 2.5 (the mean length 2 would undercount);
+    FLOPs/token = 6*184 + 6 * 1 layer * 4 * 2.5 = 1164."""
     from transformers import Qwen2Config
 
     from benchmarks.mfu import model_flops_per_token
@@ -181,8 +183,8 @@ def test_model_flops_per_token_by_hand() -> None:
         intermediate_size=8,
         vocab_size=10,
     )
-    flops = model_flops_per_token(config, mean_length=3)
-    assert flops == {"matmul_params": 184.0, "nominal": 1176.0}
+    flops = model_flops_per_token(config, attention_length=(1**2 + 3**2) / (1 + 3))
+    assert flops == {"matmul_params": 184.0, "nominal": 1164.0}
 
 
 def test_update_readme_checks_the_markers_before_running(tmp_path, monkeypatch) -> None:
