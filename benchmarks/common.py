@@ -40,6 +40,19 @@ AA_ONLY = (
     "rm_padding_free",
     "ppo",
 )
+#: aa-only rows that get a TRL side of their own when the attention kernel takes sequence boundaries
+#: (flash-attention's varlen kernels on a GPU): TRL's ``padding_free=True`` then does the same work; with
+#: SDPA, TRL's padding-free batches would attend across rows, so those rows compare with TRL's padded default.
+TRL_WITH_VARLEN = ("sft_padding_free",)
+
+
+def has_trl_side(workload: str, attn: str) -> bool:
+    """Whether TRL runs this workload under this attention implementation (else it is an aa-only row)."""
+    if workload in TRL_WITH_VARLEN:
+        return attn.startswith("flash_attention")
+    return workload not in AA_ONLY
+
+
 #: aa-only rows compared with the TRL figure of this workload (same data, TRL's default batches)
 BASELINE_OF = {
     "sft_padding_free": "sft",
@@ -64,7 +77,7 @@ class BenchConfig:
     max_length: int = 256
     device: str = "cpu"
     bf16: bool = False
-    attn: str = "sdpa"  # aa side attn_implementation (flash_attention_2 on GPU for padding-free varlen)
+    attn: str = "sdpa"  # attn_implementation on both sides (flash_attention_2 on GPU: padding-free varlen)
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     lr: float = 1e-5
     max_grad_norm: float = 1.0
@@ -179,11 +192,28 @@ class CountingCollator:
 
     def __call__(self, samples: list[Any]) -> Any:
         batch = self.collate(samples)
-        mask = batch.get(self.key) if isinstance(batch, dict) else None
-        self.counts.append(int(mask.sum()) if mask is not None else 0)
-        rows = mask.reshape(mask.shape[0], -1).sum(-1) if mask is not None and mask.dim() > 1 else None
-        self.square_sums.append(int((rows.long() ** 2).sum()) if rows is not None else 0)
+        lengths = self.row_lengths(batch)
+        self.counts.append(int(lengths.sum()) if lengths is not None else 0)
+        self.square_sums.append(int((lengths**2).sum()) if lengths is not None else 0)
         return batch
+
+    def row_lengths(self, batch: Any) -> Any:
+        """Real tokens of each row: from the mask, or, for a padding-free batch (one row of concatenated
+        sequences, no mask), from where the position ids restart at 0."""
+        if not isinstance(batch, dict):
+            return None
+        mask = batch.get(self.key)
+        if mask is not None:
+            return mask.reshape(mask.shape[0], -1).long().sum(-1) if mask.dim() > 1 else mask.long().sum(-1)
+        positions = batch.get("position_ids")
+        if positions is None:
+            return None
+        import torch
+
+        flat = positions.reshape(-1)
+        starts = torch.nonzero(flat == 0).reshape(-1)
+        ends = torch.cat([starts[1:], torch.tensor([flat.numel()])])
+        return (ends - starts).long()
 
     def __getattr__(self, name: str) -> Any:  # the wrapped collator's attributes (e.g. TRL's pad_token_id)
         return getattr(self.__dict__["collate"], name)

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import AA_ONLY, BASELINE_OF, DATA_DIR, WORKLOADS, BenchConfig
+from benchmarks.common import BASELINE_OF, DATA_DIR, WORKLOADS, BenchConfig, has_trl_side
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNITS = {
@@ -384,7 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--attn",
         default="sdpa",
-        help="aa side attn_implementation (sdpa; flash_attention_2 on GPU, so padding_free runs varlen kernels)",
+        help="attn_implementation on both sides (sdpa; flash_attention_2 on GPU: padding_free runs varlen kernels, "
+        "and the sft_padding_free row gets TRL's padding_free=True as its TRL side)",
     )
     parser.add_argument(
         "--threads",
@@ -509,7 +510,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 row = run_row(
                     workload, n_threads, base, args, sides, (aa_file, trl_file, template), work_root
                 )
-                baseline = BASELINE_OF.get(workload)
+                baseline = BASELINE_OF.get(workload) if not _ok(row.get("trl")) else None
                 if baseline and (baseline, n_threads) in by_name:
                     trl = by_name[(baseline, n_threads)].get("trl")
                     if _ok(trl):
@@ -582,7 +583,7 @@ def run_row(
     if workload in NOTES:
         row["notes"].append(NOTES[workload])
     runs: dict[str, list[dict[str, Any]]] = {"trl": [], "aa": []}
-    order = [s for s in ("trl", "aa") if s in sides and not (s == "trl" and workload in AA_ONLY)]
+    order = [s for s in ("trl", "aa") if s in sides and (s == "aa" or has_trl_side(workload, base.attn))]
     for repeat in range(args.repeats):
         for side in order if repeat % 2 == 0 else order[::-1]:
             config = replace(

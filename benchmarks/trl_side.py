@@ -50,7 +50,7 @@ def common_args(config: BenchConfig) -> dict[str, Any]:
         train_sampling_strategy="sequential",
         seed=config.seed,
         data_seed=config.seed,
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": torch.float32, "attn_implementation": config.attn},
     )
 
 
@@ -77,14 +77,18 @@ def train(trainer: Any, config: BenchConfig, timer: StepTimer) -> CountingCollat
     return counter
 
 
-def run_sft(config: BenchConfig) -> dict[str, Any]:
+def run_sft(config: BenchConfig, padding_free: bool = False) -> dict[str, Any]:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     rows = read_jsonl(config.data_file)
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     args = SFTConfig(
-        **common_args(config), max_length=config.max_length, packing=False, completion_only_loss=True
+        **common_args(config),
+        max_length=config.max_length,
+        packing=False,
+        padding_free=padding_free,
+        completion_only_loss=True,
     )
     timer = StepTimer(config.device)
     trainer = SFTTrainer(
@@ -146,7 +150,14 @@ def run_rm(config: BenchConfig) -> dict[str, Any]:
     return make_result(config, timer, "samples", config.batch_size, counter.counts)
 
 
-RUNNERS = {"sft": run_sft, "dpo": run_dpo, "rm": run_rm}
+def run_sft_padding_free(config: BenchConfig) -> dict[str, Any]:
+    """SFTTrainer(padding_free=True): rows concatenated with position ids; only exact with varlen attention."""
+    if not config.attn.startswith("flash_attention"):
+        raise SystemExit(f"TRL's padding_free SFT needs flash-attention (got attn={config.attn!r})")
+    return run_sft(config, padding_free=True)
+
+
+RUNNERS = {"sft": run_sft, "sft_padding_free": run_sft_padding_free, "dpo": run_dpo, "rm": run_rm}
 
 
 def gsm8k_reward(completions: list[Any], reference_answer: list[str], **kwargs: Any) -> list[float]:

@@ -164,6 +164,25 @@ def test_step_timer_and_token_counter() -> None:
     counter([[1, 0, 0], [1, 1, 1]])
     assert counter.counts == [2, 4]
     assert counter.square_sums == [2**2, 1**2 + 3**2]
+    packed = CountingCollator(
+        lambda rows: {"input_ids": torch.ones(1, 6), "position_ids": torch.tensor(rows)}
+    )
+    packed([[0, 1, 2, 0, 0, 1]])  # a padding-free batch: rows of 3, 1 and 2 tokens
+    assert packed.counts == [6] and packed.square_sums == [9 + 1 + 4]
+
+
+def test_padding_free_sft_has_a_trl_side_only_under_varlen_attention() -> None:
+    """TRL's padding_free batches attend across rows unless the kernel takes sequence boundaries."""
+    from benchmarks.common import has_trl_side
+    from benchmarks.trl_side import RUNNERS
+
+    assert not has_trl_side("sft_padding_free", "sdpa") and has_trl_side(
+        "sft_padding_free", "flash_attention_2"
+    )
+    assert has_trl_side("sft", "sdpa") and not has_trl_side("rm_padding_free", "flash_attention_2")
+    config = BenchConfig(workload="sft_padding_free", side="trl", model_path="unused", work_dir="unused")
+    with pytest.raises(SystemExit, match="needs flash-attention"):
+        RUNNERS["sft_padding_free"](config)
 
 
 def test_model_flops_per_token_by_hand() -> None:
