@@ -209,7 +209,7 @@ class TextToAudioDiffusion(TextToImageDiffusion):
         """Load an ``AudioLDMPipeline`` folder (``dtype`` applies to every component)."""
         from diffusers import AudioLDMPipeline
 
-        from aa_lightning.models.diffusion_pipeline_io import outside_zero3_init
+        from aa_lightning.models.zero3_context import outside_zero3_init
 
         if not is_audio_pipeline_folder(folder):
             raise ValueError(f"{folder}: not an {AUDIOLDM_CLASS} folder (model_index.json's _class_name)")

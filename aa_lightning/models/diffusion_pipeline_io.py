@@ -9,15 +9,15 @@ A trained model is exported as what users of diffusers already load:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from aa_lightning.models.zero3_context import outside_zero3_init
 
 if TYPE_CHECKING:
     from aa_lightning.models.diffusion import LatentDiffusion
@@ -104,6 +104,8 @@ def load_pipeline_components(
             f"text-to-image pipeline (missing {missing or 'nothing'}, unsupported {extra or 'nothing'}); "
             "a latent diffusion model takes unet + vae + one text_encoder + tokenizer + scheduler"
         )
+    # diffusers does not load into partitioned parameters (it builds on the meta device, or would copy into
+    # empty shards): under ZeRO-3 the components load whole and DeepSpeed partitions them when its engine starts
     with outside_zero3_init():
         pipe = _pipeline_type(pipeline_class).from_pretrained(
             folder,
@@ -113,30 +115,6 @@ def load_pipeline_components(
             **kwargs,
         )
     return {name: getattr(pipe, name) for name in REQUIRED}
-
-
-@contextlib.contextmanager
-def outside_zero3_init() -> Iterator[None]:
-    """Build the components with DeepSpeed's ``zero.Init`` paused (Lightning runs ``configure_model`` inside it
-    under ZeRO-3).
-
-    diffusers does not load weights into partitioned parameters (it builds on the meta device, or would copy
-    its weights into empty shards), so the components are loaded whole and DeepSpeed partitions them when its
-    engine starts: ZeRO-3 shards a diffusion model for training, but each rank holds it whole while loading.
-    """
-    try:
-        from deepspeed.runtime.zero import partition_parameters as zero_params
-    except ImportError:
-        yield
-        return
-    active = zero_params.top_level_context is not None
-    if active:
-        zero_params.shutdown_init_context()
-    try:
-        yield
-    finally:
-        if active:
-            zero_params.restore_init_context()
 
 
 def save_pipeline(

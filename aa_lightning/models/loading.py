@@ -13,6 +13,7 @@ from aa_lightning.models.diffusion_pipeline_io import is_pipeline_folder, pipeli
 from aa_lightning.models.family_repairs import repair_loaded_model
 from aa_lightning.models.registry import MODEL_REGISTRY, load_config, resolve_model_class
 from aa_lightning.models.score_model import ScoreModel
+from aa_lightning.models.zero3_context import import_model_code
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def load_pretrained_models(
             model_kwargs=model_kwargs,
         )
     config = load_config(path, trust_remote_code=trust_remote_code)
+    import_model_code(config)  # before zero.Init can wrap half-built classes (zero3_context.py)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **(model_kwargs or {})}
     torch_dtype = to_torch_dtype(dtype)
     if torch_dtype is not None:
