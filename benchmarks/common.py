@@ -53,6 +53,9 @@ def has_trl_side(workload: str, attn: str) -> bool:
     return workload not in AA_ONLY
 
 
+#: workloads that sample completions with ``generate`` inside each step
+GENERATING = ("grpo", "gspo", "rloo", "online_dpo", "ppo")
+
 #: aa-only rows compared with the TRL figure of this workload (same data, TRL's default batches)
 BASELINE_OF = {
     "sft_padding_free": "sft",
@@ -111,6 +114,8 @@ def setup_process(config: BenchConfig) -> None:
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if config.workload in GENERATING:
+        GenerationClock.install(config.device)
 
 
 def peak_rss_mb() -> float:
@@ -135,6 +140,33 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+class GenerationClock:
+    """Wall seconds spent inside ``GenerationMixin.generate`` (both sides sample with it), so a step splits
+    into sampling and the rest: generation-bound rows show how much of the step is code both sides share."""
+
+    seconds = 0.0
+    installed = False
+
+    @classmethod
+    def install(cls, device: str) -> None:
+        if cls.installed:
+            return
+        from transformers.generation.utils import GenerationMixin
+
+        original = GenerationMixin.generate
+
+        def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                synchronize(device)
+                cls.seconds += time.perf_counter() - start
+
+        GenerationMixin.generate = generate
+        cls.installed = True
+
+
 class StepTimer:
     """Timestamps at the end of every optimizer step; steady state = from the end of step 1 to the last end.
 
@@ -148,12 +180,19 @@ class StepTimer:
             float
         ] = []  # process CPU seconds (all threads): work done, whatever else the machine runs
         self.rss: list[float] = []
+        self.generate: list[float] = []  # GenerationClock.seconds at each step end
 
     def step_end(self) -> None:
         synchronize(self.device)
         self.ends.append(time.perf_counter())
         self.cpu.append(time.process_time())
         self.rss.append(current_rss_mb())
+        self.generate.append(GenerationClock.seconds)
+
+    @property
+    def generate_step_times(self) -> list[float]:
+        """Seconds inside ``generate`` in each timed step (zeros when nothing generates)."""
+        return [b - a for a, b in zip(self.generate, self.generate[1:])]
 
     @property
     def cpu_step_times(self) -> list[float]:
@@ -266,6 +305,8 @@ def make_result(
         **step_time_stats(timer.step_times),
         "cpu_step_times_s": [round(t, 4) for t in timer.cpu_step_times],
         "cpu_slowest_over_median": step_time_stats(timer.cpu_step_times)["slowest_over_median"],
+        "generate_step_times_s": [round(t, 4) for t in timer.generate_step_times],
+        "generate_s": sum(timer.generate_step_times),
     }
     if token_counts is not None and steps:
         tokens = sum(token_counts[1 : steps + 1])

@@ -281,6 +281,14 @@ def table(rows: list[dict[str, Any]], config: BenchConfig) -> str:
                 notes.append(f"{side} {rec['tokens_per_s']:.0f} tok/s")
             if _ok(rec) and rec.get("failed_runs"):
                 notes.append(f"{side}: {rec['failed_runs']} run(s) failed")
+        for side, rec in (("TRL", trl), ("aa", aa)):
+            if _ok(rec) and rec.get("generate_s") and rec.get("seconds"):
+                # generation-bound rows: the share of the step both sides spend in the same HF generate
+                steps = rec["timed_steps"]
+                notes.append(
+                    f"{side} generate {rec['generate_s'] / steps:.2f} s/step "
+                    f"({100 * rec['generate_s'] / rec['seconds']:.0f}%), rest {(rec['seconds'] - rec['generate_s']) / steps:.2f} s/step"
+                )
         cpu_trl = trl.get("cpu_step_s_median") if _ok(trl) else None
         cpu_aa = aa.get("cpu_step_s_median") if _ok(aa) else None
         if row.get("threads") == 1 and cpu_trl and cpu_aa and not math.isnan(cpu_trl + cpu_aa):

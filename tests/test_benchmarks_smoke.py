@@ -19,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # the benchmarks folder is not part of the installed package
     sys.path.insert(0, REPO)
 
-from benchmarks.common import AA_ONLY, WORKLOADS, BenchConfig, CountingCollator, StepTimer  # noqa: E402
+from benchmarks.common import AA_ONLY, GENERATING, WORKLOADS, BenchConfig, CountingCollator, StepTimer  # noqa: E402
 from benchmarks.run import median_result, table, thread_counts, update_readme  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -61,6 +61,10 @@ def _check_side(record: dict, tokens: bool = True) -> None:
     assert record["slowest_over_median"] == 1.0  # one timed step: it is its own median
     if tokens:
         assert record["tokens"] > 0
+    if record["workload"] in GENERATING:  # sampling is timed apart from the rest of the step
+        assert 0 < record["generate_s"] <= record["seconds"]
+    else:
+        assert record["generate_s"] == 0
 
 
 @pytest.mark.skipif(
