@@ -161,19 +161,22 @@ class _PaddingFreeHooks:
             return None
         packed = pack_rows(kwargs["input_ids"], kwargs["attention_mask"], kwargs.get("position_ids"))
         self.pending.append(packed)
+        impl = getattr(module.config, "_attn_implementation", None)
+        # flash kernels read the boundaries on the device; the SDPA fallback slices by them on the host in
+        # every layer, so it gets a host copy made once per forward (no device sync per layer)
+        bounds = packed["cu_seq_lens"] if impl in FLASH else packed["cu_seq_lens"].cpu()
         new = dict(kwargs)
         new.update(
             input_ids=packed["input_ids"],
             position_ids=packed["position_ids"],
             use_cache=False,
-            cu_seq_lens_q=packed["cu_seq_lens"],
-            cu_seq_lens_k=packed["cu_seq_lens"],
+            cu_seq_lens_q=bounds,
+            cu_seq_lens_k=bounds,
             max_length_q=packed["max_length"],
             max_length_k=packed["max_length"],
         )
         # flash kernels take the boundaries and no mask; the SDPA fallback ignores a placeholder 4-D mask
         # (a 4-D mask makes transformers skip building a T x T one)
-        impl = getattr(module.config, "_attn_implementation", None)
         new["attention_mask"] = None if impl in FLASH else packed["input_ids"].new_ones((1, 1, 1, 1)).bool()
         return (), new
 
