@@ -17,10 +17,12 @@ This module imports nothing from the package, so every layer can use it.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any, Generic, TypeVar, overload
 
-__all__ = ["Registry", "UnknownNameError"]
+__all__ = ["Registry", "UnknownNameError", "import_path_module", "path_attribute"]
 
 V = TypeVar("V")
 _MISSING: Any = object()
@@ -175,3 +177,38 @@ class Registry(Generic[V]):
 
     def _unwrap(self, value: V) -> object:
         return value if self._origin is None else self._origin(value)
+
+
+def import_path_module(
+    path: str, kind: str, error: type[Exception] = UnknownNameError
+) -> tuple[ModuleType, str]:
+    """Import the module of a ``"package.module:attr"`` name; returns ``(module, attr)``.
+
+    Every table that also accepts an importable name (formatters, rewards, environments, tools, evaluation
+    tasks) goes through here, so the syntax and its errors are one: a malformed name, or a module that is not
+    there, raises ``error`` naming the ``kind`` and the name; a module that exists but fails on one of *its*
+    imports keeps its own traceback.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise error(f"{kind} {path!r}: write an imported {kind} as 'package.module:name'")
+    try:
+        return importlib.import_module(module_name), attr
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module_name == err.name or module_name.startswith(f"{err.name}.")):
+            raise
+        raise error(
+            f"{kind} {path!r}: no module named {err.name!r} (is the package installed or on PYTHONPATH?)"
+        ) from None
+
+
+def path_attribute(
+    module: ModuleType, attr: str, path: str, kind: str, error: type[Exception] = UnknownNameError
+) -> Any:
+    """``module.attr`` (``attr`` may be dotted: ``Outer.Inner``), or ``error`` naming what is missing."""
+    found: Any = module
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            raise error(f"{kind} {path!r}: module {module.__name__!r} has no attribute {attr!r}")
+        found = getattr(found, part)
+    return found

@@ -133,3 +133,40 @@ def test_error_class_pop_and_copy() -> None:
     assert clone.pop("red") == 2 and clone.pop("red", None) is None
     with pytest.raises(UnknownColour):
         clone.pop("red")
+
+
+def test_importable_names_share_one_syntax_and_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``package.module:attr`` names (formatters, rewards, environments, tools, evaluation tasks) all go through
+    ``import_path_module`` / ``path_attribute``: one syntax, the same errors in every table."""
+    from aa_lightning.data.formatters.registry import UnknownTemplateError, get_formatter_class
+    from aa_lightning.environments import build_environment
+    from aa_lightning.environments.tools import get_tool
+    from aa_lightning.evaluation.registry import resolve_task
+    from aa_lightning.registry import import_path_module, path_attribute
+    from aa_lightning.rewards import get_reward
+
+    (tmp_path / "plugin_h7.py").write_text("class Outer:\n    class Inner:\n        pass\n")
+    (tmp_path / "broken_h7.py").write_text("import not_installed_h7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module, attr = import_path_module("plugin_h7:Outer.Inner", "thing")
+    assert path_attribute(module, attr, "plugin_h7:Outer.Inner", "thing").__qualname__ == "Outer.Inner"
+    with pytest.raises(UnknownNameError, match="write an imported thing as 'package.module:name'"):
+        import_path_module("plugin_h7:", "thing")
+    with pytest.raises(
+        UnknownNameError, match="thing 'plugin_h7:Nope': module 'plugin_h7' has no attribute 'Nope'"
+    ):
+        path_attribute(module, "Nope", "plugin_h7:Nope", "thing")
+    # a module that exists but fails on its own import keeps its own error (the user's bug, not a bad name)
+    with pytest.raises(ModuleNotFoundError, match="not_installed_h7"):
+        import_path_module("broken_h7:x", "thing")
+
+    missing = "nowhere_h7.sub:thing"
+    for lookup, error in (
+        (get_formatter_class, UnknownTemplateError),
+        (get_reward, UnknownNameError),
+        (build_environment, UnknownNameError),
+        (get_tool, UnknownNameError),
+        (resolve_task, ValueError),
+    ):
+        with pytest.raises(error, match="no module named 'nowhere_h7'"):
+            lookup(missing)

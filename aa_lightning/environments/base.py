@@ -21,11 +21,10 @@ A config names it ``environment: retry_once`` or ``{name: retry_once, kwargs: {.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from aa_lightning.registry import Registry
+from aa_lightning.registry import Registry, import_path_module, path_attribute
 
 __all__ = [
     "CONVERSATION",
@@ -101,10 +100,8 @@ def build_environment(spec: str | dict[str, Any] | EnvironmentSpec | Environment
     if name in _ENVIRONMENTS:
         cls = _ENVIRONMENTS[name]
     elif ":" in name:
-        module_name, attr = name.split(":", 1)
-        cls = getattr(importlib.import_module(module_name), attr, None)
-        if cls is None:
-            raise KeyError(f"environment {name!r}: module {module_name!r} has no attribute {attr!r}")
+        module, attr = import_path_module(name, "environment")
+        cls = path_attribute(module, attr, name, "environment")
     else:
         cls = _ENVIRONMENTS[name]  # raises, listing the known environments
     if not (isinstance(cls, type) and issubclass(cls, Environment)):

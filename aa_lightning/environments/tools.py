@@ -8,7 +8,6 @@ A tool is registered with ``@register_tool`` and described by the JSON schema th
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from aa_lightning.environments.calculator import (
     evaluate_expression,
     format_number,
 )
-from aa_lightning.registry import Registry
+from aa_lightning.registry import Registry, import_path_module
 
 __all__ = [
     "TOOL_CALL_CLOSE",
@@ -94,14 +93,13 @@ def get_tool(name: str) -> Tool:
     if name in _TOOLS:
         return _TOOLS[name]
     if ":" in name:
-        module_name, attr = name.split(":", 1)
-        module = importlib.import_module(module_name)
+        module, attr = import_path_module(name, "tool")
         found = getattr(module, attr, None)
         if isinstance(found, Tool):
             return found
         if attr in _TOOLS:
             return _TOOLS[attr]
-        raise KeyError(f"module {module_name!r} has no Tool {attr!r} and registers no tool of that name")
+        raise KeyError(f"module {module.__name__!r} has no Tool {attr!r} and registers no tool of that name")
     return _TOOLS[name]  # raises, listing the known tools
 
 

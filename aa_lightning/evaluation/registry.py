@@ -6,9 +6,10 @@ shows them all, and a user's own task needs no change here (``task: my_pkg.tasks
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
+
+from aa_lightning.registry import import_path_module, path_attribute
 
 TASKS: dict[str, type] = {}
 
@@ -37,13 +38,8 @@ def resolve_task(name: str) -> type:
     import aa_lightning.evaluation.tasks  # noqa: F401
 
     if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            cls: Any = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(
-                f"evaluation task {name!r}: cannot import {attr} from {module} ({err})"
-            ) from None
+        module, attr = import_path_module(name, "evaluation task", ValueError)
+        cls: Any = path_attribute(module, attr, name, "evaluation task", ValueError)
         return cls
     if name not in TASKS:
         raise ValueError(f"unknown evaluation task {name!r}; registered: {', '.join(sorted(TASKS))}")

@@ -12,7 +12,6 @@ lives in user code without any registration call before the CLI starts.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from aa_lightning.registry import Registry
+from aa_lightning.registry import Registry, import_path_module, path_attribute
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +116,10 @@ def get_reward(name: str) -> RegisteredReward:
     if name in _REGISTRY:
         return _REGISTRY[name]
     if ":" in name:
-        module_name, attr = name.split(":", 1)
-        module = importlib.import_module(module_name)
+        module, attr = import_path_module(name, "reward")
         if name in _REGISTRY:  # the module registered itself under the full name
             return _REGISTRY[name]
-        fn = getattr(module, attr, None)
-        if fn is None:
-            raise KeyError(f"module {module_name!r} has no attribute {attr!r}")
+        fn = path_attribute(module, attr, name, "reward")
         for registered in _REGISTRY.values():
             if registered.fn is fn:
                 return registered

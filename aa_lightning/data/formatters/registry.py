@@ -7,12 +7,11 @@ the CLI starts.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aa_lightning.data.formatters.base import BaseFormatter
-from aa_lightning.registry import Registry, UnknownNameError
+from aa_lightning.registry import Registry, UnknownNameError, import_path_module, path_attribute
 
 __all__ = [
     "UnknownTemplateError",
@@ -64,26 +63,10 @@ def available_templates() -> list[str]:
 
 def import_formatter_class(path: str) -> type[BaseFormatter]:
     """The :class:`BaseFormatter` subclass at ``"package.module:ClassName"`` (the module is imported)."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
-        raise UnknownTemplateError(
-            f"template {path!r}: write an imported formatter as 'package.module:ClassName'"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name is None or not (module_name == err.name or module_name.startswith(f"{err.name}.")):
-            raise  # the user's module exists but one of its own imports is missing: keep that traceback
-        raise UnknownTemplateError(
-            f"template {path!r}: no module named {err.name!r} (is the package installed or on PYTHONPATH?)"
-        ) from None
+    module, attr = import_path_module(path, "template", UnknownTemplateError)
     if path in _TEMPLATES:  # the module registered its class under the full path
         return _TEMPLATES[path]
-    cls = module
-    for part in attr.split("."):
-        if not hasattr(cls, part):
-            raise UnknownTemplateError(f"template {path!r}: module {module_name!r} has no attribute {attr!r}")
-        cls = getattr(cls, part)
+    cls = path_attribute(module, attr, path, "template", UnknownTemplateError)
     if not (isinstance(cls, type) and issubclass(cls, BaseFormatter)):
         raise TypeError(f"template {path!r} is {cls!r}, not a BaseFormatter subclass")
     return cls
