@@ -243,7 +243,7 @@ class CountingCollator:
             return None
         mask = batch.get(self.key)
         if mask is not None:
-            return mask.reshape(mask.shape[0], -1).long().sum(-1) if mask.dim() > 1 else mask.long().sum(-1)
+            return mask.reshape(mask.shape[0] if mask.dim() > 1 else 1, -1).long().sum(-1)
         positions = batch.get("position_ids")
         if positions is None:
             return None
