@@ -137,10 +137,18 @@ def prepare_kto_data(model_path: str, work_dir: Path, rows: int, max_length: int
     formatter = get_formatter("HH-RLHF")
     source = DATA_DIR / "hh_rlhf_256.jsonl"
     pairs = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    raw = []
-    for pair in pairs[: max(1, rows // 2)]:
-        chosen, rejected, _ = formatter.format_preference_sample(pair)
+    from aa_lightning.data.errors import DataFormatError
+
+    raw, refused = [], []
+    for number, pair in enumerate(pairs[: max(1, rows // 2)]):
+        try:
+            chosen, rejected, _ = formatter.format_preference_sample(pair)
+        except DataFormatError as err:  # the pair the DPO/RM workloads skip as a bad row (an empty reply)
+            refused.append(f"row {number}: {err}")
+            continue
         raw += [{"messages": chosen, "label": True}, {"messages": rejected, "label": False}]
+    if refused:
+        print(f"kto: {len(refused)} HH-RLHF pairs skipped ({'; '.join(refused[:3])})", flush=True)
     staged = _write_jsonl(work_dir / "kto_staged.jsonl", raw)
     report = _encode_report(model_path, staged, "KTO", "supervised", max_length).reports["train"][0]
     dropped = set(report.truncated) | {row for row, _ in report.bad}

@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,19 @@ def test_every_trl_workload_runs(tmp_path) -> None:
     rows = _run(tmp_path, "trl", ",".join(names), timeout=900, in_process=True)["rows"]
     for row in rows:
         _check_side(row["trl"], tokens=row["workload"] in ("dpo", "rm"))
+
+
+def test_kto_rows_skip_the_pairs_the_formatter_refuses(tmp_path) -> None:
+    """The full-size KTO rows reach HH-RLHF pair 86 (an empty chosen reply), which the DPO/RM workloads skip
+    as a bad row: KTO's unpairing skips it too instead of stopping the whole benchmark run."""
+    from benchmarks.build_model import resolve
+    from benchmarks.run import prepare_kto_data
+
+    aa_file, trl_file, template = prepare_kto_data(resolve("bench"), tmp_path, rows=256, max_length=256)
+    aa_rows = [json.loads(line) for line in Path(aa_file).read_text().splitlines()]
+    trl_rows = [json.loads(line) for line in Path(trl_file).read_text().splitlines()]
+    assert template == "KTO" and len(aa_rows) == len(trl_rows) > 200
+    assert all(row["messages"][-1]["content"].strip() for row in aa_rows)
 
 
 def test_table_ratio_and_failures() -> None:
